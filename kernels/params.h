@@ -1,0 +1,68 @@
+// Parameter structs shared by the kernels and the Rust launchers.
+//
+// Every kernel takes one of these by value as its only argument. build.rs
+// turns this header into Rust with bindgen, so both sides read one
+// declaration and the ABI cannot drift. Plain C: fixed-width integers,
+// untyped pointers (the kernel name fixes the element type).
+#ifndef PLATYPUS_PARAMS_H
+#define PLATYPUS_PARAMS_H
+
+#include <stdint.h>
+
+/// RMSNorm forward: y[r, :] = w * x[r, :] * rsqrt(mean(x[r, :]^2) + eps).
+typedef struct RmsNormForwardParams {
+    const void* x;      ///< [rows, hidden]
+    const void* w;      ///< [hidden]
+    void* y;            ///< [rows, hidden]
+    int32_t rows;
+    int32_t hidden;
+    float eps;
+    int32_t vectorized; ///< 1 if every row of x, w and y is 16-byte aligned: use 128-bit accesses
+} RmsNormForwardParams;
+
+/// RMSNorm backward: dx, and per-block partial sums of dw when dw_partial is
+/// not null (reduced by rmsnorm_dw_reduce in a fixed order).
+typedef struct RmsNormBackwardParams {
+    const void* x;       ///< [rows, hidden]
+    const void* w;       ///< [hidden]
+    const void* dy;      ///< [rows, hidden]
+    void* dx;            ///< [rows, hidden]
+    float* dw_partial;   ///< [gridDim.x, hidden] fp32, or null for frozen weights
+    int32_t rows;
+    int32_t hidden;
+    float eps;
+    int32_t vectorized;  ///< as in RmsNormForwardParams, for x, w, dy and dx
+} RmsNormBackwardParams;
+
+/// Sum of the per-block partial dw rows, in block order: dw = sum_b partial[b, :].
+typedef struct RmsNormDwReduceParams {
+    const float* partial; ///< [parts, hidden]
+    void* dw;             ///< [hidden]
+    int32_t parts;
+    int32_t hidden;
+} RmsNormDwReduceParams;
+
+/// Rotary position embedding, in place, on q [tokens, q_heads, head_dim] and
+/// k [tokens, k_heads, head_dim] (tokens = batch * seq).
+typedef struct RopeParams {
+    void* q;
+    void* k;                 ///< may be null when k_heads == 0
+    const int32_t* positions; ///< [tokens]: position id of every token
+    int32_t tokens;
+    int32_t q_heads;
+    int32_t k_heads;
+    int32_t head_dim;        ///< even
+    float theta;             ///< base of the frequencies: inv_freq[i] = theta^(-2i/head_dim)
+    int32_t interleaved;     ///< 0: Hugging Face rotate_half pairs (i, i + d/2); 1: Meta pairs (2i, 2i + 1)
+    int32_t inverse;         ///< 1: rotate by -angle (the backward pass)
+    int32_t vectorized;      ///< 1 if rows of q and k are 16-byte aligned and head_dim allows 128-bit accesses
+} RopeParams;
+
+/// Launch configuration handed to the host emulator, as cuLaunchKernel takes it.
+typedef struct PlatypusEmuLaunch {
+    uint32_t grid[3];
+    uint32_t block[3];
+    uint64_t shared_bytes;
+} PlatypusEmuLaunch;
+
+#endif

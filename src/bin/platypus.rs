@@ -1,0 +1,168 @@
+//! The `platypus` command line.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+
+use clap::{Parser, Subcommand};
+
+/// Appends a line to a report string (writing to a String cannot fail).
+macro_rules! say {
+    ($out:expr, $($arg:tt)*) => {
+        let _ = writeln!($out, $($arg)*);
+    };
+}
+
+#[derive(Parser)]
+#[command(
+    name = "platypus",
+    version,
+    about = "CUDA kernels and tools for LoRA fine-tuning of Llama 2 the Platypus way"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// What this machine offers: NVIDIA driver and devices, archs the kernels were built for, the emulator.
+    Info,
+    /// The ptxas report of every GPU kernel on every arch it was built for.
+    Kernels {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let report = match cli.command {
+        Command::Info => info(),
+        Command::Kernels { json } => kernels(json),
+    };
+    // A closed pipe (`platypus kernels | head`) is not an error worth a panic.
+    let _ = std::io::stdout().write_all(report.as_bytes());
+}
+
+fn info() -> String {
+    use platypus::kernels;
+    let mut out = String::new();
+    say!(out, "platypus {}", env!("CARGO_PKG_VERSION"));
+    match kernels::NVCC_VERSION {
+        Some(v) => println!(
+            "kernels:  built by nvcc ({v}) for {}",
+            archs(kernels::CUDA_ARCHS)
+        ),
+        None => {
+            println!("kernels:  none (built without nvcc): only the CPU and emulated devices work")
+        }
+    }
+    let emulated = platypus::emu::kernel_names().count();
+    if emulated > 0 {
+        say!(
+            out,
+            "emulator: {emulated} kernels can run on the host emulator"
+        );
+    } else {
+        say!(out, "emulator: not built (no CUDA headers at build time)");
+    }
+    match platypus::cuda::probe() {
+        Err(why) => println!("driver:   none: {why}\ndevices:  none"),
+        Ok((version, devices)) => {
+            say!(
+                out,
+                "driver:   CUDA {}.{}",
+                version / 1000,
+                (version % 1000) / 10
+            );
+            if devices.is_empty() {
+                say!(out, "devices:  none");
+            }
+            for d in devices {
+                let (major, minor) = d.compute_capability;
+                let usable = kernels::CUDA_ARCHS
+                    .iter()
+                    .any(|&a| a / 10 == major as u32 && a % 10 <= minor as u32);
+                say!(
+                    out,
+                    "device {}: {} (sm_{major}{minor}, {:.1} GiB){}",
+                    d.ordinal,
+                    d.name,
+                    d.total_memory as f64 / (1u64 << 30) as f64,
+                    if usable {
+                        ""
+                    } else {
+                        " - no SASS for this arch in this build (PTX JIT)"
+                    }
+                );
+            }
+        }
+    }
+    out
+}
+
+fn archs(list: &[u32]) -> String {
+    list.iter()
+        .map(|a| format!("sm_{a}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    name: &'static str,
+    arch: u32,
+    registers: u32,
+    spill_bytes: u32,
+    shared_bytes: u32,
+    stack_bytes: u32,
+    barriers: u32,
+}
+
+fn kernels(json: bool) -> String {
+    let mut out = String::new();
+    let rows: Vec<Row> = platypus::kernels::PTXAS
+        .iter()
+        .map(|r| Row {
+            name: r.name,
+            arch: r.arch,
+            registers: r.registers,
+            spill_bytes: r.spill_bytes(),
+            shared_bytes: r.shared_bytes,
+            stack_bytes: r.stack_bytes,
+            barriers: r.barriers,
+        })
+        .collect();
+    if json {
+        return serde_json::to_string_pretty(&rows).expect("serializing the ptxas report") + "\n";
+    }
+    if rows.is_empty() {
+        return "no GPU kernels in this build (nvcc was not found at build time)\n".into();
+    }
+    say!(
+        out,
+        "{:<28} {:>6} {:>5} {:>7} {:>7} {:>6} {:>5}",
+        "kernel",
+        "arch",
+        "regs",
+        "spill B",
+        "smem B",
+        "stack",
+        "bars"
+    );
+    for r in rows {
+        say!(
+            out,
+            "{:<28} {:>6} {:>5} {:>7} {:>7} {:>6} {:>5}",
+            r.name,
+            format!("sm_{}", r.arch),
+            r.registers,
+            r.spill_bytes,
+            r.shared_bytes,
+            r.stack_bytes,
+            r.barriers
+        );
+    }
+    out
+}

@@ -1,0 +1,6 @@
+//! Reference implementations in plain Rust: what every kernel is checked
+//! against, and what ops run on [`crate::Device::Cpu`]. f32 in and out,
+//! f64 accumulation, written for clarity rather than speed.
+
+pub mod rmsnorm;
+pub mod rope;

@@ -1,0 +1,289 @@
+//! The GPU runtime: a device's context and stream, its memory, and kernel
+//! launches from the fatbins build.rs embedded (loaded on first use).
+//!
+//! The CUDA driver is loaded at run time (cudarc's dynamic loading), so the
+//! crate builds and runs on machines without one; every entry point checks for
+//! libcuda first and returns [`Error::CudaUnavailable`] instead of panicking.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+
+use crate::error::{Error, Result};
+use crate::kernels::{LaunchConfig, MODULES};
+
+/// True if the NVIDIA driver library (libcuda) can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { sys::is_culib_present() }
+}
+
+fn check_available() -> Result<()> {
+    if MODULES.is_empty() {
+        return Err(Error::CudaUnavailable(
+            "this build of platypus has no GPU kernels (nvcc was not found at build time); \
+             rebuild with NVCC=/path/to/nvcc, or `pip install nvidia-cuda-nvcc nvidia-cuda-cccl` and set NVCC"
+                .into(),
+        ));
+    }
+    if !driver_present() {
+        return Err(Error::CudaUnavailable(
+            "no NVIDIA driver found (libcuda.so could not be loaded)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A CUDA device as platypus uses it: a context, the stream ops run on, and
+/// the kernel modules loaded into that context so far.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    modules: Mutex<HashMap<usize, Arc<CudaModule>>>,
+}
+
+impl CudaBackend {
+    pub(crate) fn new(ordinal: usize) -> Result<CudaBackend> {
+        check_available()?;
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.new_stream()?;
+        Ok(CudaBackend::with(ctx, stream))
+    }
+
+    pub(crate) fn from_stream(stream: Arc<CudaStream>) -> Result<CudaBackend> {
+        check_available()?;
+        Ok(CudaBackend::with(stream.context().clone(), stream))
+    }
+
+    fn with(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> CudaBackend {
+        CudaBackend {
+            ctx,
+            stream,
+            functions: Mutex::default(),
+            modules: Mutex::default(),
+        }
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    /// The stream ops are queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub(crate) fn same_context(&self, other: &CudaBackend) -> bool {
+        self.ctx.cu_ctx() == other.ctx.cu_ctx()
+    }
+
+    pub(crate) fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    pub(crate) fn alloc_zeroed(self: &Arc<Self>, bytes: usize) -> Result<CudaBuffer> {
+        self.ctx.bind_to_thread()?;
+        let ptr = if bytes == 0 {
+            0
+        } else {
+            // SAFETY: the stream belongs to this context; the memory is freed in CudaBuffer::drop.
+            unsafe {
+                let ptr = result::malloc_async(self.stream.cu_stream(), bytes)?;
+                result::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream())?;
+                ptr
+            }
+        };
+        Ok(CudaBuffer {
+            backend: self.clone(),
+            ptr,
+            bytes,
+            owner: Owner::Allocated,
+        })
+    }
+
+    fn function(&self, kernel: &str) -> Result<CudaFunction> {
+        let mut functions = self.functions.lock().unwrap();
+        if let Some(f) = functions.get(kernel) {
+            return Ok(f.clone());
+        }
+        let (index, name) = MODULES
+            .iter()
+            .enumerate()
+            .find_map(|(i, (_, _, names))| names.iter().find(|n| **n == kernel).map(|n| (i, *n)))
+            .ok_or_else(|| Error::Launch {
+                kernel: kernel.into(),
+                message: "no such kernel in the embedded fatbins".into(),
+            })?;
+        let module = {
+            let mut modules = self.modules.lock().unwrap();
+            match modules.get(&index) {
+                Some(m) => m.clone(),
+                None => {
+                    let image = MODULES[index].1.to_vec();
+                    let m = self
+                        .ctx
+                        .load_module(cudarc::nvrtc::Ptx::from_binary(image))?;
+                    modules.insert(index, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module.load_function(name)?;
+        functions.insert(name, f.clone());
+        Ok(f)
+    }
+
+    /// Launches `kernel` with the cuLaunchKernel argument array `args`.
+    pub(crate) fn launch(
+        &self,
+        kernel: &str,
+        cfg: &LaunchConfig,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        let f = self.function(kernel)?;
+        if cfg.shared_bytes > 48 * 1024 {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                cfg.shared_bytes as i32,
+            )?;
+        }
+        self.ctx.bind_to_thread()?;
+        let [gx, gy, gz] = cfg.grid;
+        let [bx, by, bz] = cfg.block;
+        // SAFETY: `args` holds pointers to the kernel's parameter values, built
+        // by the op from the parameter struct the kernel declares.
+        unsafe {
+            result::launch_kernel(
+                f.cu_function(),
+                (gx, gy, gz),
+                (bx, by, bz),
+                cfg.shared_bytes,
+                self.stream.cu_stream(),
+                args,
+            )?
+        };
+        Ok(())
+    }
+}
+
+enum Owner {
+    /// Allocated by platypus; freed on drop.
+    Allocated,
+    /// Another crate's memory: the owner object (a CudaSlice) if it was handed
+    /// over, nothing if only borrowed.
+    Foreign {
+        _owner: Option<Box<dyn Any + Send + Sync>>,
+    },
+}
+
+/// Device memory of a tensor.
+pub(crate) struct CudaBuffer {
+    backend: Arc<CudaBackend>,
+    ptr: u64,
+    bytes: usize,
+    owner: Owner,
+}
+
+impl CudaBuffer {
+    pub(crate) fn foreign(
+        backend: Arc<CudaBackend>,
+        ptr: u64,
+        bytes: usize,
+        owner: Option<Box<dyn Any + Send + Sync>>,
+    ) -> CudaBuffer {
+        CudaBuffer {
+            backend,
+            ptr,
+            bytes,
+            owner: Owner::Foreign { _owner: owner },
+        }
+    }
+
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub(crate) fn copy_from_host(&mut self, src: &[u8]) -> Result<()> {
+        assert_eq!(src.len(), self.bytes, "copy size checked by the caller");
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.backend.ctx.bind_to_thread()?;
+        let stream = &self.backend.stream;
+        // SAFETY: ptr holds `bytes` bytes; we wait for the copy before `src` can go away.
+        unsafe { result::memcpy_htod_async(self.ptr, src, stream.cu_stream())? };
+        Ok(stream.synchronize()?)
+    }
+
+    pub(crate) fn copy_to_host(&self, dst: &mut [u8]) -> Result<()> {
+        assert_eq!(dst.len(), self.bytes, "copy size checked by the caller");
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.backend.ctx.bind_to_thread()?;
+        let stream = &self.backend.stream;
+        // SAFETY: as in copy_from_host.
+        unsafe { result::memcpy_dtoh_async(dst, self.ptr, stream.cu_stream())? };
+        Ok(stream.synchronize()?)
+    }
+}
+
+impl Drop for CudaBuffer {
+    fn drop(&mut self) {
+        if matches!(self.owner, Owner::Allocated)
+            && self.ptr != 0
+            && self.backend.ctx.bind_to_thread().is_ok()
+        {
+            // SAFETY: allocated by malloc_async on this stream; work using it was queued on the same stream.
+            let _ = unsafe { result::free_async(self.ptr, self.backend.stream.cu_stream()) };
+        }
+    }
+}
+
+/// One CUDA device as `platypus info` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceInfo {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Marketing name.
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub compute_capability: (i32, i32),
+    /// Total memory in bytes.
+    pub total_memory: usize,
+}
+
+/// What the driver reports: its version and the devices, or why there are none.
+pub fn probe() -> std::result::Result<(i32, Vec<DeviceInfo>), String> {
+    if !driver_present() {
+        return Err("no NVIDIA driver found (libcuda.so could not be loaded)".into());
+    }
+    let err = |e: cudarc::driver::DriverError| e.to_string();
+    result::init().map_err(err)?;
+    let mut version = 0;
+    // SAFETY: the driver is loaded and initialized.
+    unsafe { sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(err)?;
+    let count = result::device::get_count().map_err(err)?;
+    let mut devices = Vec::new();
+    for ordinal in 0..count.max(0) as usize {
+        let ctx = CudaContext::new(ordinal).map_err(err)?;
+        devices.push(DeviceInfo {
+            ordinal,
+            name: ctx.name().map_err(err)?,
+            compute_capability: ctx.compute_capability().map_err(err)?,
+            total_memory: ctx.mem_get_info().map_err(err)?.1,
+        });
+    }
+    Ok((version, devices))
+}

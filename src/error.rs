@@ -1,0 +1,59 @@
+//! The crate's error type: every op names the argument that was wrong and
+//! what it expected.
+
+use crate::DType;
+
+/// Result with the crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What went wrong, with enough detail to fix the call. In every variant
+/// `op` names the operation (`rmsnorm::forward`), `arg` the argument that was
+/// wrong, `expected` and `got` what it should have been and what it was.
+#[allow(missing_docs)]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An argument's shape does not fit.
+    #[error("{op}: argument `{arg}` has shape {got:?}, expected {expected}")]
+    Shape {
+        op: &'static str,
+        arg: &'static str,
+        expected: String,
+        got: Vec<usize>,
+    },
+    /// An argument's element type is not supported or does not match.
+    #[error("{op}: argument `{arg}` has dtype {got}, expected {expected}")]
+    DType {
+        op: &'static str,
+        arg: &'static str,
+        expected: String,
+        got: DType,
+    },
+    /// An argument lives on another device than the op runs on.
+    #[error("{op}: argument `{arg}` is on {got}, expected {expected}")]
+    Device {
+        op: &'static str,
+        arg: &'static str,
+        expected: String,
+        got: String,
+    },
+    /// Any other invalid argument value (empty, misaligned, out of range).
+    #[error("{op}: argument `{arg}`: {what}")]
+    Invalid {
+        op: &'static str,
+        arg: &'static str,
+        what: String,
+    },
+    /// No CUDA device can be used; says why and how to get one.
+    #[error("CUDA is not available: {0}")]
+    CudaUnavailable(String),
+    /// The crate was built without the host emulator.
+    #[error("the host CUDA emulator is not available: {0}")]
+    EmulatorUnavailable(String),
+    /// A kernel launch failed (on the emulator: a barrier or collective misuse,
+    /// a trap, an invalid launch configuration).
+    #[error("kernel `{kernel}` failed: {message}")]
+    Launch { kernel: String, message: String },
+    /// The CUDA driver reported an error.
+    #[error("CUDA driver error: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+}

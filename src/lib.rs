@@ -1,0 +1,31 @@
+//! Hand-written CUDA kernels with safe Rust APIs for LoRA fine-tuning of
+//! Llama 2 the Platypus way (arXiv 2308.07317).
+//!
+//! Every op runs on three devices: [`Device::Cuda`] (the kernels in
+//! `kernels/`, built by nvcc for sm_80..sm_90), [`Device::Emulated`] (the same
+//! .cu source compiled for the host and run on a CUDA emulator) and
+//! [`Device::Cpu`] (the Rust reference implementations in [`cpu`]).
+//!
+//! ```
+//! use platypus::{ops, DType, Device, Tensor};
+//! let dev = Device::Cpu;
+//! let x = Tensor::from_f32(&[1.0, 2.0, 3.0, 4.0], &[2, 2], DType::F32, &dev)?;
+//! let w = Tensor::from_f32(&[1.0, 0.5], &[2], DType::F32, &dev)?;
+//! let y = ops::rmsnorm::forward(&x, &w, 1e-5)?;
+//! assert_eq!(y.shape(), &[2, 2]);
+//! # Ok::<(), platypus::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod cpu;
+pub mod cuda;
+mod device;
+pub mod emu;
+mod error;
+pub mod kernels;
+pub mod ops;
+mod tensor;
+
+pub use device::{DType, Device, Element};
+pub use error::{Error, Result};
+pub use tensor::Tensor;
