@@ -267,7 +267,6 @@ impl Tensor {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let backend = cuda_backend(device, "Tensor::from_raw_cuda")?;
         if ptr % dtype.size() as u64 != 0 {
             return Err(Error::Invalid {
                 op: "Tensor::from_raw_cuda",
@@ -278,6 +277,7 @@ impl Tensor {
                 ),
             });
         }
+        let backend = cuda_backend(device, "Tensor::from_raw_cuda")?;
         let bytes = elem_count(shape) * dtype.size();
         let storage = Storage::Cuda(CudaBuffer::foreign(backend.clone(), ptr, bytes, None));
         Ok(Tensor {

@@ -59,3 +59,150 @@ pub(crate) fn launch(kernel: &str, cfg: &LaunchConfig, args: &mut [*mut c_void])
         message,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The emulator's own tests, on the kernels of kernels/emu/selftest.cu.
+    use super::*;
+
+    /// Mirrors `SelftestParams` in kernels/emu/selftest.cu.
+    #[repr(C)]
+    struct SelftestParams {
+        out: *mut i32,
+        mode: i32,
+    }
+
+    fn run(
+        kernel: &str,
+        blocks: u32,
+        threads: u32,
+        shared: u32,
+        out: &mut [i32],
+        mode: i32,
+    ) -> Result<()> {
+        let mut p = SelftestParams {
+            out: out.as_mut_ptr(),
+            mode,
+        };
+        let mut args = [&mut p as *mut SelftestParams as *mut c_void];
+        launch(
+            kernel,
+            &LaunchConfig::linear(blocks, threads, shared),
+            &mut args,
+        )
+    }
+
+    fn misuse(mode: i32, threads: u32) -> String {
+        let mut out = vec![0i32; 64];
+        match run("emu_selftest_misuse", 1, threads, 0, &mut out, mode) {
+            Ok(()) => panic!("mode {mode}: the emulator accepted a misuse"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn warp_collectives_follow_cuda_semantics() {
+        let (blocks, threads) = (2u32, 64u32);
+        let n = (blocks * threads) as usize;
+        let mut out = vec![0i32; 8 * n];
+        run("emu_selftest_collectives", blocks, threads, 0, &mut out, 0).unwrap();
+        for t in 0..n {
+            let lane = t % 32;
+            let warp_base = (t - lane) as i32;
+            let t32 = t as i32;
+            let o = &out[8 * t..8 * t + 8];
+            assert_eq!(o[0], warp_base + 3, "shfl idx, thread {t}");
+            assert_eq!(
+                o[1],
+                if lane == 0 { t32 } else { t32 - 1 },
+                "shfl up, thread {t}"
+            );
+            assert_eq!(
+                o[2],
+                if lane == 31 { t32 } else { t32 + 1 },
+                "shfl down, thread {t}"
+            );
+            assert_eq!(o[3], t32 ^ 1, "shfl xor, thread {t}");
+            assert_eq!(o[4] as u32, 0x5555_5555, "ballot, thread {t}");
+            assert_eq!(o[5], 1, "all, thread {t}");
+            assert_eq!(o[6], 1, "any, thread {t}");
+            assert_eq!(o[7], (0..32).sum::<i32>(), "reduce_add, thread {t}");
+        }
+    }
+
+    #[test]
+    fn barriers_and_dynamic_shared_memory_work_per_block() {
+        let (blocks, threads) = (3u32, 128u32);
+        let mut out = vec![0i32; blocks as usize];
+        run(
+            "emu_selftest_block_sum",
+            blocks,
+            threads,
+            threads * 4,
+            &mut out,
+            0,
+        )
+        .unwrap();
+        assert_eq!(out, vec![(0..128).sum::<i32>(); 3]);
+    }
+
+    #[test]
+    fn barrier_skipped_by_an_exited_thread_is_reported() {
+        let e = misuse(1, 64);
+        assert!(
+            e.contains("emu_selftest_misuse") && e.contains("__syncthreads at selftest.cu"),
+            "{e}"
+        );
+        assert!(
+            e.contains("thread (0,0,0) exited without reaching it"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn divergent_barriers_are_reported() {
+        let e = misuse(2, 64);
+        assert!(e.contains("waits at __syncthreads at selftest.cu"), "{e}");
+    }
+
+    #[test]
+    fn collective_missing_a_named_lane_is_reported() {
+        let e = misuse(3, 32);
+        assert!(
+            e.contains("__shfl_xor_sync(mask 0xffffffff)") && e.contains("lane 0, which exited"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mask_naming_lanes_outside_the_block_is_reported() {
+        let e = misuse(4, 16);
+        assert!(
+            e.contains("names lane 16, which is not part of the block"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn trap_stops_the_launch() {
+        let e = misuse(5, 32);
+        assert!(e.contains("thread (7,0,0): __trap()"), "{e}");
+    }
+
+    #[test]
+    fn invalid_launch_configurations_are_rejected() {
+        let mut out = vec![0i32; 8];
+        let e = run("emu_selftest_block_sum", 1, 2048, 0, &mut out, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid block (2048,1,1)"), "{e}");
+        let e = run("emu_selftest_block_sum", 0, 32, 0, &mut out, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid grid (0,1,1)"), "{e}");
+        let e = run("no_such_kernel", 1, 32, 0, &mut out, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not built into the host emulator"), "{e}");
+    }
+}

@@ -1,0 +1,73 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use platypus::{DType, Device, Tensor};
+
+/// The float dtypes every op supports.
+pub const FLOAT_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// Deterministic pseudo-random numbers (xorshift64*), so failures reproduce.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    /// `n` values, roughly normal (sum of uniforms), scaled by `scale`.
+    pub fn normal_vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| scale * (self.uniform() + self.uniform() + self.uniform()))
+            .collect()
+    }
+}
+
+/// Rounds values to what `dtype` can hold, so the CPU reference and the
+/// kernel see identical inputs.
+pub fn round_to(values: &[f32], dtype: DType) -> Vec<f32> {
+    Tensor::from_f32(values, &[values.len()], dtype, &Device::Cpu)
+        .unwrap()
+        .to_f32_vec()
+        .unwrap()
+}
+
+/// (absolute, relative) tolerance for results stored in `dtype`: a couple of
+/// units in the last place of the storage type, plus fp32-accumulation noise.
+pub fn tolerance(dtype: DType) -> (f32, f32) {
+    match dtype {
+        DType::F32 => (2e-5, 2e-5),
+        DType::F16 => (2e-3, 2e-3),
+        DType::BF16 => (1.6e-2, 1.6e-2),
+        other => panic!("no tolerance for {other}"),
+    }
+}
+
+/// Asserts |got - want| <= atol * scale + rtol * |want| element by element,
+/// naming the first element that is off.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let ok = (g - w).abs() <= atol + rtol * w.abs();
+        assert!(
+            ok,
+            "{what}: element {i}: got {g}, want {w} (atol {atol}, rtol {rtol})"
+        );
+    }
+}
+
+/// The emulated device; the test suite requires the emulator.
+pub fn emulated() -> Device {
+    Device::emulated().expect("the emulator must be built for the tests (run scripts/test.sh)")
+}

@@ -1,0 +1,179 @@
+//! The CUDA kernels, run on the host emulator, against the CPU references:
+//! random shapes (one row, odd sizes, hidden sizes not a multiple of the
+//! vector width), every float dtype, forward and backward.
+
+mod common;
+
+use common::{assert_close, emulated, round_to, tolerance, Rng, FLOAT_DTYPES};
+use platypus::ops::rmsnorm;
+use platypus::ops::rope::{self, RopeConfig, RopeStyle};
+use platypus::{DType, Device, Tensor};
+use proptest::prelude::*;
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: 48,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// Hidden sizes: anything small, the vector-friendly Llama sizes, and odd ones.
+fn hidden_size() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        1usize..=40,
+        Just(64),
+        Just(130),
+        Just(256),
+        Just(1000),
+        Just(4096),
+        41usize..=700
+    ]
+}
+
+fn dtype() -> impl Strategy<Value = DType> {
+    prop::sample::select(FLOAT_DTYPES.to_vec())
+}
+
+/// x, w and dy for RMSNorm, rounded to `dtype`, on the CPU and the emulator.
+fn rmsnorm_inputs(
+    rows: usize,
+    hidden: usize,
+    dtype: DType,
+    seed: u64,
+) -> [(Vec<f32>, Vec<usize>); 3] {
+    let mut rng = Rng::new(seed);
+    let x = round_to(&rng.normal_vec(rows * hidden, 1.0), dtype);
+    let w = round_to(
+        &rng.normal_vec(hidden, 0.5)
+            .iter()
+            .map(|v| v + 1.0)
+            .collect::<Vec<_>>(),
+        dtype,
+    );
+    let dy = round_to(&rng.normal_vec(rows * hidden, 1.0), dtype);
+    [
+        (x, vec![rows, hidden]),
+        (w, vec![hidden]),
+        (dy, vec![rows, hidden]),
+    ]
+}
+
+fn on(device: &Device, data: &(Vec<f32>, Vec<usize>), dtype: DType) -> Tensor {
+    Tensor::from_f32(&data.0, &data.1, dtype, device).unwrap()
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn rmsnorm_forward_matches_cpu(rows in 1usize..=6, hidden in hidden_size(), dtype in dtype(), seed in any::<u64>()) {
+        let inputs = rmsnorm_inputs(rows, hidden, dtype, seed);
+        let run = |device: &Device| {
+            let y = rmsnorm::forward(&on(device, &inputs[0], dtype), &on(device, &inputs[1], dtype), 1e-5).unwrap();
+            y.to_f32_vec().unwrap()
+        };
+        let (atol, rtol) = tolerance(dtype);
+        assert_close("y", &run(&emulated()), &run(&Device::Cpu), atol, rtol);
+    }
+
+    #[test]
+    fn rmsnorm_backward_matches_cpu(rows in 1usize..=6, hidden in hidden_size(), dtype in dtype(), want_dw in any::<bool>(), seed in any::<u64>()) {
+        let inputs = rmsnorm_inputs(rows, hidden, dtype, seed);
+        let run = |device: &Device| {
+            let [x, w, dy] = [0, 1, 2].map(|i| on(device, &inputs[i], dtype));
+            let g = rmsnorm::backward(&x, &w, &dy, 1e-5, want_dw).unwrap();
+            (g.dx.to_f32_vec().unwrap(), g.dw.map(|dw| dw.to_f32_vec().unwrap()))
+        };
+        let (emu_dx, emu_dw) = run(&emulated());
+        let (cpu_dx, cpu_dw) = run(&Device::Cpu);
+        let (atol, rtol) = tolerance(dtype);
+        assert_close("dx", &emu_dx, &cpu_dx, atol, rtol);
+        prop_assert_eq!(emu_dw.is_some(), want_dw);
+        if let (Some(e), Some(c)) = (emu_dw, cpu_dw) {
+            // dw sums `rows` terms of size ~1.
+            assert_close("dw", &e, &c, atol * rows as f32, rtol);
+        }
+    }
+
+    #[test]
+    fn rmsnorm_backward_dw_is_deterministic_over_many_rows(rows in 500usize..=1100, hidden in prop_oneof![Just(8usize), Just(37)], seed in any::<u64>()) {
+        // More rows than the 512 partial sums: blocks walk several rows each.
+        let inputs = rmsnorm_inputs(rows, hidden, DType::F32, seed);
+        let dev = emulated();
+        let run = || {
+            let [x, w, dy] = [0, 1, 2].map(|i| on(&dev, &inputs[i], DType::F32));
+            rmsnorm::backward(&x, &w, &dy, 1e-5, true).unwrap().dw.unwrap().to_vec::<f32>().unwrap()
+        };
+        let first = run();
+        prop_assert_eq!(first.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), run().iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        let [x, w, dy] = [0, 1, 2].map(|i| on(&Device::Cpu, &inputs[i], DType::F32));
+        let cpu = rmsnorm::backward(&x, &w, &dy, 1e-5, true).unwrap().dw.unwrap().to_vec::<f32>().unwrap();
+        assert_close("dw", &first, &cpu, 1e-4 * rows as f32, 1e-5);
+    }
+
+    #[test]
+    fn rope_matches_cpu(
+        batch in 1usize..=3,
+        seq in 1usize..=7,
+        q_heads in 1usize..=5,
+        k_heads in 1usize..=3,
+        head_dim in prop_oneof![Just(2usize), Just(6), Just(16), Just(64), Just(128), (1usize..=40).prop_map(|h| 2 * h)],
+        dtype in dtype(),
+        interleaved in any::<bool>(),
+        inverse in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng::new(seed);
+        let q = (round_to(&rng.normal_vec(batch * seq * q_heads * head_dim, 1.0), dtype), vec![batch, seq, q_heads, head_dim]);
+        let k = (round_to(&rng.normal_vec(batch * seq * k_heads * head_dim, 1.0), dtype), vec![batch, seq, k_heads, head_dim]);
+        // Offset sequences (packed batches restart at 0, others continue), up to Llama 2's 4096.
+        let positions: Vec<i32> = (0..batch).flat_map(|_| {
+            let start = (rng.next_u64() % 4000) as i32;
+            (0..seq as i32).map(move |t| start + t)
+        }).collect();
+        let style = if interleaved { RopeStyle::Interleaved } else { RopeStyle::RotateHalf };
+        let cfg = RopeConfig { theta: 10000.0, style };
+        let run = |device: &Device| {
+            let (mut qt, mut kt) = (on(device, &q, dtype), on(device, &k, dtype));
+            let pos = Tensor::from_slice(&positions, &[batch, seq], device).unwrap();
+            if inverse {
+                rope::backward(&mut qt, &mut kt, &pos, &cfg).unwrap();
+            } else {
+                rope::forward(&mut qt, &mut kt, &pos, &cfg).unwrap();
+            }
+            (qt.to_f32_vec().unwrap(), kt.to_f32_vec().unwrap())
+        };
+        let (eq, ek) = run(&emulated());
+        let (cq, ck) = run(&Device::Cpu);
+        // Angles up to ~4000 rad: fp32 sincos and the product keep ~1e-6 relative.
+        let (atol, rtol) = tolerance(dtype);
+        assert_close("q", &eq, &cq, atol.max(2e-4), rtol);
+        assert_close("k", &ek, &ck, atol.max(2e-4), rtol);
+    }
+}
+
+#[test]
+fn rope_backward_undoes_forward_on_the_emulator() {
+    let dev = emulated();
+    let mut rng = Rng::new(7);
+    let (b, t, h, kh, d) = (2, 5, 4, 2, 64);
+    let q0 = rng.normal_vec(b * t * h * d, 1.0);
+    let k0 = rng.normal_vec(b * t * kh * d, 1.0);
+    let mut q = Tensor::from_f32(&q0, &[b, t, h, d], DType::F32, &dev).unwrap();
+    let mut k = Tensor::from_f32(&k0, &[b, t, kh, d], DType::F32, &dev).unwrap();
+    let pos = Tensor::from_slice(&[0, 1, 2, 3, 4, 100, 101, 102, 103, 104], &[b, t], &dev).unwrap();
+    let cfg = RopeConfig::default();
+    rope::forward(&mut q, &mut k, &pos, &cfg).unwrap();
+    assert!(
+        q.to_f32_vec()
+            .unwrap()
+            .iter()
+            .zip(&q0)
+            .any(|(a, b)| (a - b).abs() > 1e-3),
+        "forward changed nothing"
+    );
+    rope::backward(&mut q, &mut k, &pos, &cfg).unwrap();
+    assert_close("q", &q.to_f32_vec().unwrap(), &q0, 1e-5, 1e-5);
+    assert_close("k", &k.to_f32_vec().unwrap(), &k0, 1e-5, 1e-5);
+}

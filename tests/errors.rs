@@ -1,0 +1,223 @@
+//! Bad input gives a typed error naming the argument, on every device, and
+//! leaves outputs untouched.
+
+mod common;
+
+use common::emulated;
+use platypus::ops::rmsnorm;
+use platypus::ops::rope::{self, RopeConfig};
+use platypus::{DType, Device, Error, Tensor};
+
+fn zeros(shape: &[usize], dtype: DType, dev: &Device) -> Tensor {
+    Tensor::zeros(shape, dtype, dev).unwrap()
+}
+
+fn ones(shape: &[usize], dtype: DType, dev: &Device) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_f32(&vec![1.0; n], shape, dtype, dev).unwrap()
+}
+
+/// Asserts `r` is an error that names `arg` and mentions `text`.
+fn expect_err<T: std::fmt::Debug>(r: platypus::Result<T>, arg: &str, text: &str) -> Error {
+    let e = r.expect_err("bad input was accepted");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("`{arg}`")),
+        "error does not name `{arg}`: {msg}"
+    );
+    assert!(msg.contains(text), "error does not say `{text}`: {msg}");
+    e
+}
+
+#[test]
+fn rmsnorm_rejects_bad_input() {
+    for dev in [Device::Cpu, emulated()] {
+        let x = ones(&[3, 8], DType::F32, &dev);
+        let w = ones(&[8], DType::F32, &dev);
+        let e = expect_err(
+            rmsnorm::forward(&x, &ones(&[7], DType::F32, &dev), 1e-5),
+            "w",
+            "[7]",
+        );
+        assert!(
+            matches!(
+                e,
+                Error::Shape {
+                    op: "rmsnorm::forward",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = expect_err(
+            rmsnorm::forward(&x, &ones(&[8], DType::BF16, &dev), 1e-5),
+            "w",
+            "expected f32",
+        );
+        assert!(
+            matches!(
+                e,
+                Error::DType {
+                    got: DType::BF16,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        expect_err(
+            rmsnorm::forward(&zeros(&[3, 8], DType::I32, &dev), &w, 1e-5),
+            "x",
+            "expected f32, f16 or bf16",
+        );
+        expect_err(
+            rmsnorm::forward(&zeros(&[0, 8], DType::F32, &dev), &w, 1e-5),
+            "x",
+            "is empty",
+        );
+        expect_err(
+            rmsnorm::forward(&x, &w, f32::NAN),
+            "eps",
+            "not a finite value",
+        );
+        let other = if matches!(dev, Device::Cpu) {
+            emulated()
+        } else {
+            Device::Cpu
+        };
+        let e = expect_err(
+            rmsnorm::forward(&x, &ones(&[8], DType::F32, &other), 1e-5),
+            "w",
+            "expected",
+        );
+        assert!(matches!(e, Error::Device { .. }), "{e:?}");
+        expect_err(
+            rmsnorm::backward(&x, &w, &ones(&[3, 9], DType::F32, &dev), 1e-5, true),
+            "dy",
+            "[3, 9]",
+        );
+
+        // A failed call leaves its output as it was.
+        let mut y = ones(&[3, 8], DType::F32, &dev);
+        expect_err(
+            rmsnorm::forward_into(&x, &ones(&[7], DType::F32, &dev), &mut y, 1e-5),
+            "w",
+            "[7]",
+        );
+        expect_err(
+            rmsnorm::forward_into(&x, &w, &mut ones(&[3, 8], DType::F16, &dev), 1e-5),
+            "y",
+            "expected f32",
+        );
+        assert_eq!(y.to_vec::<f32>().unwrap(), vec![1.0; 24]);
+    }
+}
+
+#[test]
+fn rmsnorm_backward_rejects_hidden_sizes_whose_dw_does_not_fit_shared_memory() {
+    let dev = emulated();
+    let hidden = 60_000;
+    let x = zeros(&[1, hidden], DType::BF16, &dev);
+    let w = zeros(&[hidden], DType::BF16, &dev);
+    expect_err(
+        rmsnorm::backward(&x, &w, &x, 1e-5, true),
+        "x",
+        "bytes of shared memory",
+    );
+    // Without dw (frozen weights) there is no such limit.
+    assert!(rmsnorm::backward(&x, &w, &x, 1e-5, false)
+        .unwrap()
+        .dw
+        .is_none());
+}
+
+#[test]
+fn rope_rejects_bad_input() {
+    for dev in [Device::Cpu, emulated()] {
+        let cfg = RopeConfig::default();
+        let pos = Tensor::from_slice(&[0i32, 1, 2], &[1, 3], &dev).unwrap();
+        let mut q = ones(&[1, 3, 4, 8], DType::F32, &dev);
+        let mut k = ones(&[1, 3, 2, 8], DType::F32, &dev);
+        expect_err(
+            rope::forward(&mut ones(&[3, 4, 8], DType::F32, &dev), &mut k, &pos, &cfg),
+            "q",
+            "[batch, seq, q_heads, head_dim]",
+        );
+        expect_err(
+            rope::forward(
+                &mut ones(&[1, 3, 4, 7], DType::F32, &dev),
+                &mut k,
+                &pos,
+                &cfg,
+            ),
+            "q",
+            "odd",
+        );
+        expect_err(
+            rope::forward(
+                &mut q,
+                &mut ones(&[1, 3, 2, 6], DType::F32, &dev),
+                &pos,
+                &cfg,
+            ),
+            "k",
+            "[1, 3, k_heads, 8]",
+        );
+        expect_err(
+            rope::forward(
+                &mut q,
+                &mut ones(&[1, 3, 2, 8], DType::F16, &dev),
+                &pos,
+                &cfg,
+            ),
+            "k",
+            "expected f32",
+        );
+        let wrong = Tensor::from_slice(&[0i64, 1, 2], &[1, 3], &dev).unwrap();
+        expect_err(
+            rope::forward(&mut q, &mut k, &wrong, &cfg),
+            "positions",
+            "expected i32",
+        );
+        let short = Tensor::from_slice(&[0i32, 1], &[1, 2], &dev).unwrap();
+        expect_err(
+            rope::forward(&mut q, &mut k, &short, &cfg),
+            "positions",
+            "[1, 2]",
+        );
+        let bad_theta = RopeConfig { theta: 0.0, ..cfg };
+        expect_err(
+            rope::forward(&mut q, &mut k, &pos, &bad_theta),
+            "cfg.theta",
+            "not a finite value > 0",
+        );
+        assert_eq!(
+            q.to_vec::<f32>().unwrap(),
+            vec![1.0; 96],
+            "q was modified by a rejected call"
+        );
+    }
+}
+
+#[test]
+fn tensor_constructors_reject_bad_input() {
+    let e = Tensor::from_slice(&[1.0f32, 2.0], &[3], &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`data`") && e.contains("has 2 elements"), "{e}");
+    let t = Tensor::from_slice(&[1.0f32, 2.0], &[2], &Device::Cpu).unwrap();
+    assert!(t
+        .to_vec::<half::bf16>()
+        .unwrap_err()
+        .to_string()
+        .contains("expected f32"));
+    // SAFETY: rejected before the pointer is used.
+    let e = unsafe { Tensor::from_raw_cuda(0x1001, &[4], DType::F32, &Device::Cpu) }
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`ptr`") && e.contains("not aligned"), "{e}");
+    // SAFETY: rejected before the pointer is used.
+    let e = unsafe { Tensor::from_raw_cuda(0x1000, &[4], DType::F32, &Device::Cpu) }
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("a CUDA device"), "{e}");
+}

@@ -1,0 +1,172 @@
+//! The CPU references (and the emulated kernels, in f32) against the
+//! PyTorch / transformers fixtures in ../shared/fixtures/ops (float64
+//! results of float32 inputs; q/k there are [B, H, T, D]).
+
+mod common;
+
+use common::{assert_close, emulated};
+use platypus::ops::rmsnorm;
+use platypus::ops::rope::{self, RopeConfig, RopeStyle};
+use platypus::{DType, Device, Tensor};
+use safetensors::{Dtype, SafeTensors};
+
+const OPS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/fixtures/ops/ops.safetensors"
+);
+
+struct Fixture(Vec<u8>);
+
+impl Fixture {
+    fn load() -> Fixture {
+        Fixture(std::fs::read(OPS).unwrap_or_else(|e| {
+            panic!("reading {OPS}: {e} (the fixtures must sit at ../shared beside the repo)")
+        }))
+    }
+
+    /// A float32 tensor: (values, shape).
+    fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
+        let st = SafeTensors::deserialize(&self.0).unwrap();
+        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(t.dtype(), Dtype::F32, "{name}");
+        (
+            t.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            t.shape().to_vec(),
+        )
+    }
+
+    /// An int64 tensor as i32 (position ids).
+    fn i64_as_i32(&self, name: &str) -> Vec<i32> {
+        let st = SafeTensors::deserialize(&self.0).unwrap();
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.dtype(), Dtype::I64, "{name}");
+        t.data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as i32)
+            .collect()
+    }
+}
+
+fn devices() -> [Device; 2] {
+    [Device::Cpu, emulated()]
+}
+
+#[test]
+fn rmsnorm_matches_pytorch() {
+    let f = Fixture::load();
+    for case in ["rmsnorm_a", "rmsnorm_b"] {
+        let get = |n: &str| f.f32(&format!("{case}/{n}"));
+        let (x, xs) = get("x");
+        let hidden = *xs.last().unwrap();
+        let (w, _) = get("w");
+        let (dy, _) = get("dy");
+        for dev in devices() {
+            let xt = Tensor::from_f32(&x, &xs, DType::F32, &dev).unwrap();
+            let wt = Tensor::from_f32(&w, &[hidden], DType::F32, &dev).unwrap();
+            let dyt = Tensor::from_f32(&dy, &xs, DType::F32, &dev).unwrap();
+            let y = rmsnorm::forward(&xt, &wt, 1e-5).unwrap();
+            assert_close(
+                &format!("{case} y on {dev}"),
+                &y.to_f32_vec().unwrap(),
+                &get("y").0,
+                1e-5,
+                1e-5,
+            );
+            let g = rmsnorm::backward(&xt, &wt, &dyt, 1e-5, true).unwrap();
+            assert_close(
+                &format!("{case} dx on {dev}"),
+                &g.dx.to_f32_vec().unwrap(),
+                &get("dx").0,
+                1e-5,
+                1e-5,
+            );
+            assert_close(
+                &format!("{case} dw on {dev}"),
+                &g.dw.unwrap().to_f32_vec().unwrap(),
+                &get("dw").0,
+                1e-4,
+                1e-5,
+            );
+        }
+    }
+}
+
+/// [B, H, T, D] (the fixtures' layout) to [B, T, H, D] (platypus').
+fn bhtd_to_bthd(v: &[f32], shape: &[usize]) -> (Vec<f32>, Vec<usize>) {
+    let [b, h, t, d] = shape.try_into().unwrap();
+    let mut out = vec![0.0; v.len()];
+    for bi in 0..b {
+        for hi in 0..h {
+            for ti in 0..t {
+                let src = ((bi * h + hi) * t + ti) * d;
+                let dst = ((bi * t + ti) * h + hi) * d;
+                out[dst..dst + d].copy_from_slice(&v[src..src + d]);
+            }
+        }
+    }
+    (out, vec![b, t, h, d])
+}
+
+#[test]
+fn rope_matches_transformers_in_both_conventions() {
+    let f = Fixture::load();
+    let positions = f.i64_as_i32("rope/position_ids");
+    let load = |name: &str| {
+        let (v, s) = f.f32(name);
+        bhtd_to_bthd(&v, &s)
+    };
+    let (q, qs) = load("rope/q");
+    let (k, ks) = load("rope/k");
+    let (dq_out, _) = load("rope/dq_out");
+    let (dk_out, _) = load("rope/dk_out");
+    for (prefix, style) in [
+        ("rope", RopeStyle::RotateHalf),
+        ("rope_interleaved", RopeStyle::Interleaved),
+    ] {
+        let cfg = RopeConfig {
+            theta: 10000.0,
+            style,
+        };
+        for dev in devices() {
+            let pos = Tensor::from_slice(&positions, &[qs[0], qs[1]], &dev).unwrap();
+            let what = |n: &str| format!("{prefix}/{n} on {dev}");
+            let mut qt = Tensor::from_f32(&q, &qs, DType::F32, &dev).unwrap();
+            let mut kt = Tensor::from_f32(&k, &ks, DType::F32, &dev).unwrap();
+            rope::forward(&mut qt, &mut kt, &pos, &cfg).unwrap();
+            assert_close(
+                &what("q_out"),
+                &qt.to_f32_vec().unwrap(),
+                &load(&format!("{prefix}/q_out")).0,
+                1e-5,
+                1e-5,
+            );
+            assert_close(
+                &what("k_out"),
+                &kt.to_f32_vec().unwrap(),
+                &load(&format!("{prefix}/k_out")).0,
+                1e-5,
+                1e-5,
+            );
+            let mut dqt = Tensor::from_f32(&dq_out, &qs, DType::F32, &dev).unwrap();
+            let mut dkt = Tensor::from_f32(&dk_out, &ks, DType::F32, &dev).unwrap();
+            rope::backward(&mut dqt, &mut dkt, &pos, &cfg).unwrap();
+            assert_close(
+                &what("dq"),
+                &dqt.to_f32_vec().unwrap(),
+                &load(&format!("{prefix}/dq")).0,
+                1e-5,
+                1e-5,
+            );
+            assert_close(
+                &what("dk"),
+                &dkt.to_f32_vec().unwrap(),
+                &load(&format!("{prefix}/dk")).0,
+                1e-5,
+                1e-5,
+            );
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The kernels on a real GPU against the CPU references. Skipped, with the
+//! reason printed, when no CUDA device can be used; PLATYPUS_REQUIRE_GPU=1
+//! turns the skip into a failure.
+
+mod common;
+
+use common::{assert_close, round_to, tolerance, Rng, FLOAT_DTYPES};
+use platypus::ops::rmsnorm;
+use platypus::ops::rope::{self, RopeConfig, RopeStyle};
+use platypus::{Device, Tensor};
+
+fn gpu() -> Option<Device> {
+    match Device::cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) if std::env::var("PLATYPUS_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("PLATYPUS_REQUIRE_GPU=1 but no CUDA device: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: GPU test: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn kernels_match_cpu_on_the_gpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(11);
+    for dtype in FLOAT_DTYPES {
+        let (atol, rtol) = tolerance(dtype);
+        for (rows, hidden) in [(1, 1), (7, 130), (64, 4096), (3, 5120)] {
+            let x = round_to(&rng.normal_vec(rows * hidden, 1.0), dtype);
+            let w = round_to(&rng.normal_vec(hidden, 1.0), dtype);
+            let dy = round_to(&rng.normal_vec(rows * hidden, 1.0), dtype);
+            let run = |dev: &Device| {
+                let t = |v: &[f32], s: &[usize]| Tensor::from_f32(v, s, dtype, dev).unwrap();
+                let (xt, wt, dyt) = (
+                    t(&x, &[rows, hidden]),
+                    t(&w, &[hidden]),
+                    t(&dy, &[rows, hidden]),
+                );
+                let y = rmsnorm::forward(&xt, &wt, 1e-5)
+                    .unwrap()
+                    .to_f32_vec()
+                    .unwrap();
+                let g = rmsnorm::backward(&xt, &wt, &dyt, 1e-5, true).unwrap();
+                (
+                    y,
+                    g.dx.to_f32_vec().unwrap(),
+                    g.dw.unwrap().to_f32_vec().unwrap(),
+                )
+            };
+            let (gy, gdx, gdw) = run(&gpu);
+            let (cy, cdx, cdw) = run(&Device::Cpu);
+            assert_close("y", &gy, &cy, atol, rtol);
+            assert_close("dx", &gdx, &cdx, atol, rtol);
+            assert_close("dw", &gdw, &cdw, atol * rows as f32, rtol);
+        }
+        for style in [RopeStyle::RotateHalf, RopeStyle::Interleaved] {
+            let (b, t, h, kh, d) = (2, 33, 8, 2, 128);
+            let q = round_to(&rng.normal_vec(b * t * h * d, 1.0), dtype);
+            let k = round_to(&rng.normal_vec(b * t * kh * d, 1.0), dtype);
+            let positions: Vec<i32> = (0..(b * t) as i32).map(|i| i * 37 % 4096).collect();
+            let run = |dev: &Device| {
+                let mut qt = Tensor::from_f32(&q, &[b, t, h, d], dtype, dev).unwrap();
+                let mut kt = Tensor::from_f32(&k, &[b, t, kh, d], dtype, dev).unwrap();
+                let pos = Tensor::from_slice(&positions, &[b, t], dev).unwrap();
+                rope::forward(
+                    &mut qt,
+                    &mut kt,
+                    &pos,
+                    &RopeConfig {
+                        theta: 10000.0,
+                        style,
+                    },
+                )
+                .unwrap();
+                (qt.to_f32_vec().unwrap(), kt.to_f32_vec().unwrap())
+            };
+            let (gq, gk) = run(&gpu);
+            let (cq, ck) = run(&Device::Cpu);
+            assert_close("q", &gq, &cq, atol.max(2e-4), rtol);
+            assert_close("k", &gk, &ck, atol.max(2e-4), rtol);
+        }
+    }
+}
