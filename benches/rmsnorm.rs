@@ -1,1 +1,64 @@
-fn main() {}
+//! RMSNorm forward and backward: achieved memory bandwidth on the CPU
+//! reference path and, when there is a GPU, on Llama-sized shapes on it.
+
+mod common;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use platypus::{ops, DType, Tensor};
+
+use common::{bytes, random_f32, Target};
+
+/// Llama 2's epsilon.
+const EPS: f32 = 1e-5;
+
+/// (rows, hidden, dtype) benched on the CPU: small enough for a 2-core machine.
+const CPU_SHAPES: &[(usize, usize, DType)] = &[(512, 4096, DType::F32), (512, 4096, DType::BF16)];
+
+/// (rows, hidden, dtype) benched on a GPU: a 16k-token batch of Llama 2 7B and 70B.
+const GPU_SHAPES: &[(usize, usize, DType)] =
+    &[(16384, 4096, DType::BF16), (16384, 8192, DType::BF16)];
+
+/// Benches forward and backward (without dw, as LoRA runs it) of each shape on `target`.
+fn bench_target(c: &mut Criterion, mut target: Target, shapes: &[(usize, usize, DType)]) {
+    let name = format!("rmsnorm/{}", target.name());
+    let mut group = c.benchmark_group(&name);
+    for &(rows, hidden, dtype) in shapes {
+        let dev = target.device().clone();
+        let tensor = |seed, shape: &[usize]| {
+            let n = shape.iter().product();
+            Tensor::from_f32(&random_f32(n, seed), shape, dtype, &dev).unwrap()
+        };
+        let x = tensor(1, &[rows, hidden]);
+        let w = tensor(2, &[hidden]);
+        let dy = tensor(3, &[rows, hidden]);
+        let mut y = Tensor::zeros(&[rows, hidden], dtype, &dev).unwrap();
+        let id = format!("{dtype}/{rows}x{hidden}");
+        // Read x and w, write y.
+        let forward = bytes(dtype, 2 * rows * hidden + hidden, 0);
+        target.bench(&mut group, &format!("forward/{id}"), forward, || {
+            ops::rmsnorm::forward_into(&x, &w, &mut y, EPS).unwrap()
+        });
+        // Read x, dy and w, write dx.
+        let backward = bytes(dtype, 3 * rows * hidden + hidden, 0);
+        target.bench(&mut group, &format!("backward/{id}"), backward, || {
+            ops::rmsnorm::backward(&x, &w, &dy, EPS, false).unwrap()
+        });
+    }
+    group.finish();
+    target.report(&name);
+}
+
+/// The CPU benches, then the GPU ones if there is a GPU.
+fn benches(c: &mut Criterion) {
+    bench_target(c, Target::Cpu, CPU_SHAPES);
+    if let Some(gpu) = Target::cuda() {
+        bench_target(c, gpu, GPU_SHAPES);
+    }
+}
+
+criterion_group! {
+    name = group;
+    config = common::config();
+    targets = benches
+}
+criterion_main!(group);

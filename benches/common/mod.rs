@@ -1,0 +1,169 @@
+//! Helpers shared by the benches: deterministic data, bytes moved, the
+//! Criterion settings, and where a bench runs (the CPU path or a CUDA GPU,
+//! with achieved bandwidth printed against the GPU's peak).
+
+use std::time::{Duration, Instant};
+
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, Throughput};
+use platypus::{DType, Device};
+
+/// Criterion settings small enough for a 2-core CPU; command-line flags
+/// (`--measurement-time`, `--quick`, ...) still override them.
+pub fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+}
+
+/// `n` pseudo-random values in [-1, 1), the same for the same `seed` (a 64-bit LCG).
+pub fn random_f32(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            // The top 24 bits, exactly representable in f32.
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Memory traffic of a kernel: `elems` elements of `dtype` read or written, plus `extra` bytes.
+pub fn bytes(dtype: DType, elems: usize, extra: usize) -> u64 {
+    (elems * dtype.size() + extra) as u64
+}
+
+/// Peak memory bandwidth in GB/s of the GPUs we know, by case-insensitive
+/// substrings that must all occur in the device name.
+const PEAK_GBPS: &[(&[&str], f64)] = &[
+    (&["A100", "80GB"], 2039.0),
+    (&["A100", "40GB"], 1555.0),
+    (&["H100", "PCIe"], 2000.0),
+    // The SXM part calls itself "NVIDIA H100 80GB HBM3".
+    (&["H100", "SXM"], 3350.0),
+    (&["H100", "HBM3"], 3350.0),
+];
+
+/// Peak memory bandwidth in GB/s of the GPU called `name`, if it is in [`PEAK_GBPS`].
+fn peak_gbps(name: &str) -> Option<f64> {
+    let name = name.to_lowercase();
+    PEAK_GBPS
+        .iter()
+        .find(|(parts, _)| parts.iter().all(|p| name.contains(&p.to_lowercase())))
+        .map(|&(_, peak)| peak)
+}
+
+/// A CUDA GPU and the bandwidth achieved by each bench run on it so far.
+pub struct Gpu {
+    /// The device the tensors live on.
+    device: Device,
+    /// Its name as the driver reports it.
+    name: String,
+    /// Bench id, bytes moved per call, median seconds per call.
+    results: Vec<(String, u64, f64)>,
+}
+
+/// Where a bench runs.
+pub enum Target {
+    /// The CPU reference path.
+    Cpu,
+    /// CUDA device 0.
+    Cuda(Gpu),
+}
+
+impl Target {
+    /// CUDA device 0, or `None` after printing why the GPU benches are skipped.
+    pub fn cuda() -> Option<Target> {
+        let device = match Device::cuda(0) {
+            Ok(device) => device,
+            Err(e) => {
+                println!("GPU benches skipped: {e}");
+                return None;
+            }
+        };
+        let name = platypus::cuda::probe()
+            .ok()
+            .and_then(|(_, devices)| devices.into_iter().find(|d| d.ordinal == 0))
+            .map_or_else(|| "unknown GPU".to_string(), |d| d.name);
+        Some(Target::Cuda(Gpu {
+            device,
+            name,
+            results: Vec::new(),
+        }))
+    }
+
+    /// The device to put the bench's tensors on.
+    pub fn device(&self) -> &Device {
+        match self {
+            Target::Cpu => &Device::Cpu,
+            Target::Cuda(gpu) => &gpu.device,
+        }
+    }
+
+    /// Short name for benchmark group names.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Target::Cpu => "cpu",
+            Target::Cuda(_) => "cuda",
+        }
+    }
+
+    /// Benches `op`, which moves `bytes` of memory per call, as `id` in `group`.
+    /// On a GPU every call is followed by a synchronize inside the timed region.
+    pub fn bench<R>(
+        &mut self,
+        group: &mut BenchmarkGroup<'_, WallTime>,
+        id: &str,
+        bytes: u64,
+        mut op: impl FnMut() -> R,
+    ) {
+        group.throughput(Throughput::Bytes(bytes));
+        let gpu = match self {
+            Target::Cpu => {
+                group.bench_function(id, |b| b.iter(&mut op));
+                return;
+            }
+            Target::Cuda(gpu) => gpu,
+        };
+        let mut per_call = Vec::new();
+        group.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    std::hint::black_box(op());
+                    gpu.device.synchronize().expect("CUDA synchronize failed");
+                }
+                let elapsed = start.elapsed();
+                per_call.push(elapsed.as_secs_f64() / iters as f64);
+                elapsed
+            })
+        });
+        // Empty when a command-line filter skipped this bench.
+        if !per_call.is_empty() {
+            per_call.sort_by(f64::total_cmp);
+            let median = per_call[per_call.len() / 2];
+            gpu.results.push((id.to_string(), bytes, median));
+        }
+    }
+
+    /// Prints, for a GPU, the achieved GB/s of each bench of `group` against
+    /// the device's peak, and forgets them; does nothing for the CPU.
+    pub fn report(&mut self, group: &str) {
+        let Target::Cuda(gpu) = self else { return };
+        let peak = peak_gbps(&gpu.name);
+        for (id, bytes, secs) in gpu.results.drain(..) {
+            let gbps = bytes as f64 / secs / 1e9;
+            match peak {
+                Some(peak) => println!(
+                    "{group}/{id}: {gbps:.1} GB/s, {:.1}% of the {peak:.0} GB/s peak of {}",
+                    100.0 * gbps / peak,
+                    gpu.name
+                ),
+                None => println!("{group}/{id}: {gbps:.1} GB/s ({}: peak unknown)", gpu.name),
+            }
+        }
+    }
+}
