@@ -372,12 +372,14 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], include: &Path, out: &Pat
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-unused-function")
         .flag_if_supported("-Wno-unknown-pragmas");
+    println!("cargo::rustc-check-cfg=cfg(platypus_emu_asan)");
     if asan {
         build
             .flag("-fsanitize=address")
             .flag("-fno-omit-frame-pointer")
             .opt_level(1);
         println!("cargo:rustc-link-lib=dylib=asan");
+        println!("cargo:rustc-cfg=platypus_emu_asan");
     }
     // Emulator self-test kernels (barrier and collective misuse) are built for
     // the host only.

@@ -1,7 +1,7 @@
 // Scheduler of the host CUDA emulator (see cuda_emu.h).
 //
 // A launch runs its blocks one after another. Each thread of a block is a
-// fiber (ucontext) with its own stack; a fiber runs until it reaches a barrier
+// fiber with its own stack; a fiber runs until it reaches a barrier
 // or a warp collective, or returns. When no fiber can run, the scheduler
 // resolves what is complete: a warp collective whose named lanes have all
 // arrived with the same operation and mask, or a __syncthreads that every
@@ -11,8 +11,10 @@
 #include "cuda_emu.h"
 
 #include <sys/mman.h>
-#include <ucontext.h>
 #include <unistd.h>
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
 
 #include <cstdarg>
 #include <cstdio>
@@ -21,6 +23,7 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define PLATYPUS_EMU_ASAN 1
 #endif
@@ -39,11 +42,87 @@ constexpr size_t kStackBytes = 512 * 1024;
 constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr size_t kMaxSharedBytes = 227 * 1024;  // sm_90's opt-in limit per block
 
+// ---- execution contexts ------------------------------------------------------------------------
+//
+// On x86-64 a switch saves the callee-saved registers and the FP control
+// words on the current stack and swaps stack pointers: no system call (glibc's
+// swapcontext makes one per switch to save the signal mask, which made the
+// emulator spend most of its time in the kernel). Elsewhere: ucontext.
+
+#if defined(__x86_64__)
+struct Context {
+    void* sp = nullptr;
+};
+
+extern "C" void platypus_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .globl platypus_emu_switch
+    .type platypus_emu_switch, @function
+platypus_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size platypus_emu_switch, .-platypus_emu_switch
+    .section .note.GNU-stack,"",@progbits
+    .text
+)");
+
+/// Prepares `c` to start `entry` on the stack [base, base + bytes): a frame
+/// as platypus_emu_switch leaves it, whose `ret` enters `entry` with the
+/// stack aligned as after a call.
+void context_init(Context& c, unsigned char* base, size_t bytes, void (*entry)()) {
+    auto* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(base + bytes) & ~uintptr_t(15));
+    uint64_t* sp = top;
+    *--sp = 0;                                     // return address of entry (it never returns)
+    *--sp = reinterpret_cast<uint64_t>(entry);     // popped by ret
+    for (int i = 0; i < 6; ++i) *--sp = 0;         // rbp rbx r12 r13 r14 r15
+    uint32_t control[2];
+    asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(control[0]), "=m"(control[1]));
+    *--sp = (uint64_t(control[1] & 0xffff) << 32) | control[0];
+    c.sp = sp;
+}
+
+void context_switch(Context& from, Context& to) { platypus_emu_switch(&from.sp, to.sp); }
+#else
+struct Context {
+    ucontext_t uc{};
+};
+
+void context_init(Context& c, unsigned char* base, size_t bytes, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = base;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+
+void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
 enum class State { Runnable, AtBarrier, AtWarpOp, Done };
 
 struct Fiber {
     ThreadState pub{};
-    ucontext_t ctx{};
+    Context ctx{};
     State state = State::Runnable;
     unsigned linear = 0;
     // Where it waits, and what it brought to a warp collective.
@@ -69,7 +148,7 @@ struct Stack {
 struct Scheduler {
     std::vector<Stack> stacks;
     std::vector<Fiber> fibers;
-    ucontext_t home{};
+    Context home{};
     Fiber* running = nullptr;
     BlockState block{};
     const char* kernel = nullptr;
@@ -142,7 +221,7 @@ void switch_to_fiber(Fiber& f, const Stack& stack) {
 #else
     (void)stack;
 #endif
-    swapcontext(&sched.home, &f.ctx);
+    context_switch(sched.home, f.ctx);
 #ifdef PLATYPUS_EMU_ASAN
     __sanitizer_finish_switch_fiber(sched.home_fake_stack, nullptr, nullptr);
 #endif
@@ -159,7 +238,7 @@ void yield_to_scheduler(bool finished) {
 #else
     (void)finished;
 #endif
-    swapcontext(&f.ctx, &sched.home);
+    context_switch(f.ctx, sched.home);
 #ifdef PLATYPUS_EMU_ASAN
     __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
 #endif
@@ -348,11 +427,12 @@ void run_block() {
         f.linear = static_cast<unsigned>(i);
         f.pub.thread_idx = make_uint3(static_cast<unsigned>(i % bd.x), static_cast<unsigned>((i / bd.x) % bd.y), static_cast<unsigned>(i / (size_t(bd.x) * bd.y)));
         Stack& s = stack_for(i);
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = s.base;
-        f.ctx.uc_stack.ss_size = s.bytes;
-        f.ctx.uc_link = nullptr;
-        makecontext(&f.ctx, fiber_entry, 0);
+#ifdef PLATYPUS_EMU_ASAN
+        // Frames of fibers that ended (or were abandoned) on this stack leave
+        // poisoned redzones behind.
+        ASAN_UNPOISON_MEMORY_REGION(s.base, s.bytes);
+#endif
+        context_init(f.ctx, s.base, s.bytes, fiber_entry);
     }
     for (;;) {
         for (size_t i = 0; i < n; ++i) {

@@ -80,8 +80,10 @@ void syncthreads(const char* file, int line);
 /// Warp collective: deposits `value`, waits for every lane named in `mask`,
 /// returns this lane's result (a 64-bit pattern the caller converts back).
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line);
-/// Stops the whole launch with an error (the device-side assert / __trap).
-[[noreturn]] void trap(const char* what, const char* file, int line);
+/// Stops the whole launch with an error (the device-side assert / __trap);
+/// never returns. Not declared [[noreturn]]: AddressSanitizer's no-return
+/// hook cannot tell a fiber's stack from a thread's.
+void trap(const char* what, const char* file, int line);
 /// Lane id of the calling thread within its warp.
 unsigned lane_id();
 

@@ -47,7 +47,8 @@ PLATYPUS_EXPORT_KERNEL(emu_selftest_block_sum)
 // 2: even and odd threads wait at different __syncthreads;
 // 3: lane 0 never reaches a full-mask shuffle;
 // 4: a shuffle whose mask names lanes the block does not have (32-thread mask, 16-thread block);
-// 5: __trap() in thread 7.
+// 5: __trap() in thread 7;
+// 6: thread 0 writes one int past the end of `out` (blockDim.x ints): AddressSanitizer must catch it.
 extern "C" __global__ void emu_selftest_misuse(SelftestParams p) {
     const int t = threadIdx.x;
     if (p.mode == 1) {
@@ -65,6 +66,8 @@ extern "C" __global__ void emu_selftest_misuse(SelftestParams p) {
         p.out[t] = __shfl_xor_sync(0xffffffffu, t, 1);
     } else if (p.mode == 5) {
         if (t == 7) __trap();
+    } else if (p.mode == 6) {
+        if (t == 0) p.out[blockDim.x] = 1;
     }
 }
 PLATYPUS_EXPORT_KERNEL(emu_selftest_misuse)

@@ -189,6 +189,40 @@ mod tests {
         assert!(e.contains("thread (7,0,0): __trap()"), "{e}");
     }
 
+    /// Under AddressSanitizer (PLATYPUS_EMU_ASAN=1, see scripts/test.sh), a
+    /// kernel writing past the end of a buffer aborts the process with a
+    /// report: checked in a child process running this same test.
+    #[cfg(platypus_emu_asan)]
+    #[test]
+    fn asan_catches_an_out_of_bounds_write() {
+        const CHILD: &str = "PLATYPUS_EMU_OOB_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let mut out = vec![0i32; 32];
+            let _ = run("emu_selftest_misuse", 1, 32, 0, &mut out, 6);
+            return;
+        }
+        let me = std::env::current_exe().unwrap();
+        let child = std::process::Command::new(me)
+            .args([
+                "--exact",
+                "emu::tests::asan_catches_an_out_of_bounds_write",
+                "--test-threads",
+                "1",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&child.stderr);
+        assert!(
+            !child.status.success(),
+            "the out-of-bounds write went unnoticed"
+        );
+        assert!(
+            stderr.contains("heap-buffer-overflow") && stderr.contains("selftest.cu"),
+            "{stderr}"
+        );
+    }
+
     #[test]
     fn invalid_launch_configurations_are_rejected() {
         let mut out = vec![0i32; 8];
