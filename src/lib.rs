@@ -29,3 +29,8 @@ mod tensor;
 pub use device::{DType, Device, Element};
 pub use error::{Error, Result};
 pub use tensor::Tensor;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
