@@ -50,10 +50,7 @@ fn bench_target(c: &mut Criterion, mut target: Target, shapes: &[(usize, usize, 
 
 /// The CPU benches, then the GPU ones if there is a GPU.
 fn benches(c: &mut Criterion) {
-    bench_target(c, Target::Cpu, CPU_SHAPES);
-    if let Some(gpu) = Target::cuda() {
-        bench_target(c, gpu, GPU_SHAPES);
-    }
+    common::cpu_then_gpu(c, bench_target, CPU_SHAPES, GPU_SHAPES);
 }
 
 criterion_group! {

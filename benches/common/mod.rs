@@ -167,3 +167,16 @@ impl Target {
         }
     }
 }
+
+/// Runs `bench_target` on the CPU shapes, then on the GPU shapes if there is a GPU.
+pub fn cpu_then_gpu<S>(
+    c: &mut Criterion,
+    bench_target: fn(&mut Criterion, Target, &[S]),
+    cpu: &[S],
+    gpu: &[S],
+) {
+    bench_target(c, Target::Cpu, cpu);
+    if let Some(target) = Target::cuda() {
+        bench_target(c, target, gpu);
+    }
+}
