@@ -26,35 +26,24 @@ struct Shape {
     dtype: DType,
 }
 
-/// Shapes benched on the CPU: one 512-token sequence of Llama 2 70B's heads.
-const CPU_SHAPES: &[Shape] = &[
+/// `batch` sequences of `seq` tokens, 32 q heads over 8 kv heads (grouped
+/// query, as Llama 2 70B's 64 over 8), head_dim 128.
+const fn gqa(batch: usize, seq: usize, dtype: DType) -> Shape {
     Shape {
-        batch: 1,
-        seq: 512,
+        batch,
+        seq,
         q_heads: 32,
         k_heads: 8,
         head_dim: 128,
-        dtype: DType::F32,
-    },
-    Shape {
-        batch: 1,
-        seq: 512,
-        q_heads: 32,
-        k_heads: 8,
-        head_dim: 128,
-        dtype: DType::BF16,
-    },
-];
+        dtype,
+    }
+}
+
+/// Shapes benched on the CPU: one 512-token sequence.
+const CPU_SHAPES: &[Shape] = &[gqa(1, 512, DType::F32), gqa(1, 512, DType::BF16)];
 
 /// Shapes benched on a GPU: four 4096-token sequences.
-const GPU_SHAPES: &[Shape] = &[Shape {
-    batch: 4,
-    seq: 4096,
-    q_heads: 32,
-    k_heads: 8,
-    head_dim: 128,
-    dtype: DType::BF16,
-}];
+const GPU_SHAPES: &[Shape] = &[gqa(4, 4096, DType::BF16)];
 
 /// Benches forward and backward of each shape on `target`.
 fn bench_target(c: &mut Criterion, mut target: Target, shapes: &[Shape]) {

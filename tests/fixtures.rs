@@ -133,40 +133,20 @@ fn rope_matches_transformers_in_both_conventions() {
         for dev in devices() {
             let pos = Tensor::from_slice(&positions, &[qs[0], qs[1]], &dev).unwrap();
             let what = |n: &str| format!("{prefix}/{n} on {dev}");
+            let check = |name: &str, got: &Tensor| {
+                let want = load(&format!("{prefix}/{name}")).0;
+                assert_close(&what(name), &got.to_f32_vec().unwrap(), &want, 1e-5, 1e-5);
+            };
             let mut qt = Tensor::from_f32(&q, &qs, DType::F32, &dev).unwrap();
             let mut kt = Tensor::from_f32(&k, &ks, DType::F32, &dev).unwrap();
             rope::forward(&mut qt, &mut kt, &pos, &cfg).unwrap();
-            assert_close(
-                &what("q_out"),
-                &qt.to_f32_vec().unwrap(),
-                &load(&format!("{prefix}/q_out")).0,
-                1e-5,
-                1e-5,
-            );
-            assert_close(
-                &what("k_out"),
-                &kt.to_f32_vec().unwrap(),
-                &load(&format!("{prefix}/k_out")).0,
-                1e-5,
-                1e-5,
-            );
+            check("q_out", &qt);
+            check("k_out", &kt);
             let mut dqt = Tensor::from_f32(&dq_out, &qs, DType::F32, &dev).unwrap();
             let mut dkt = Tensor::from_f32(&dk_out, &ks, DType::F32, &dev).unwrap();
             rope::backward(&mut dqt, &mut dkt, &pos, &cfg).unwrap();
-            assert_close(
-                &what("dq"),
-                &dqt.to_f32_vec().unwrap(),
-                &load(&format!("{prefix}/dq")).0,
-                1e-5,
-                1e-5,
-            );
-            assert_close(
-                &what("dk"),
-                &dkt.to_f32_vec().unwrap(),
-                &load(&format!("{prefix}/dk")).0,
-                1e-5,
-                1e-5,
-            );
+            check("dq", &dqt);
+            check("dk", &dkt);
         }
     }
 }
