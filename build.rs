@@ -41,6 +41,7 @@ fn main() {
     }
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo::rustc-check-cfg=cfg(platypus_emu_asan)");
 
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
@@ -63,23 +64,16 @@ fn main() {
         None => {
             println!(
                 "cargo:warning=platypus: nvcc not found ($NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH): \
-                 building without GPU kernels; Device::cuda will return an error"
+                 building without GPU kernels (CPU and emulated devices only); Device::cuda will return an error"
             );
             None
         }
     };
     write_kernel_info(&out, &archs, gpu.as_ref());
 
-    let emu = match &include {
-        Some(include) => build_emulator(&kernels, &sources, include, &out),
-        None => {
-            println!(
-                "cargo:warning=platypus: CUDA headers (cuda_bf16.h) not found: building without the host emulator; \
-                 Device::emulated will return an error"
-            );
-            Vec::new()
-        }
-    };
+    // Without the CUDA headers the emulator uses its own f16/bf16 types
+    // (kernels/emu/cuda_types_fallback.h); it never needs nvcc.
+    let emu = build_emulator(&kernels, &sources, include.as_deref(), &out);
     write_emu_table(&out, &emu);
 }
 
@@ -358,21 +352,27 @@ fn write_kernel_info(out: &Path, archs: &[u32], gpu: Option<&GpuBuild>) {
 
 /// Compiles the emulator and every kernel for the host; returns the names of
 /// the kernels the emulator can launch.
-fn build_emulator(kernels: &Path, sources: &[PathBuf], include: &Path, out: &Path) -> Vec<String> {
+fn build_emulator(
+    kernels: &Path,
+    sources: &[PathBuf],
+    include: Option<&Path>,
+    out: &Path,
+) -> Vec<String> {
     let asan = env::var("PLATYPUS_EMU_ASAN").is_ok_and(|v| v == "1");
     let mut build = cc::Build::new();
+    match include {
+        Some(include) => build.include(include).include(include.join("cccl")),
+        None => build.define("PLATYPUS_EMU_NO_CUDA_HEADERS", None),
+    };
     build
         .cpp(true)
         .std("c++17")
         .include(kernels)
-        .include(include)
-        .include(include.join("cccl"))
         .file(kernels.join("emu/cuda_emu.cpp"))
         .warnings(true)
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-unused-function")
         .flag_if_supported("-Wno-unknown-pragmas");
-    println!("cargo::rustc-check-cfg=cfg(platypus_emu_asan)");
     if asan {
         build
             .flag("-fsanitize=address")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README.md, .ci/run): installs what a fresh machine lacks,
 # then runs the whole suite, then the emulated-kernel tests again under
-# AddressSanitizer.
+# AddressSanitizer, then a build with no CUDA at all (CPU and emulator only).
 #
 # Installs, only when missing:
 #   - nvcc, CCCL headers, cuobjdump and nvdisasm from PyPI into .tools/cuda
@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+path_without_cuda=$PATH
 
 cuda_pkgs=(nvidia-cuda-nvcc==13.5.37 nvidia-cuda-crt==13.5.37 nvidia-cuda-cccl==13.3.5.0.6
            nvidia-cuda-cuobjdump==13.5.37 nvidia-cuda-nvdisasm==13.5.37)
@@ -39,3 +40,8 @@ PLATYPUS_EMU_ASAN=1 CARGO_TARGET_DIR="$root/target/asan" \
     CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="env LD_PRELOAD=$libasan ASAN_OPTIONS=detect_leaks=0:abort_on_error=1" \
     PROPTEST_CASES="${PROPTEST_CASES_ASAN:-16}" \
     cargo test --lib --test emulated --test fixtures
+
+echo "== build without nvcc or CUDA headers: CPU and emulated devices only"
+env -u NVCC -u CUDA_HOME -u CUDA_PATH -u PLATYPUS_REQUIRE_CUDA PATH="$path_without_cuda" \
+    CARGO_TARGET_DIR="$root/target/nocuda" \
+    cargo test --lib --test emulated --test fixtures --test errors --test ptxas

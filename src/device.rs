@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::cuda::CudaBackend;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Where tensors live and ops run.
 ///
@@ -33,17 +33,6 @@ impl Device {
     /// (its context and device are used as they are).
     pub fn from_cuda_stream(stream: Arc<cudarc::driver::CudaStream>) -> Result<Device> {
         Ok(Device::Cuda(Arc::new(CudaBackend::from_stream(stream)?)))
-    }
-
-    /// The host emulator; errors if the crate was built without it.
-    pub fn emulated() -> Result<Device> {
-        if crate::emu::available() {
-            Ok(Device::Emulated)
-        } else {
-            Err(Error::EmulatorUnavailable(
-                "built without the CUDA headers (cuda_bf16.h); set NVCC or CUDA_HOME, or run scripts/test.sh".into(),
-            ))
-        }
     }
 
     /// Waits until all work queued on this device has finished.

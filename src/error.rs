@@ -46,9 +46,6 @@ pub enum Error {
     /// No CUDA device can be used; says why and how to get one.
     #[error("CUDA is not available: {0}")]
     CudaUnavailable(String),
-    /// The crate was built without the host emulator.
-    #[error("the host CUDA emulator is not available: {0}")]
-    EmulatorUnavailable(String),
     /// A kernel launch failed (on the emulator: a barrier or collective misuse,
     /// a trap, an invalid launch configuration).
     #[error("kernel `{kernel}` failed: {message}")]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, emulated, round_to, tolerance, Rng, FLOAT_DTYPES};
+use common::{assert_close, round_to, tolerance, Rng, FLOAT_DTYPES};
 use platypus::ops::rmsnorm;
 use platypus::ops::rope::{self, RopeConfig, RopeStyle};
 use platypus::{DType, Device, Tensor};
@@ -74,7 +74,7 @@ proptest! {
             y.to_f32_vec().unwrap()
         };
         let (atol, rtol) = tolerance(dtype);
-        assert_close("y", &run(&emulated()), &run(&Device::Cpu), atol, rtol);
+        assert_close("y", &run(&Device::Emulated), &run(&Device::Cpu), atol, rtol);
     }
 
     #[test]
@@ -85,7 +85,7 @@ proptest! {
             let g = rmsnorm::backward(&x, &w, &dy, 1e-5, want_dw).unwrap();
             (g.dx.to_f32_vec().unwrap(), g.dw.map(|dw| dw.to_f32_vec().unwrap()))
         };
-        let (emu_dx, emu_dw) = run(&emulated());
+        let (emu_dx, emu_dw) = run(&Device::Emulated);
         let (cpu_dx, cpu_dw) = run(&Device::Cpu);
         let (atol, rtol) = tolerance(dtype);
         assert_close("dx", &emu_dx, &cpu_dx, atol, rtol);
@@ -100,7 +100,7 @@ proptest! {
     fn rmsnorm_backward_dw_is_deterministic_over_many_rows(rows in 500usize..=1100, hidden in prop_oneof![Just(8usize), Just(37)], seed in any::<u64>()) {
         // More rows than the 512 partial sums: blocks walk several rows each.
         let inputs = rmsnorm_inputs(rows, hidden, DType::F32, seed);
-        let dev = emulated();
+        let dev = Device::Emulated;
         let run = || {
             let [x, w, dy] = [0, 1, 2].map(|i| on(&dev, &inputs[i], DType::F32));
             rmsnorm::backward(&x, &w, &dy, 1e-5, true).unwrap().dw.unwrap().to_vec::<f32>().unwrap()
@@ -144,7 +144,7 @@ proptest! {
             }
             (qt.to_f32_vec().unwrap(), kt.to_f32_vec().unwrap())
         };
-        let (eq, ek) = run(&emulated());
+        let (eq, ek) = run(&Device::Emulated);
         let (cq, ck) = run(&Device::Cpu);
         // Angles up to ~4000 rad: fp32 sincos and the product keep ~1e-6 relative.
         let (atol, rtol) = tolerance(dtype);
@@ -155,7 +155,7 @@ proptest! {
 
 #[test]
 fn rope_backward_undoes_forward_on_the_emulator() {
-    let dev = emulated();
+    let dev = Device::Emulated;
     let mut rng = Rng::new(7);
     let (b, t, h, kh, d) = (2, 5, 4, 2, 64);
     let q0 = rng.normal_vec(b * t * h * d, 1.0);

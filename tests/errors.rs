@@ -3,7 +3,6 @@
 
 mod common;
 
-use common::emulated;
 use platypus::ops::rmsnorm;
 use platypus::ops::rope::{self, RopeConfig};
 use platypus::{DType, Device, Error, Tensor};
@@ -31,7 +30,7 @@ fn expect_err<T: std::fmt::Debug>(r: platypus::Result<T>, arg: &str, text: &str)
 
 #[test]
 fn rmsnorm_rejects_bad_input() {
-    for dev in [Device::Cpu, emulated()] {
+    for dev in [Device::Cpu, Device::Emulated] {
         let x = ones(&[3, 8], DType::F32, &dev);
         let w = ones(&[8], DType::F32, &dev);
         let e = expect_err(
@@ -80,7 +79,7 @@ fn rmsnorm_rejects_bad_input() {
             "not a finite value",
         );
         let other = if matches!(dev, Device::Cpu) {
-            emulated()
+            Device::Emulated
         } else {
             Device::Cpu
         };
@@ -114,7 +113,7 @@ fn rmsnorm_rejects_bad_input() {
 
 #[test]
 fn rmsnorm_backward_rejects_hidden_sizes_whose_dw_does_not_fit_shared_memory() {
-    let dev = emulated();
+    let dev = Device::Emulated;
     let hidden = 60_000;
     let x = zeros(&[1, hidden], DType::BF16, &dev);
     let w = zeros(&[hidden], DType::BF16, &dev);
@@ -132,7 +131,7 @@ fn rmsnorm_backward_rejects_hidden_sizes_whose_dw_does_not_fit_shared_memory() {
 
 #[test]
 fn rope_rejects_bad_input() {
-    for dev in [Device::Cpu, emulated()] {
+    for dev in [Device::Cpu, Device::Emulated] {
         let cfg = RopeConfig::default();
         let pos = Tensor::from_slice(&[0i32, 1, 2], &[1, 3], &dev).unwrap();
         let mut q = ones(&[1, 3, 4, 8], DType::F32, &dev);

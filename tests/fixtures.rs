@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, emulated};
+use common::assert_close;
 use platypus::ops::rmsnorm;
 use platypus::ops::rope::{self, RopeConfig, RopeStyle};
 use platypus::{DType, Device, Tensor};
@@ -51,7 +51,7 @@ impl Fixture {
 }
 
 fn devices() -> [Device; 2] {
-    [Device::Cpu, emulated()]
+    [Device::Cpu, Device::Emulated]
 }
 
 #[test]

@@ -12,17 +12,22 @@
 // (PLATYPUS_DYNAMIC_SMEM) shared memory per block, __syncthreads, __syncwarp,
 // warp shuffles, votes and integer reductions, atomics, the fast-math
 // intrinsics, and the f16/bf16 types (the real cuda_fp16.h / cuda_bf16.h,
-// which compile as host C++). Not emulated: memory-model races between blocks
+// which compile as host C++; cuda_types_fallback.h where the CUDA headers
+// are missing). Not emulated: memory-model races between blocks
 // (blocks run one after another), texture/surface memory, clusters.
 #pragma once
 #ifdef __CUDACC__
 #error "cuda_emu.h is the host emulation of CUDA; nvcc must not include it"
 #endif
 
+#ifdef PLATYPUS_EMU_NO_CUDA_HEADERS
+#include "cuda_types_fallback.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <vector_types.h>
 #include <vector_functions.h>
+#include <vector_types.h>
+#endif
 
 #include "../params.h"
 

@@ -4,8 +4,9 @@
 #include "../common.cuh"
 
 struct SelftestParams {
-    int* out;   // one slot per thread of the grid (see each kernel)
-    int mode;   // what the kernel does, per kernel
+    int* out;         // one slot per thread of the grid (see each kernel)
+    int mode;         // what the kernel does, per kernel
+    const float* in;  // inputs, where a kernel takes any
 };
 
 __device__ __forceinline__ int global_tid() { return blockIdx.x * blockDim.x + threadIdx.x; }
@@ -71,3 +72,18 @@ extern "C" __global__ void emu_selftest_misuse(SelftestParams p) {
     }
 }
 PLATYPUS_EXPORT_KERNEL(emu_selftest_misuse)
+
+// The f16/bf16 conversions the kernels use (the CUDA headers' or the
+// emulator's fallback), one value per thread i < mode:
+// out[4i] = f16 bits of in[i], out[4i+1] = bf16 bits of in[i],
+// out[4i+2] = f32 bits of the f16 with bits i % 65536, out[4i+3] = same for bf16.
+extern "C" __global__ void emu_selftest_conversions(SelftestParams p) {
+    const int i = global_tid();
+    if (i >= p.mode) return;
+    const unsigned short pattern = static_cast<unsigned short>(i & 0xffff);
+    p.out[4 * i] = __half_as_ushort(__float2half_rn(p.in[i]));
+    p.out[4 * i + 1] = __bfloat16_as_ushort(__float2bfloat16_rn(p.in[i]));
+    p.out[4 * i + 2] = __float_as_int(__half2float(__ushort_as_half(pattern)));
+    p.out[4 * i + 3] = __float_as_int(__bfloat162float(__ushort_as_bfloat16(pattern)));
+}
+PLATYPUS_EXPORT_KERNEL(emu_selftest_conversions)

@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
+use once_cell::sync::Lazy;
+
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
 
 use crate::error::{Error, Result};
@@ -37,13 +39,18 @@ fn check_available() -> Result<()> {
     Ok(())
 }
 
-/// A CUDA device as platypus uses it: a context, the stream ops run on, and
-/// the kernel modules loaded into that context so far.
+/// Kernels loaded so far, per context: (CUcontext address, kernel name) ->
+/// function. A function holds its module and the module its context, so a
+/// cached context stays alive (and its address unique) for the process.
+static LOADED: Lazy<Mutex<HashMap<(usize, &'static str), CudaFunction>>> =
+    Lazy::new(Mutex::default);
+
+/// A CUDA device as platypus uses it: a context and the stream ops run on.
+/// Kernel modules are loaded into the context on first use and shared by
+/// every `CudaBackend` of that context.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    functions: Mutex<HashMap<&'static str, CudaFunction>>,
-    modules: Mutex<HashMap<usize, Arc<CudaModule>>>,
 }
 
 impl CudaBackend {
@@ -60,12 +67,7 @@ impl CudaBackend {
     }
 
     fn with(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> CudaBackend {
-        CudaBackend {
-            ctx,
-            stream,
-            functions: Mutex::default(),
-            modules: Mutex::default(),
-        }
+        CudaBackend { ctx, stream }
     }
 
     /// The device ordinal.
@@ -107,10 +109,6 @@ impl CudaBackend {
     }
 
     fn function(&self, kernel: &str) -> Result<CudaFunction> {
-        let mut functions = self.functions.lock().unwrap();
-        if let Some(f) = functions.get(kernel) {
-            return Ok(f.clone());
-        }
         let (index, name) = MODULES
             .iter()
             .enumerate()
@@ -119,23 +117,20 @@ impl CudaBackend {
                 kernel: kernel.into(),
                 message: "no such kernel in the embedded fatbins".into(),
             })?;
-        let module = {
-            let mut modules = self.modules.lock().unwrap();
-            match modules.get(&index) {
-                Some(m) => m.clone(),
-                None => {
-                    let image = MODULES[index].1.to_vec();
-                    let m = self
-                        .ctx
-                        .load_module(cudarc::nvrtc::Ptx::from_binary(image))?;
-                    modules.insert(index, m.clone());
-                    m
-                }
-            }
-        };
-        let f = module.load_function(name)?;
-        functions.insert(name, f.clone());
-        Ok(f)
+        let ctx_key = self.ctx.cu_ctx() as usize;
+        let mut loaded = LOADED.lock().unwrap();
+        if let Some(f) = loaded.get(&(ctx_key, name)) {
+            return Ok(f.clone());
+        }
+        // Load the kernel's whole module and cache all of its functions.
+        let image = MODULES[index].1.to_vec();
+        let module: Arc<CudaModule> = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(image))?;
+        for n in MODULES[index].2 {
+            loaded.insert((ctx_key, n), module.load_function(n)?);
+        }
+        Ok(loaded[&(ctx_key, name)].clone())
     }
 
     /// Launches `kernel` with the cuLaunchKernel argument array `args`.

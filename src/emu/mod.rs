@@ -13,11 +13,6 @@ pub(crate) type EmuEntry =
 
 include!(concat!(env!("OUT_DIR"), "/emu_kernels.rs"));
 
-/// True if this build has the emulator.
-pub(crate) fn available() -> bool {
-    !EMU_KERNELS.is_empty()
-}
-
 /// Names of the kernels the emulator can launch (GPU kernels plus its own self-tests).
 pub fn kernel_names() -> impl Iterator<Item = &'static str> {
     EMU_KERNELS.iter().map(|(n, _)| *n)
@@ -70,19 +65,21 @@ mod tests {
     struct SelftestParams {
         out: *mut i32,
         mode: i32,
+        input: *const f32,
     }
 
+    /// Launches a self-test kernel with `blocks` x `threads` and `shared` dynamic bytes.
     fn run(
         kernel: &str,
-        blocks: u32,
-        threads: u32,
-        shared: u32,
+        (blocks, threads, shared): (u32, u32, u32),
         out: &mut [i32],
         mode: i32,
+        input: &[f32],
     ) -> Result<()> {
         let mut p = SelftestParams {
             out: out.as_mut_ptr(),
             mode,
+            input: input.as_ptr(),
         };
         let mut args = [&mut p as *mut SelftestParams as *mut c_void];
         launch(
@@ -94,7 +91,7 @@ mod tests {
 
     fn misuse(mode: i32, threads: u32) -> String {
         let mut out = vec![0i32; 64];
-        match run("emu_selftest_misuse", 1, threads, 0, &mut out, mode) {
+        match run("emu_selftest_misuse", (1, threads, 0), &mut out, mode, &[]) {
             Ok(()) => panic!("mode {mode}: the emulator accepted a misuse"),
             Err(e) => e.to_string(),
         }
@@ -105,7 +102,14 @@ mod tests {
         let (blocks, threads) = (2u32, 64u32);
         let n = (blocks * threads) as usize;
         let mut out = vec![0i32; 8 * n];
-        run("emu_selftest_collectives", blocks, threads, 0, &mut out, 0).unwrap();
+        run(
+            "emu_selftest_collectives",
+            (blocks, threads, 0),
+            &mut out,
+            0,
+            &[],
+        )
+        .unwrap();
         for t in 0..n {
             let lane = t % 32;
             let warp_base = (t - lane) as i32;
@@ -130,17 +134,94 @@ mod tests {
         }
     }
 
+    /// f32 -> f16/bf16 (round to nearest even) and back, as the kernels see
+    /// them, agree with the `half` crate bit for bit: every 16-bit pattern,
+    /// and floats around every rounding edge (ties, subnormals, overflow, NaN).
+    #[test]
+    fn half_conversions_match_the_half_crate() {
+        use half::{bf16, f16};
+        let mut input: Vec<f32> = (0..=u16::MAX).map(|b| f16::from_bits(b).to_f32()).collect();
+        // Halfway points and their neighbours between consecutive f16 and bf16 values.
+        for b in 0..=u16::MAX {
+            for edge in [
+                f16::from_bits(b).to_f32().to_bits() + (1 << 12),
+                bf16::from_bits(b).to_f32().to_bits() + (1 << 15),
+            ] {
+                input.extend([edge - 1, edge, edge + 1].map(f32::from_bits));
+            }
+        }
+        input.extend([
+            65504.0,
+            65519.99,
+            65520.0,
+            1e-8,
+            2.9802322e-8,
+            5.9604645e-8,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NAN,
+        ]);
+        let n = input.len();
+        let mut out = vec![0i32; 4 * n];
+        let blocks = n.div_ceil(256) as u32;
+        run(
+            "emu_selftest_conversions",
+            (blocks, 256, 0),
+            &mut out,
+            n as i32,
+            &input,
+        )
+        .unwrap();
+        for (i, &x) in input.iter().enumerate() {
+            let o = &out[4 * i..4 * i + 4];
+            let (h, b) = (f16::from_f32(x), bf16::from_f32(x));
+            if x.is_nan() {
+                assert!(
+                    f16::from_bits(o[0] as u16).is_nan() && bf16::from_bits(o[1] as u16).is_nan(),
+                    "NaN {x}"
+                );
+            } else {
+                assert_eq!(
+                    o[0] as u16,
+                    h.to_bits(),
+                    "f16 of {x:e} ({:#x})",
+                    x.to_bits()
+                );
+                assert_eq!(
+                    o[1] as u16,
+                    b.to_bits(),
+                    "bf16 of {x:e} ({:#x})",
+                    x.to_bits()
+                );
+            }
+            let pattern = (i & 0xffff) as u16;
+            let (hf, bf) = (
+                f16::from_bits(pattern).to_f32(),
+                bf16::from_bits(pattern).to_f32(),
+            );
+            assert!(
+                o[2] as u32 == hf.to_bits()
+                    || (hf.is_nan() && f32::from_bits(o[2] as u32).is_nan()),
+                "f16 {pattern:#x}"
+            );
+            assert!(
+                o[3] as u32 == bf.to_bits()
+                    || (bf.is_nan() && f32::from_bits(o[3] as u32).is_nan()),
+                "bf16 {pattern:#x}"
+            );
+        }
+    }
+
     #[test]
     fn barriers_and_dynamic_shared_memory_work_per_block() {
         let (blocks, threads) = (3u32, 128u32);
         let mut out = vec![0i32; blocks as usize];
         run(
             "emu_selftest_block_sum",
-            blocks,
-            threads,
-            threads * 4,
+            (blocks, threads, threads * 4),
             &mut out,
             0,
+            &[],
         )
         .unwrap();
         assert_eq!(out, vec![(0..128).sum::<i32>(); 3]);
@@ -198,7 +279,7 @@ mod tests {
         const CHILD: &str = "PLATYPUS_EMU_OOB_CHILD";
         if std::env::var_os(CHILD).is_some() {
             let mut out = vec![0i32; 32];
-            let _ = run("emu_selftest_misuse", 1, 32, 0, &mut out, 6);
+            let _ = run("emu_selftest_misuse", (1, 32, 0), &mut out, 6, &[]);
             return;
         }
         let me = std::env::current_exe().unwrap();
@@ -226,15 +307,15 @@ mod tests {
     #[test]
     fn invalid_launch_configurations_are_rejected() {
         let mut out = vec![0i32; 8];
-        let e = run("emu_selftest_block_sum", 1, 2048, 0, &mut out, 0)
+        let e = run("emu_selftest_block_sum", (1, 2048, 0), &mut out, 0, &[])
             .unwrap_err()
             .to_string();
         assert!(e.contains("invalid block (2048,1,1)"), "{e}");
-        let e = run("emu_selftest_block_sum", 0, 32, 0, &mut out, 0)
+        let e = run("emu_selftest_block_sum", (0, 32, 0), &mut out, 0, &[])
             .unwrap_err()
             .to_string();
         assert!(e.contains("invalid grid (0,1,1)"), "{e}");
-        let e = run("no_such_kernel", 1, 32, 0, &mut out, 0)
+        let e = run("no_such_kernel", (1, 32, 0), &mut out, 0, &[])
             .unwrap_err()
             .to_string();
         assert!(e.contains("not built into the host emulator"), "{e}");

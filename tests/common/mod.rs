@@ -66,8 +66,3 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
         );
     }
 }
-
-/// The emulated device; the test suite requires the emulator.
-pub fn emulated() -> Device {
-    Device::emulated().expect("the emulator must be built for the tests (run scripts/test.sh)")
-}
