@@ -58,6 +58,13 @@ typedef struct RopeParams {
     int32_t vectorized;      ///< 1 if rows of q and k are 16-byte aligned and head_dim allows 128-bit accesses
 } RopeParams;
 
+/// Arguments of the emulator's self-test kernels (kernels/emu/selftest.cu).
+typedef struct EmuSelftestParams {
+    int32_t* out;        ///< results, laid out per kernel
+    int32_t mode;        ///< what the kernel does (or a count), per kernel
+    const float* input;  ///< inputs, where a kernel takes any
+} EmuSelftestParams;
+
 /// Launch configuration handed to the host emulator, as cuLaunchKernel takes it.
 typedef struct PlatypusEmuLaunch {
     uint32_t grid[3];

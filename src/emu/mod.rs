@@ -59,14 +59,7 @@ pub(crate) fn launch(kernel: &str, cfg: &LaunchConfig, args: &mut [*mut c_void])
 mod tests {
     //! The emulator's own tests, on the kernels of kernels/emu/selftest.cu.
     use super::*;
-
-    /// Mirrors `SelftestParams` in kernels/emu/selftest.cu.
-    #[repr(C)]
-    struct SelftestParams {
-        out: *mut i32,
-        mode: i32,
-        input: *const f32,
-    }
+    use crate::kernels::params::EmuSelftestParams;
 
     /// Launches a self-test kernel with `blocks` x `threads` and `shared` dynamic bytes.
     fn run(
@@ -76,12 +69,12 @@ mod tests {
         mode: i32,
         input: &[f32],
     ) -> Result<()> {
-        let mut p = SelftestParams {
+        let mut p = EmuSelftestParams {
             out: out.as_mut_ptr(),
             mode,
             input: input.as_ptr(),
         };
-        let mut args = [&mut p as *mut SelftestParams as *mut c_void];
+        let mut args = [&mut p as *mut EmuSelftestParams as *mut c_void];
         launch(
             kernel,
             &LaunchConfig::linear(blocks, threads, shared),
