@@ -4,7 +4,8 @@
 // fiber with its own stack; a fiber runs until it reaches a barrier
 // or a warp collective, or returns. When no fiber can run, the scheduler
 // resolves what is complete: a warp collective whose named lanes have all
-// arrived with the same operation and mask, or a __syncthreads that every
+// arrived with the same operation and mask, a warp exchange (mma, ldmatrix)
+// all 32 lanes of the warp reached at one call site, or a __syncthreads that every
 // thread of the block reached at the same call site. If nothing is complete,
 // the block is deadlocked and the launch fails with a message naming the
 // kernel, block, thread and call site.
@@ -19,6 +20,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -41,6 +43,7 @@ namespace {
 constexpr size_t kStackBytes = 512 * 1024;
 constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr size_t kMaxSharedBytes = 227 * 1024;  // sm_90's opt-in limit per block
+constexpr size_t kSharedAlign = 128;            // alignment of the dynamic shared memory
 
 // ---- execution contexts ------------------------------------------------------------------------
 //
@@ -120,6 +123,15 @@ void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc);
 
 enum class State { Runnable, AtBarrier, AtWarpOp, Done };
 
+/// One cp.async in flight: its 16 bytes, read at issue, land at `dst` when
+/// its group retires.
+struct AsyncCopy {
+    static constexpr uint64_t kUncommitted = ~uint64_t(0);
+    unsigned char* dst;
+    uint64_t group;  // index of the commit that closed it, or kUncommitted
+    unsigned char bytes[16];
+};
+
 struct Fiber {
     ThreadState pub{};
     Context ctx{};
@@ -134,6 +146,15 @@ struct Fiber {
     int arg = 0;
     int width = 32;
     uint64_t result = 0;
+    // A warp exchange: the instruction's name, the function computing the
+    // warp's results, and this lane's data (on the fiber's stack).
+    const char* exchange_name = nullptr;
+    WarpExchangeFn exchange_fn = nullptr;
+    void* exchange_data = nullptr;
+    // This thread's cp.async in flight (issue order), and how many groups it
+    // has committed: group i is the i-th commit.
+    std::vector<AsyncCopy> async_copies;
+    uint64_t async_groups = 0;
 #ifdef PLATYPUS_EMU_ASAN
     void* fake_stack = nullptr;
 #endif
@@ -202,12 +223,14 @@ const char* op_name(WarpOp op) {
         case WarpOp::ReduceAdd: return "__reduce_add_sync";
         case WarpOp::ReduceMin: return "__reduce_min_sync";
         case WarpOp::ReduceMax: return "__reduce_max_sync";
+        case WarpOp::Exchange: return "warp exchange";
     }
     return "?";
 }
 
 std::string wait_site(const Fiber& f) {
     if (f.state == State::AtBarrier) return format("__syncthreads at %s:%d", basename_of(f.file).c_str(), f.line);
+    if (f.op == WarpOp::Exchange) return format("%s at %s:%d", f.exchange_name, basename_of(f.file).c_str(), f.line);
     return format("%s(mask 0x%08x) at %s:%d", op_name(f.op), f.mask, basename_of(f.file).c_str(), f.line);
 }
 
@@ -244,11 +267,29 @@ void yield_to_scheduler(bool finished) {
 #endif
 }
 
+/// Lands the cp.async of `f` that `retire` selects, in issue order, and drops them.
+template <typename Pred>
+void land_async_copies(Fiber& f, Pred retire) {
+    size_t kept = 0;
+    for (size_t i = 0; i < f.async_copies.size(); ++i) {
+        AsyncCopy& c = f.async_copies[i];
+        if (retire(c)) {
+            std::memcpy(c.dst, c.bytes, sizeof c.bytes);
+        } else {
+            f.async_copies[kept++] = c;
+        }
+    }
+    f.async_copies.resize(kept);
+}
+
 void fiber_entry() {
 #ifdef PLATYPUS_EMU_ASAN
     __sanitizer_finish_switch_fiber(nullptr, &sched.home_stack_bottom, &sched.home_stack_size);
 #endif
     sched.body(sched.body_ctx);
+    // A thread that exits with cp.async in flight (committed or not): they
+    // complete, as on the GPU, so their data lands now.
+    land_async_copies(*sched.running, [](const AsyncCopy&) { return true; });
     sched.running->state = State::Done;
     yield_to_scheduler(true);
     std::abort();  // a finished fiber is never resumed
@@ -366,15 +407,50 @@ bool try_resolve(size_t base, unsigned lane) {
     return true;
 }
 
+/// Tries to complete the warp exchange lane `lane` of the warp starting at
+/// `base` waits at (warp_exchange checked that the warp is full): every lane
+/// must wait at the same call site with the same resolver. Returns true if
+/// it ran the resolver and released the lanes. A lane that exited is an
+/// error at once; a lane waiting elsewhere is written to `mismatch`, an error
+/// only if nothing else can make progress (that lane may be at a collective
+/// that completes first, then come here).
+bool try_resolve_exchange(size_t base, unsigned lane, std::string& mismatch) {
+    const Fiber& f = sched.fibers[base + lane];
+    void* lanes[32];
+    for (unsigned l = 0; l < 32; ++l) {
+        const Fiber& o = sched.fibers[base + l];
+        if (o.state == State::Done) {
+            sched.error = format("%s: %s waits for lane %u, which exited without reaching it", where(f).c_str(), wait_site(f).c_str(), l);
+            return false;
+        }
+        if (o.state != State::AtWarpOp) return false;  // may still come (or deadlock, reported later)
+        if (o.op != WarpOp::Exchange || o.exchange_fn != f.exchange_fn || o.line != f.line || std::strcmp(o.file, f.file) != 0) {
+            if (mismatch.empty())
+                mismatch = format("%s: %s, but lane %u of its warp is at %s (every lane of the warp must execute the same .sync.aligned instruction)",
+                                  where(f).c_str(), wait_site(f).c_str(), l, wait_site(o).c_str());
+            return false;
+        }
+        lanes[l] = o.exchange_data;
+    }
+    f.exchange_fn(lanes);
+    for (unsigned l = 0; l < 32; ++l) sched.fibers[base + l].state = State::Runnable;
+    return true;
+}
+
 bool resolve_warp_collectives() {
     bool released = false;
+    std::string mismatch;
     for (size_t base = 0; base < sched.fibers.size() && sched.error.empty(); base += 32) {
         for (unsigned lane = 0; lane < 32 && lane_exists(base, lane); ++lane) {
-            if (sched.fibers[base + lane].state != State::AtWarpOp) continue;
-            released |= try_resolve(base, lane);
+            const Fiber& f = sched.fibers[base + lane];
+            if (f.state != State::AtWarpOp) continue;
+            released |= f.op == WarpOp::Exchange ? try_resolve_exchange(base, lane, mismatch) : try_resolve(base, lane);
             if (!sched.error.empty()) break;
         }
     }
+    // Lanes of an exchange at different call sites: nothing released means no
+    // lane can move on, so they never meet.
+    if (!released && sched.error.empty() && !mismatch.empty()) sched.error = mismatch;
     return released;
 }
 
@@ -483,6 +559,51 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int 
     return f.result;
 }
 
+void warp_exchange(const char* what, WarpExchangeFn fn, void* lane_data, const char* file, int line) {
+    Fiber& f = *sched.running;
+    const size_t base = f.linear - f.linear % 32;
+    if (base + 32 > sched.fibers.size())
+        trap(format("%s needs all 32 lanes of a warp, but this warp has %zu threads (block of %zu threads, not a multiple of 32)", what,
+                    sched.fibers.size() - base, sched.fibers.size())
+                 .c_str(),
+             file, line);
+    f.file = file;
+    f.line = line;
+    f.op = WarpOp::Exchange;
+    f.mask = 0xffffffffu;
+    f.exchange_name = what;
+    f.exchange_fn = fn;
+    f.exchange_data = lane_data;
+    f.state = State::AtWarpOp;
+    yield_to_scheduler(false);
+}
+
+void cp_async_issue(void* smem, const void* gmem, bool valid, const char* file, int line) {
+    Fiber& f = *sched.running;
+    if (reinterpret_cast<uintptr_t>(smem) % 16 != 0)
+        trap(format("cp_async_16: shared address %p is not 16-byte aligned", smem).c_str(), file, line);
+    if (reinterpret_cast<uintptr_t>(gmem) % 16 != 0)
+        trap(format("cp_async_16: global address %p is not 16-byte aligned", gmem).c_str(), file, line);
+    AsyncCopy c{static_cast<unsigned char*>(smem), AsyncCopy::kUncommitted, {}};
+    if (valid) std::memcpy(c.bytes, gmem, sizeof c.bytes);  // else 16 zero bytes, and gmem is not read
+    std::memset(smem, 0xff, sizeof c.bytes);                 // not arrived yet: NaN for every float type
+    f.async_copies.push_back(c);
+}
+
+void cp_async_commit_group() {
+    Fiber& f = *sched.running;
+    for (AsyncCopy& c : f.async_copies)
+        if (c.group == AsyncCopy::kUncommitted) c.group = f.async_groups;
+    ++f.async_groups;  // an empty group counts too, as in PTX
+}
+
+void cp_async_wait_group(int newest_pending) {
+    Fiber& f = *sched.running;
+    const uint64_t n = newest_pending < 0 ? 0 : static_cast<uint64_t>(newest_pending);
+    // Groups 0 .. async_groups - n - 1 retire; uncommitted copies stay in flight.
+    land_async_copies(f, [&](const AsyncCopy& c) { return c.group != AsyncCopy::kUncommitted && c.group + n < f.async_groups; });
+}
+
 void trap(const char* what, const char* file, int line) {
     Fiber& f = *sched.running;
     sched.error = format("%s: %s at %s:%d", where(f).c_str(), what, basename_of(file).c_str(), line);
@@ -508,20 +629,31 @@ int run_grid(const char* kernel, const PlatypusEmuLaunch* cfg, BlockBody body, v
                            static_cast<unsigned long long>(cfg->shared_bytes), kMaxSharedBytes));
     if (sched.running) return fail(format("kernel `%s`: launched from inside a kernel (dynamic parallelism is not emulated)", kernel));
 
-    // Exactly the requested bytes, so AddressSanitizer sees overruns.
-    std::vector<unsigned char> smem(cfg->shared_bytes ? cfg->shared_bytes : 1);
+    // Exactly the requested bytes, so AddressSanitizer sees overruns, aligned
+    // like the GPU's (`extern __shared__ __align__(16)`; cp.async and
+    // ldmatrix need 16-byte aligned addresses): 128 bytes, not just the 16
+    // operator new happens to give.
+    const size_t smem_bytes = cfg->shared_bytes ? cfg->shared_bytes : 1;
+    struct SharedMemory {
+        unsigned char* p;
+        explicit SharedMemory(size_t n) : p(static_cast<unsigned char*>(::operator new(n, std::align_val_t(kSharedAlign)))) {}
+        ~SharedMemory() { ::operator delete(p, std::align_val_t(kSharedAlign)); }
+        SharedMemory(const SharedMemory&) = delete;
+        SharedMemory& operator=(const SharedMemory&) = delete;
+        unsigned char* get() const { return p; }
+    } smem(smem_bytes);
     sched.kernel = kernel;
     sched.body = body;
     sched.body_ctx = ctx;
     sched.error.clear();
     sched.block.grid_dim = dim3(g[0], g[1], g[2]);
     sched.block.block_dim = dim3(b[0], b[1], b[2]);
-    sched.block.dynamic_smem = smem.data();
+    sched.block.dynamic_smem = smem.get();
     current_block = &sched.block;
     for (unsigned z = 0; z < g[2]; ++z) {
         for (unsigned y = 0; y < g[1]; ++y) {
             for (unsigned x = 0; x < g[0]; ++x) {
-                std::memset(smem.data(), 0xff, smem.size());
+                std::memset(smem.get(), 0xff, smem_bytes);
                 sched.block.block_idx = make_uint3(x, y, z);
                 run_block();
                 if (!sched.error.empty()) {

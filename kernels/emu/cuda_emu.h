@@ -13,7 +13,23 @@
 // warp shuffles, votes and integer reductions, atomics, the fast-math
 // intrinsics, and the f16/bf16 types (the real cuda_fp16.h / cuda_bf16.h,
 // which compile as host C++; cuda_types_fallback.h where the CUDA headers
-// are missing). Not emulated: memory-model races between blocks
+// are missing). Also the sm_80 matrix primitives of tensor_core.cuh (their
+// host side is emu/tensor_core_emu.h):
+//   - mma.sync m16n8k16 (bf16, f16; fp32 accumulate) and ldmatrix .x1/.x2/.x4
+//     (.trans) are warp-collective: one warp_exchange each, resolved once all
+//     32 lanes of the warp wait at the same call site; a lane that exits, a
+//     lane at another call site and a partial warp are reported like a
+//     broken collective. mma computes every output as c + sum_k a*b in fp32,
+//     k = 0..15 in order (the GPU's summation order is unspecified: compare
+//     with a tolerance);
+//   - cp.async (16 bytes, per thread) models the asynchrony: at issue the
+//     source is read (not at all when the copy zero-fills) and the 16
+//     destination bytes are set to 0xFF (NaN in every float type); the data
+//     lands only when cp_async_wait<N> retires the copy's group (every group
+//     but the newest N committed ones; copies not yet committed belong to no
+//     group and stay in flight). Copies still in flight when a thread exits
+//     land at its exit. Misaligned (not 16-byte) addresses trap.
+// Not emulated: memory-model races between blocks
 // (blocks run one after another), texture/surface memory, clusters.
 #pragma once
 #ifdef __CUDACC__
@@ -57,13 +73,16 @@
 // thread, and concurrent launches run on different OS threads.
 #define __shared__ static thread_local
 #ifndef __align__
-#define __align__(n) alignas(n)
+// A GNU attribute, not alignas: CUDA code writes `__shared__ __align__(16) T x[]`,
+// where a standard attribute may not stand between decl-specifiers.
+#define __align__(n) __attribute__((aligned(n)))
 #endif
 
 namespace platypus_emu {
 
 /// Kinds of warp collective; lanes meeting at one collective must agree on it.
-enum class WarpOp : int { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, All, Any, ReduceAdd, ReduceMin, ReduceMax };
+/// Exchange is warp_exchange (the .sync.aligned matrix instructions).
+enum class WarpOp : int { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, All, Any, ReduceAdd, ReduceMin, ReduceMax, Exchange };
 
 /// Per-fiber state the built-ins read (defined in cuda_emu.cpp).
 struct ThreadState {
@@ -85,6 +104,27 @@ void syncthreads(const char* file, int line);
 /// Warp collective: deposits `value`, waits for every lane named in `mask`,
 /// returns this lane's result (a 64-bit pattern the caller converts back).
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line);
+/// Computes the results of a warp_exchange: `lanes[l]` is the data lane l
+/// deposited (l = 0..31); it reads every lane's inputs and writes every
+/// lane's outputs in place.
+using WarpExchangeFn = void (*)(void* const* lanes);
+/// Warp-collective exchange for instructions every lane of a full warp must
+/// execute together (mma.sync.aligned, ldmatrix.sync.aligned): deposits
+/// `lane_data`, waits until all 32 lanes of the warp wait at the same call
+/// site (`file`:`line`) with the same `fn`, then the scheduler calls `fn`
+/// once with the 32 pointers and releases the lanes. `what` names the
+/// instruction in error messages. Traps if the warp has fewer than 32 threads.
+void warp_exchange(const char* what, WarpExchangeFn fn, void* lane_data, const char* file, int line);
+/// cp.async of 16 bytes: reads the source now (16 zero bytes instead when
+/// `!valid`, without reading `gmem`), fills the destination with 0xFF and
+/// keeps the data in flight until a cp_async_wait_group retires it. Traps on
+/// an address that is not 16-byte aligned.
+void cp_async_issue(void* smem, const void* gmem, bool valid, const char* file, int line);
+/// Closes the calling thread's current cp.async group (possibly empty).
+void cp_async_commit_group();
+/// Lands the calling thread's cp.async of every committed group but the
+/// newest `newest_pending` ones, in issue order.
+void cp_async_wait_group(int newest_pending);
 /// Stops the whole launch with an error (the device-side assert / __trap);
 /// never returns. Not declared [[noreturn]]: AddressSanitizer's no-return
 /// hook cannot tell a fiber's stack from a thread's.
@@ -117,7 +157,9 @@ inline T from_bits(uint64_t b) {
 // ---- barriers and warp collectives -------------------------------------------------------------
 
 #define __syncthreads() platypus_emu::syncthreads(__FILE__, __LINE__)
-#define __syncwarp(...) platypus_emu::syncwarp_at(__FILE__, __LINE__, ##__VA_ARGS__)
+// A call on a temporary, so that both __syncwarp() and __syncwarp(mask) work in
+// ISO C++ (", ##__VA_ARGS__" keeps the comma of an empty argument there).
+#define __syncwarp(...) platypus_emu::SyncwarpAt{__FILE__, __LINE__}(__VA_ARGS__)
 #define __shfl_sync(mask, v, src, ...) platypus_emu::shfl_at(platypus_emu::WarpOp::ShflIdx, mask, v, src, __FILE__, __LINE__, ##__VA_ARGS__)
 #define __shfl_up_sync(mask, v, d, ...) platypus_emu::shfl_at(platypus_emu::WarpOp::ShflUp, mask, v, d, __FILE__, __LINE__, ##__VA_ARGS__)
 #define __shfl_down_sync(mask, v, d, ...) platypus_emu::shfl_at(platypus_emu::WarpOp::ShflDown, mask, v, d, __FILE__, __LINE__, ##__VA_ARGS__)
@@ -132,9 +174,12 @@ inline T from_bits(uint64_t b) {
 
 namespace platypus_emu {
 
-inline void syncwarp_at(const char* file, int line, unsigned mask = 0xffffffffu) {
-    warp_collective(WarpOp::Sync, mask, 0, 0, 32, file, line);
-}
+/// __syncwarp at a call site.
+struct SyncwarpAt {
+    const char* file;
+    int line;
+    void operator()(unsigned mask = 0xffffffffu) const { warp_collective(WarpOp::Sync, mask, 0, 0, 32, file, line); }
+};
 template <typename T>
 inline T shfl_at(WarpOp op, unsigned mask, T v, int arg, const char* file, int line, int width = 32) {
     return from_bits<T>(warp_collective(op, mask, to_bits(v), arg, width, file, line));

@@ -64,15 +64,27 @@ mod tests {
     /// Launches a self-test kernel with `blocks` x `threads` and `shared` dynamic bytes.
     fn run(
         kernel: &str,
-        (blocks, threads, shared): (u32, u32, u32),
+        launch_dims: (u32, u32, u32),
         out: &mut [i32],
         mode: i32,
         input: &[f32],
     ) -> Result<()> {
+        run_raw(kernel, launch_dims, out, mode, input.as_ptr())
+    }
+
+    /// As `run`, with `input` any buffer the kernel reinterprets (e.g. 16-bit
+    /// bit patterns in a 16-byte aligned `Aligned16` buffer).
+    fn run_raw(
+        kernel: &str,
+        (blocks, threads, shared): (u32, u32, u32),
+        out: &mut [i32],
+        mode: i32,
+        input: *const f32,
+    ) -> Result<()> {
         let mut p = EmuSelftestParams {
             out: out.as_mut_ptr(),
             mode,
-            input: input.as_ptr(),
+            input,
         };
         let mut args = [&mut p as *mut EmuSelftestParams as *mut c_void];
         launch(
@@ -312,5 +324,309 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not built into the host emulator"), "{e}");
+    }
+
+    // ---- tensor_core.cuh: mma, ldmatrix, cp.async ----------------------------------------------
+
+    /// 16 bytes aligned to 16, the unit cp.async moves: a buffer of these is
+    /// a 16-byte aligned input for the kernels.
+    #[repr(C, align(16))]
+    #[derive(Clone, Copy, Default)]
+    struct Aligned16([u8; 16]);
+
+    /// `bytes` (zero-padded to a multiple of 16) in a 16-byte aligned buffer.
+    fn aligned16(bytes: &[u8]) -> Vec<Aligned16> {
+        bytes
+            .chunks(16)
+            .map(|c| {
+                let mut a = Aligned16::default();
+                a.0[..c.len()].copy_from_slice(c);
+                a
+            })
+            .collect()
+    }
+
+    /// Small deterministic generator (xorshift64*) for test inputs.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        /// m * 2^e with |m| < 256 and e in -12..=-4: exact in bf16 and in
+        /// f16 (normal), and every product of two is exact in fp32.
+        fn exact16(&mut self) -> f32 {
+            let m = (self.next() % 511) as i32 - 255;
+            let e = (self.next() % 9) as i32 - 12;
+            m as f32 * 2f32.powi(e)
+        }
+    }
+
+    /// Checks `got` (fp32 bit patterns, row-major rows x cols) against
+    /// c + a * b computed in f64: within 1e-5 of the sum of the magnitudes.
+    fn assert_product(
+        got: &[i32],
+        (a, b, c): (&[f32], &[f32], &[f32]),
+        (rows, cols, depth): (usize, usize, usize),
+        what: &str,
+    ) {
+        for i in 0..rows {
+            for j in 0..cols {
+                let mut exact = f64::from(c[i * cols + j]);
+                let mut magnitude = exact.abs();
+                for k in 0..depth {
+                    let term = f64::from(a[i * depth + k]) * f64::from(b[k * cols + j]);
+                    exact += term;
+                    magnitude += term.abs();
+                }
+                let d = f64::from(f32::from_bits(got[i * cols + j] as u32));
+                assert!(
+                    (d - exact).abs() <= 1e-5 * magnitude + 1e-30,
+                    "{what}: D[{i}][{j}] = {d}, expected {exact}"
+                );
+            }
+        }
+    }
+
+    /// mma_m16n8k16 alone (fragments built from global memory by the layout
+    /// formulas): D == C + A * B for bf16 and f16.
+    #[test]
+    fn mma_m16n8k16_computes_c_plus_a_times_b() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for (mode, name) in [(0, "bf16"), (1, "f16")] {
+            for _ in 0..4 {
+                let a: Vec<f32> = (0..16 * 16).map(|_| rng.exact16()).collect();
+                let b: Vec<f32> = (0..16 * 8).map(|_| rng.exact16()).collect();
+                let c: Vec<f32> = (0..16 * 8)
+                    .map(|_| (rng.next() % 2001) as f32 / 100.0 - 10.0)
+                    .collect();
+                let input = [a.as_slice(), &b, &c].concat();
+                let mut out = vec![0i32; 16 * 8];
+                run("emu_selftest_mma", (1, 32, 0), &mut out, mode, &input).unwrap();
+                assert_product(&out, (&a, &b, &c), (16, 8, 16), name);
+            }
+        }
+    }
+
+    /// Expected register `i` of lane `lane` (warp `warp`) in
+    /// emu_selftest_ldmatrix: the tile element (m, r, c) is
+    /// 0x1000 | m << 8 | r << 4 | c, and row j of matrix i comes from the
+    /// address lane 8i + j gave.
+    fn ldmatrix_expected(
+        count: usize,
+        trans: bool,
+        permute: bool,
+        warp: usize,
+        lane: usize,
+        i: usize,
+    ) -> u32 {
+        let m = if permute { (i + 1 + warp) % count } else { i };
+        let element = |r: usize, c: usize| {
+            let r = if permute { (5 * r + 3 + warp) % 8 } else { r };
+            (0x1000 | m << 8 | r << 4 | c) as u32
+        };
+        let (g, t) = (lane / 4, lane % 4);
+        let (lo, hi) = if trans {
+            (element(2 * t, g), element(2 * t + 1, g))
+        } else {
+            (element(g, 2 * t), element(g, 2 * t + 1))
+        };
+        lo | hi << 16
+    }
+
+    /// ldmatrix .x1/.x2/.x4 and .trans follow the PTX layout, with rows
+    /// addressed per lane (in order and permuted); lanes whose address the
+    /// instruction ignores may pass anything.
+    #[test]
+    fn ldmatrix_follows_the_ptx_layout() {
+        for count in [1usize, 2, 4] {
+            for trans in [false, true] {
+                for permute in [false, true] {
+                    let mode =
+                        count as i32 | if trans { 8 } else { 0 } | if permute { 16 } else { 0 };
+                    let mut out = vec![-1i32; 64 * 4];
+                    run("emu_selftest_ldmatrix", (1, 64, 0), &mut out, mode, &[]).unwrap();
+                    for thread in 0..64 {
+                        let (warp, lane) = (thread / 32, thread % 32);
+                        for i in 0..4 {
+                            let got = out[4 * thread + i] as u32;
+                            let want = if i < count {
+                                ldmatrix_expected(count, trans, permute, warp, lane, i)
+                            } else {
+                                u32::MAX
+                            };
+                            assert_eq!(
+                                got, want,
+                                "x{count} trans={trans} permute={permute}: thread {thread}, r[{i}] = {got:#010x}, expected {want:#010x}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// global -> cp.async -> shared -> ldmatrix -> mma -> global for a
+    /// 16x16x16 product, B read with .trans from (k, n) and without from (n, k).
+    #[test]
+    fn cp_async_ldmatrix_mma_pipeline_multiplies() {
+        use half::{bf16, f16};
+        let mut rng = Rng(0x0123_4567_89ab_cdef);
+        let a: Vec<f32> = (0..16 * 16).map(|_| rng.exact16()).collect();
+        let b: Vec<f32> = (0..16 * 16).map(|_| rng.exact16()).collect();
+        let b_nk: Vec<f32> = (0..16 * 16).map(|e| b[(e % 16) * 16 + e / 16]).collect();
+        let zeros = vec![0.0f32; 16 * 16];
+        for mode in 0..4 {
+            let is_f16 = mode & 1 != 0;
+            let b_given = if mode & 2 != 0 { &b_nk } else { &b };
+            let bits: Vec<u8> = a
+                .iter()
+                .chain(b_given)
+                .flat_map(|&x| {
+                    let h = if is_f16 {
+                        f16::from_f32(x).to_bits()
+                    } else {
+                        bf16::from_f32(x).to_bits()
+                    };
+                    h.to_le_bytes()
+                })
+                .collect();
+            let input = aligned16(&bits);
+            let mut out = vec![0i32; 16 * 16];
+            run_raw(
+                "emu_selftest_mma_pipeline",
+                (1, 32, 0),
+                &mut out,
+                mode,
+                input.as_ptr().cast(),
+            )
+            .unwrap();
+            assert_product(
+                &out,
+                (&a, &b, &zeros),
+                (16, 16, 16),
+                &format!("mode {mode}"),
+            );
+        }
+    }
+
+    /// cp.async data lands only when a wait retires its group: before, the
+    /// destination reads as 0xFF; wait<1> retires all but the newest group;
+    /// uncommitted copies are not waited for; valid = false zero-fills.
+    #[test]
+    fn cp_async_lands_when_its_group_is_waited_for() {
+        let threads = 32usize;
+        let words: Vec<u32> = (0..threads * 16).map(|w| 0x5000_0000 + w as u32).collect();
+        let input = aligned16(bytemuck::cast_slice(&words));
+        let mut out = vec![0i32; 28 * threads];
+        run_raw(
+            "emu_selftest_cp_async",
+            (1, threads as u32, (threads * 64) as u32),
+            &mut out,
+            0,
+            input.as_ptr().cast(),
+        )
+        .unwrap();
+        let poison = [u32::MAX; 4];
+        for t in 0..threads {
+            let snap =
+                |s: usize| -> [u32; 4] { std::array::from_fn(|w| out[28 * t + 4 * s + w] as u32) };
+            let src =
+                |slot: usize| -> [u32; 4] { std::array::from_fn(|w| words[16 * t + 4 * slot + w]) };
+            assert_eq!(snap(0), poison, "thread {t}: slot 0 right after issue");
+            assert_eq!(
+                snap(1),
+                poison,
+                "thread {t}: slot 0 committed, not waited for"
+            );
+            assert_eq!(snap(2), src(0), "thread {t}: slot 0 after wait<1>");
+            assert_eq!(
+                snap(3),
+                poison,
+                "thread {t}: slot 1 (newest group) after wait<1>"
+            );
+            assert_eq!(snap(4), src(1), "thread {t}: slot 1 after wait<0>");
+            assert_eq!(
+                snap(5),
+                poison,
+                "thread {t}: uncommitted slot 2 after wait<0>"
+            );
+            assert_eq!(snap(6), [0; 4], "thread {t}: zero-filled slot 2");
+        }
+    }
+
+    /// Runs emu_selftest_tensor_core_misuse in `mode`; returns the error and
+    /// out[0] (the line of the call, where the kernel records it).
+    fn tensor_core_misuse(mode: i32, threads: u32) -> (String, i32) {
+        let mut out = vec![0i32; 64];
+        let input = aligned16(&[0u8; 64]);
+        match run_raw(
+            "emu_selftest_tensor_core_misuse",
+            (1, threads, 0),
+            &mut out,
+            mode,
+            input.as_ptr().cast(),
+        ) {
+            Ok(()) => panic!("mode {mode}: the emulator accepted a misuse"),
+            Err(e) => (e.to_string(), out[0]),
+        }
+    }
+
+    #[test]
+    fn ldmatrix_by_part_of_a_warp_is_reported() {
+        let (e, _) = tensor_core_misuse(1, 32);
+        assert!(
+            e.contains("emu_selftest_tensor_core_misuse")
+                && e.contains("ldmatrix_x4 at selftest.cu:")
+                && e.contains("lane 16, which exited without reaching it"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn misaligned_ldmatrix_row_names_the_calling_line() {
+        let (e, line) = tensor_core_misuse(2, 32);
+        assert!(
+            e.contains("thread (3,0,0)")
+                && e.contains("not 16-byte aligned")
+                && e.contains(&format!("at selftest.cu:{line}")),
+            "line {line}: {e}"
+        );
+    }
+
+    #[test]
+    fn ldmatrix_at_two_call_sites_is_reported() {
+        let (e, _) = tensor_core_misuse(3, 32);
+        assert!(
+            e.contains("emu_selftest_tensor_core_misuse")
+                && e.contains("of its warp is at ldmatrix_x4 at selftest.cu:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mma_in_a_partial_warp_is_reported() {
+        let (e, _) = tensor_core_misuse(4, 16);
+        assert!(
+            e.contains(
+                "mma_m16n8k16<bf16> needs all 32 lanes of a warp, but this warp has 16 threads"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn misaligned_cp_async_names_the_calling_line() {
+        for (mode, which) in [(5, "shared"), (6, "global")] {
+            let (e, line) = tensor_core_misuse(mode, 32);
+            assert!(
+                e.contains(&format!("cp_async_16: {which} address"))
+                    && e.contains("not 16-byte aligned")
+                    && e.contains(&format!("at selftest.cu:{line}")),
+                "line {line}: {e}"
+            );
+        }
     }
 }
