@@ -58,6 +58,36 @@ typedef struct RopeParams {
     int32_t vectorized;      ///< 1 if rows of q and k are 16-byte aligned and head_dim allows 128-bit accesses
 } RopeParams;
 
+/// Flash attention, forward and backward (kernels/attention.cu). Tensors are
+/// token-major: q, o, dout, dq [tokens, q_heads, D]; k, v, dk, dv [tokens,
+/// kv_heads, D]; lse and delta [q_heads, tokens] fp32. Sequence b covers
+/// tokens start_b .. start_b + len_b: packed batches (cu_seqlens not null)
+/// have start_b = cu_seqlens[b], len_b = cu_seqlens[b + 1] - start_b; padded
+/// batches have start_b = b * max_seqlen and len_b = seq_lens[b] (max_seqlen
+/// when seq_lens is null), and their rows len_b .. max_seqlen are padding
+/// that gets zero outputs and gradients.
+typedef struct AttentionParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    const void* o;           ///< forward output (backward input)
+    const void* dout;        ///< gradient of o (backward)
+    void* out;               ///< forward: o; unused by the backward kernels
+    float* lse;              ///< natural-log logsumexp of each score row (forward writes, backward reads)
+    float* delta;            ///< rowsum(dout * o) (written by the backward pre-pass)
+    void* dq;
+    void* dk;
+    void* dv;
+    const int32_t* cu_seqlens; ///< [batch + 1] or null
+    const int32_t* seq_lens;   ///< [batch] or null
+    int32_t batch;
+    int32_t max_seqlen;      ///< no sequence is longer; the padded length of padded batches
+    int32_t tokens;
+    int32_t q_heads;
+    int32_t kv_heads;        ///< divides q_heads; query head h reads kv head h / (q_heads / kv_heads)
+    float scale;             ///< softmax scale, usually 1 / sqrt(D)
+} AttentionParams;
+
 /// Arguments of the emulator's self-test kernels (kernels/emu/selftest.cu).
 typedef struct EmuSelftestParams {
     int32_t* out;        ///< results, laid out per kernel

@@ -49,6 +49,80 @@ impl KernelResources {
 
 include!(concat!(env!("OUT_DIR"), "/kernel_info.rs"));
 
+/// The fatbin built from `kernels/{stem}.cu` (SASS per arch plus PTX), for
+/// inspection with `cuobjdump`; `None` without nvcc or for an unknown stem.
+pub fn fatbin(stem: &str) -> Option<&'static [u8]> {
+    MODULES
+        .iter()
+        .find(|(s, _, _)| *s == stem)
+        .map(|(_, image, _)| *image)
+}
+
+/// Theoretical occupancy of a kernel on one SM: how many of its blocks fit
+/// at once, and what limits them.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Occupancy {
+    /// Resident blocks per SM.
+    pub blocks_per_sm: u32,
+    /// Resident warps per SM over the SM's maximum (0..=1).
+    pub fraction: f64,
+    /// The resource that caps `blocks_per_sm`: "registers", "shared memory", "warps" or "blocks".
+    pub limiter: &'static str,
+}
+
+/// Per-SM limits of an arch (CUDA programming guide, "Compute capabilities").
+struct SmLimits {
+    registers: u32,
+    shared_bytes: u32,
+    warps: u32,
+    blocks: u32,
+}
+
+fn sm_limits(arch: u32) -> Option<SmLimits> {
+    let (shared_kib, warps, blocks) = match arch {
+        80 => (164, 64, 32),
+        86 => (100, 48, 16),
+        89 => (100, 48, 24),
+        90 => (228, 64, 32),
+        _ => return None,
+    };
+    Some(SmLimits {
+        registers: 65536,
+        shared_bytes: shared_kib * 1024,
+        warps,
+        blocks,
+    })
+}
+
+/// Occupancy of `res` launched with `threads` per block and `dynamic_smem`
+/// bytes of dynamic shared memory; `None` for an arch without a table entry
+/// or a launch that cannot fit at all. Registers are allocated per warp in
+/// units of 256, and the driver reserves 1 KiB of shared memory per block.
+pub fn occupancy(res: &KernelResources, threads: u32, dynamic_smem: u32) -> Option<Occupancy> {
+    let sm = sm_limits(res.arch)?;
+    let warps_per_block = threads.div_ceil(32);
+    let regs_per_warp = (res.registers * 32).div_ceil(256) * 256;
+    let by_regs = match regs_per_warp {
+        0 => u32::MAX,
+        r => sm.registers / r / warps_per_block,
+    };
+    let by_smem = sm.shared_bytes / (res.shared_bytes + dynamic_smem + 1024);
+    let by_warps = sm.warps / warps_per_block;
+    let (blocks, limiter) = [
+        (by_regs, "registers"),
+        (by_smem, "shared memory"),
+        (by_warps, "warps"),
+        (sm.blocks, "blocks"),
+    ]
+    .into_iter()
+    .min_by_key(|&(n, _)| n)?;
+    (blocks > 0).then(|| Occupancy {
+        blocks_per_sm: blocks,
+        fraction: (blocks * warps_per_block) as f64 / sm.warps as f64,
+        limiter,
+    })
+}
+
 /// Names of the GPU kernels built into this library.
 pub fn gpu_kernel_names() -> impl Iterator<Item = &'static str> {
     MODULES
@@ -81,6 +155,7 @@ impl KernelParams for params::RmsNormForwardParams {}
 impl KernelParams for params::RmsNormBackwardParams {}
 impl KernelParams for params::RmsNormDwReduceParams {}
 impl KernelParams for params::RopeParams {}
+impl KernelParams for params::AttentionParams {}
 
 impl Device {
     /// Launches `kernel` with `params` as its one argument. The same call runs

@@ -4,7 +4,9 @@
 
 mod common;
 
+use common::attention::{AttnCase, AttnLayout};
 use common::{assert_close, round_to, tolerance, Rng, FLOAT_DTYPES};
+use platypus::ops::attention;
 use platypus::ops::rmsnorm;
 use platypus::ops::rope::{self, RopeConfig, RopeStyle};
 use platypus::{DType, Device, Tensor};
@@ -176,4 +178,58 @@ fn rope_backward_undoes_forward_on_the_emulator() {
     rope::backward(&mut q, &mut k, &pos, &cfg).unwrap();
     assert_close("q", &q.to_f32_vec().unwrap(), &q0, 1e-5, 1e-5);
     assert_close("k", &k.to_f32_vec().unwrap(), &k0, 1e-5, 1e-5);
+}
+
+/// Sequence lengths around the 64-row tiles: 1, short odd ones, and lengths
+/// just below, at and past one and two tiles.
+fn attn_seq_len() -> impl Strategy<Value = usize> {
+    prop_oneof![Just(1usize), 2usize..=20, 60usize..=70, 120usize..=140]
+}
+
+fn attn_layout() -> impl Strategy<Value = AttnLayout> {
+    prop_oneof![
+        (1usize..=2, attn_seq_len()).prop_map(|(batch, seq)| AttnLayout::Dense { batch, seq }),
+        attn_seq_len().prop_flat_map(|seq| {
+            prop::collection::vec(0..=seq as u32, 1..=3)
+                .prop_map(move |lens| AttnLayout::Padded { seq, lens })
+        }),
+        prop::collection::vec(
+            prop_oneof![Just(0u32), attn_seq_len().prop_map(|l| l as u32)],
+            1..=3
+        )
+        .prop_filter("at least one token", |lens| lens.iter().any(|&l| l > 0))
+        .prop_map(|lens| AttnLayout::packed(&lens)),
+    ]
+}
+
+fn attention_config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(24);
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(attention_config())]
+
+    #[test]
+    fn attention_matches_cpu(
+        layout in attn_layout(),
+        kv_heads in 1usize..=2,
+        group in 1usize..=3,
+        head_dim in prop::sample::select(attention::HEAD_DIMS.to_vec()),
+        dtype in prop::sample::select(vec![DType::F16, DType::BF16]),
+        causal in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let case = AttnCase { layout, q_heads: kv_heads * group, kv_heads, head_dim, dtype, causal };
+        if let Err(e) = case.check_against_cpu(&Device::Emulated, seed) {
+            return Err(TestCaseError::fail(e));
+        }
+    }
 }

@@ -220,3 +220,103 @@ fn tensor_constructors_reject_bad_input() {
         .to_string();
     assert!(e.contains("a CUDA device"), "{e}");
 }
+
+#[test]
+fn attention_rejects_bad_input() {
+    use platypus::ops::attention::{self, AttentionConfig, Batch};
+    let cfg = AttentionConfig::default();
+    for (dev, dtype) in [(Device::Cpu, DType::F32), (Device::Emulated, DType::BF16)] {
+        let q = ones(&[2, 5, 4, 64], dtype, &dev);
+        let kv = ones(&[2, 5, 2, 64], dtype, &dev);
+        let fwd = |q: &Tensor, k: &Tensor, batch| attention::forward(q, k, k, batch, &cfg);
+        expect_err(
+            fwd(&ones(&[2, 5, 4, 80], dtype, &dev), &kv, Batch::Dense),
+            "q",
+            "head_dim 80 has no kernel",
+        );
+        expect_err(
+            fwd(&q, &ones(&[2, 5, 3, 64], dtype, &dev), Batch::Dense),
+            "k",
+            "3 kv heads do not divide the 4 query heads",
+        );
+        expect_err(
+            fwd(&q, &ones(&[2, 6, 2, 64], dtype, &dev), Batch::Dense),
+            "k",
+            "[2, 5, 2, 64]",
+        );
+        expect_err(
+            fwd(&q, &kv, Batch::Padded(&[5, 6])),
+            "batch",
+            "sequence 1 has length 6, beyond the padded length 5",
+        );
+        expect_err(
+            fwd(&q, &kv, Batch::Padded(&[5])),
+            "batch",
+            "1 sequence lengths for a batch of 2",
+        );
+        expect_err(
+            fwd(&q, &kv, Batch::Packed(&[0, 10])),
+            "q",
+            "[tokens, q_heads, head_dim]",
+        );
+        let (qp, kvp) = (
+            ones(&[10, 4, 64], dtype, &dev),
+            ones(&[10, 2, 64], dtype, &dev),
+        );
+        expect_err(
+            fwd(&qp, &kvp, Batch::Packed(&[0, 6, 4, 10])),
+            "batch",
+            "cu_seqlens decreases at index 2",
+        );
+        expect_err(
+            fwd(&qp, &kvp, Batch::Packed(&[0, 6, 9])),
+            "batch",
+            "cu_seqlens ends at 9, but q has 10 tokens",
+        );
+        expect_err(
+            fwd(&qp, &kvp, Batch::Packed(&[1, 10])),
+            "batch",
+            "must start at 0",
+        );
+        let bad_scale = AttentionConfig {
+            causal: true,
+            scale: Some(f32::INFINITY),
+        };
+        expect_err(
+            attention::forward(&q, &kv, &kv, Batch::Dense, &bad_scale),
+            "cfg.scale",
+            "not finite",
+        );
+        // Backward checks what the forward pass handed over.
+        let out = attention::forward(&q, &kv, &kv, Batch::Dense, &cfg).unwrap();
+        let short = ones(&[2, 5, 4, 32], dtype, &dev);
+        expect_err(
+            attention::backward(&q, &kv, &kv, &out, &short, Batch::Dense, &cfg),
+            "dout",
+            "[2, 5, 4, 64]",
+        );
+    }
+    // The kernels run on tensor cores: f32 only on the CPU.
+    let dev = Device::Emulated;
+    let e = expect_err(
+        attention::forward(
+            &ones(&[1, 3, 2, 32], DType::F32, &dev),
+            &ones(&[1, 3, 2, 32], DType::F32, &dev),
+            &ones(&[1, 3, 2, 32], DType::F32, &dev),
+            Batch::Dense,
+            &cfg,
+        ),
+        "q",
+        "f16 or bf16",
+    );
+    assert!(
+        matches!(
+            e,
+            Error::DType {
+                got: DType::F32,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}

@@ -5,6 +5,7 @@
 mod common;
 
 use common::assert_close;
+use platypus::ops::attention::{self, AttentionConfig, Batch};
 use platypus::ops::rmsnorm;
 use platypus::ops::rope::{self, RopeConfig, RopeStyle};
 use platypus::{DType, Device, Tensor};
@@ -149,4 +150,81 @@ fn rope_matches_transformers_in_both_conventions() {
             check("dk", &dkt);
         }
     }
+}
+
+/// The attention fixtures: (case name, causal).
+const ATTENTION_CASES: [(&str, bool); 9] = [
+    ("attn_causal_d32_t1", true),
+    ("attn_causal_d32_t17", true),
+    ("attn_causal_d32_t64", true),
+    ("attn_causal_d32_t100", true),
+    ("attn_causal_d64_t1", true),
+    ("attn_causal_d64_t17", true),
+    ("attn_causal_d64_t64", true),
+    ("attn_causal_d64_t100", true),
+    ("attn_noncausal_d32_t33", false),
+];
+
+/// lse [B, H, T] (the fixtures' layout) to [H, B * T] (platypus').
+fn bht_to_h_bt(v: &[f32], shape: &[usize]) -> Vec<f32> {
+    let [b, h, t] = shape.try_into().unwrap();
+    let mut out = vec![0.0; v.len()];
+    for bi in 0..b {
+        for hi in 0..h {
+            for ti in 0..t {
+                out[hi * b * t + bi * t + ti] = v[(bi * h + hi) * t + ti];
+            }
+        }
+    }
+    out
+}
+
+/// Runs every attention fixture through forward and backward in `dtype` on
+/// `dev` and checks o, lse, dq, dk, dv with tolerance `tol` (relative to each
+/// tensor's largest magnitude).
+fn check_attention_fixtures(dev: &Device, dtype: DType, tol: f32) {
+    let f = Fixture::load();
+    for (case, causal) in ATTENTION_CASES {
+        let load = |n: &str| {
+            let (v, s) = f.f32(&format!("{case}/{n}"));
+            bhtd_to_bthd(&v, &s)
+        };
+        let tensor = |n: &str| {
+            let (v, s) = load(n);
+            Tensor::from_f32(&v, &s, dtype, dev).unwrap()
+        };
+        let (q, k, v, dout) = (tensor("q"), tensor("k"), tensor("v"), tensor("do"));
+        let cfg = AttentionConfig {
+            causal,
+            scale: None,
+        };
+        let fwd = attention::forward(&q, &k, &v, Batch::Dense, &cfg).unwrap();
+        let grads = attention::backward(&q, &k, &v, &fwd, &dout, Batch::Dense, &cfg).unwrap();
+        let (lse, lse_shape) = f.f32(&format!("{case}/lse"));
+        let want_lse = bht_to_h_bt(&lse, &lse_shape);
+        for (name, got, want) in [
+            ("o", &fwd.o, load("o").0),
+            ("lse", &fwd.lse, want_lse),
+            ("dq", &grads.dq, load("dq").0),
+            ("dk", &grads.dk, load("dk").0),
+            ("dv", &grads.dv, load("dv").0),
+        ] {
+            let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            let what = format!("{case}/{name} in {dtype} on {dev}");
+            assert_close(&what, &got.to_f32_vec().unwrap(), &want, tol * scale, 0.0);
+        }
+    }
+}
+
+#[test]
+fn attention_reference_matches_pytorch() {
+    check_attention_fixtures(&Device::Cpu, DType::F32, 1e-5);
+}
+
+#[test]
+fn attention_kernels_match_pytorch_in_bf16_and_f16() {
+    // Inputs rounded to 16 bits and results stored in 16 bits: a few units of
+    // the format's rounding (bf16 2^-8, f16 2^-11) at each tensor's scale.
+    check_attention_fixtures(&Device::Emulated, DType::BF16, 4.0 / 256.0);
+    check_attention_fixtures(&Device::Emulated, DType::F16, 4.0 / 2048.0);
 }

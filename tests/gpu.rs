@@ -7,7 +7,7 @@ mod common;
 use common::{assert_close, round_to, tolerance, Rng, FLOAT_DTYPES};
 use platypus::ops::rmsnorm;
 use platypus::ops::rope::{self, RopeConfig, RopeStyle};
-use platypus::{Device, Tensor};
+use platypus::{DType, Device, Tensor};
 
 fn gpu() -> Option<Device> {
     match Device::cuda(0) {
@@ -81,6 +81,41 @@ fn kernels_match_cpu_on_the_gpu() {
             let (cq, ck) = run(&Device::Cpu);
             assert_close("q", &gq, &cq, atol.max(2e-4), rtol);
             assert_close("k", &gk, &ck, atol.max(2e-4), rtol);
+        }
+    }
+}
+
+#[test]
+fn attention_matches_cpu_on_the_gpu() {
+    use common::attention::{AttnCase, AttnLayout};
+    let Some(gpu) = gpu() else { return };
+    let layouts = [
+        AttnLayout::Dense {
+            batch: 2,
+            seq: 1000,
+        },
+        AttnLayout::Padded {
+            seq: 300,
+            lens: vec![300, 0, 129],
+        },
+        AttnLayout::packed(&[1, 64, 0, 517]),
+    ];
+    for (i, layout) in layouts.into_iter().enumerate() {
+        for head_dim in platypus::ops::attention::HEAD_DIMS {
+            for (dtype, causal) in [(DType::BF16, true), (DType::F16, false)] {
+                // 8 query heads over 2 kv heads, as Llama 2 70B groups them.
+                let case = AttnCase {
+                    layout: layout.clone(),
+                    q_heads: 8,
+                    kv_heads: 2,
+                    head_dim,
+                    dtype,
+                    causal,
+                };
+                if let Err(e) = case.check_against_cpu(&gpu, i as u64) {
+                    panic!("{case:?}: {e}");
+                }
+            }
         }
     }
 }

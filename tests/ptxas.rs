@@ -64,3 +64,79 @@ fn every_kernel_is_built_for_sm80_and_sm90_and_the_emulator() {
         );
     }
 }
+
+/// `cuobjdump`: beside $NVCC, else on PATH (scripts/test.sh installs it with nvcc).
+fn cuobjdump() -> Option<std::path::PathBuf> {
+    let beside_nvcc = std::env::var_os("NVCC")
+        .map(std::path::PathBuf::from)
+        .and_then(|nvcc| Some(nvcc.parent()?.join("cuobjdump")));
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("cuobjdump"));
+    beside_nvcc.into_iter().chain(on_path).find(|p| p.is_file())
+}
+
+/// The SASS of every kernel in `kernels/{stem}.cu` for `arch`: (kernel, code).
+fn sass(tool: &std::path::Path, stem: &str, arch: u32) -> Vec<(String, String)> {
+    let image = kernels::fatbin(stem).expect("module built");
+    let path = std::env::temp_dir().join(format!("platypus-{stem}-{}.fatbin", std::process::id()));
+    std::fs::write(&path, image).unwrap();
+    let out = std::process::Command::new(tool)
+        .args(["-sass", "-arch", &format!("sm_{arch}")])
+        .arg(&path)
+        .output()
+        .expect("running cuobjdump");
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "cuobjdump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.split("Function : ")
+        .skip(1)
+        .map(|f| {
+            let (name, code) = f.split_once('\n').unwrap_or((f, ""));
+            (name.trim().to_string(), code.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn attention_kernels_run_on_tensor_cores_without_atomics() {
+    if !built_with_nvcc() {
+        return;
+    }
+    let Some(tool) = cuobjdump() else {
+        assert!(
+            std::env::var("PLATYPUS_REQUIRE_CUDA").map_or(true, |v| v != "1"),
+            "PLATYPUS_REQUIRE_CUDA=1 but cuobjdump was not found beside $NVCC or on PATH"
+        );
+        eprintln!("SKIPPED: no cuobjdump to read the SASS with");
+        return;
+    };
+    for arch in [80, 90]
+        .into_iter()
+        .filter(|a| kernels::CUDA_ARCHS.contains(a))
+    {
+        let functions = sass(&tool, "attention", arch);
+        assert!(!functions.is_empty(), "no attention SASS for sm_{arch}");
+        for (name, code) in &functions {
+            // Deterministic backward: no global atomics or reductions anywhere.
+            for op in ["ATOMG", "RED.", "ATOM."] {
+                assert!(!code.contains(op), "{name} (sm_{arch}) uses {op}");
+            }
+            if name.contains("delta") {
+                continue;
+            }
+            for (op, what) in [
+                ("HMMA.16816.F32", "mma.sync m16n8k16"),
+                ("LDSM", "ldmatrix"),
+                ("LDGSTS", "cp.async"),
+            ] {
+                assert!(code.contains(op), "{name} (sm_{arch}) has no {op} ({what})");
+            }
+        }
+    }
+}

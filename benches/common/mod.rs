@@ -1,6 +1,8 @@
-//! Helpers shared by the benches: deterministic data, bytes moved, the
-//! Criterion settings, and where a bench runs (the CPU path or a CUDA GPU,
-//! with achieved bandwidth printed against the GPU's peak).
+//! Helpers shared by the benches: deterministic data, the work of a call
+//! (bytes moved or FLOPs), the Criterion settings, and where a bench runs
+//! (the CPU path or a CUDA GPU, with achieved bandwidth or tensor-core
+//! throughput printed against the GPU's peak).
+#![allow(dead_code)] // each bench uses its own subset
 
 use std::time::{Duration, Instant};
 
@@ -31,9 +33,18 @@ pub fn random_f32(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// The work one call does, for throughput figures.
+#[derive(Debug, Clone, Copy)]
+pub enum Work {
+    /// Bytes of memory read and written (memory-bound kernels).
+    Bytes(u64),
+    /// Floating-point operations (tensor-core kernels).
+    Flops(u64),
+}
+
 /// Memory traffic of a kernel: `elems` elements of `dtype` read or written, plus `extra` bytes.
-pub fn bytes(dtype: DType, elems: usize, extra: usize) -> u64 {
-    (elems * dtype.size() + extra) as u64
+pub fn bytes(dtype: DType, elems: usize, extra: usize) -> Work {
+    Work::Bytes((elems * dtype.size() + extra) as u64)
 }
 
 /// Peak memory bandwidth in GB/s of the GPUs we know, by case-insensitive
@@ -47,10 +58,18 @@ const PEAK_GBPS: &[(&[&str], f64)] = &[
     (&["H100", "HBM3"], 3350.0),
 ];
 
-/// Peak memory bandwidth in GB/s of the GPU called `name`, if it is in [`PEAK_GBPS`].
-fn peak_gbps(name: &str) -> Option<f64> {
+/// Dense bf16 tensor-core peak in TFLOP/s, matched like [`PEAK_GBPS`].
+const PEAK_BF16_TFLOPS: &[(&[&str], f64)] = &[
+    (&["A100"], 312.0),
+    (&["H100", "PCIe"], 756.0),
+    (&["H100", "SXM"], 989.0),
+    (&["H100", "HBM3"], 989.0),
+];
+
+/// The peak of the GPU called `name` in `table`, if it is there.
+fn peak(table: &[(&[&str], f64)], name: &str) -> Option<f64> {
     let name = name.to_lowercase();
-    PEAK_GBPS
+    table
         .iter()
         .find(|(parts, _)| parts.iter().all(|p| name.contains(&p.to_lowercase())))
         .map(|&(_, peak)| peak)
@@ -62,8 +81,8 @@ pub struct Gpu {
     device: Device,
     /// Its name as the driver reports it.
     name: String,
-    /// Bench id, bytes moved per call, median seconds per call.
-    results: Vec<(String, u64, f64)>,
+    /// Bench id, work per call, median seconds per call.
+    results: Vec<(String, Work, f64)>,
 }
 
 /// Where a bench runs.
@@ -111,16 +130,20 @@ impl Target {
         }
     }
 
-    /// Benches `op`, which moves `bytes` of memory per call, as `id` in `group`.
-    /// On a GPU every call is followed by a synchronize inside the timed region.
+    /// Benches `op`, which does `work` per call, as `id` in `group` (Criterion
+    /// prints FLOPs as elements/s). On a GPU every call is followed by a
+    /// synchronize inside the timed region.
     pub fn bench<R>(
         &mut self,
         group: &mut BenchmarkGroup<'_, WallTime>,
         id: &str,
-        bytes: u64,
+        work: Work,
         mut op: impl FnMut() -> R,
     ) {
-        group.throughput(Throughput::Bytes(bytes));
+        group.throughput(match work {
+            Work::Bytes(b) => Throughput::Bytes(b),
+            Work::Flops(f) => Throughput::Elements(f),
+        });
         let gpu = match self {
             Target::Cpu => {
                 group.bench_function(id, |b| b.iter(&mut op));
@@ -145,24 +168,30 @@ impl Target {
         if !per_call.is_empty() {
             per_call.sort_by(f64::total_cmp);
             let median = per_call[per_call.len() / 2];
-            gpu.results.push((id.to_string(), bytes, median));
+            gpu.results.push((id.to_string(), work, median));
         }
     }
 
-    /// Prints, for a GPU, the achieved GB/s of each bench of `group` against
-    /// the device's peak, and forgets them; does nothing for the CPU.
+    /// Prints, for a GPU, the achieved GB/s or TFLOP/s of each bench of
+    /// `group` against the device's peak, and forgets them; does nothing for
+    /// the CPU.
     pub fn report(&mut self, group: &str) {
         let Target::Cuda(gpu) = self else { return };
-        let peak = peak_gbps(&gpu.name);
-        for (id, bytes, secs) in gpu.results.drain(..) {
-            let gbps = bytes as f64 / secs / 1e9;
-            match peak {
+        for (id, work, secs) in gpu.results.drain(..) {
+            let (rate, unit, table) = match work {
+                Work::Bytes(b) => (b as f64 / secs / 1e9, "GB/s", PEAK_GBPS),
+                Work::Flops(f) => (f as f64 / secs / 1e12, "TFLOP/s", PEAK_BF16_TFLOPS),
+            };
+            match peak(table, &gpu.name) {
                 Some(peak) => println!(
-                    "{group}/{id}: {gbps:.1} GB/s, {:.1}% of the {peak:.0} GB/s peak of {}",
-                    100.0 * gbps / peak,
+                    "{group}/{id}: {rate:.1} {unit}, {:.1}% of the {peak:.0} {unit} peak of {}",
+                    100.0 * rate / peak,
                     gpu.name
                 ),
-                None => println!("{group}/{id}: {gbps:.1} GB/s ({}: peak unknown)", gpu.name),
+                None => println!(
+                    "{group}/{id}: {rate:.1} {unit} ({}: peak unknown)",
+                    gpu.name
+                ),
             }
         }
     }

@@ -50,12 +50,18 @@ fn info() -> String {
     let mut out = String::new();
     say!(out, "platypus {}", env!("CARGO_PKG_VERSION"));
     match kernels::NVCC_VERSION {
-        Some(v) => println!(
-            "kernels:  built by nvcc ({v}) for {}",
-            archs(kernels::CUDA_ARCHS)
-        ),
+        Some(v) => {
+            say!(
+                out,
+                "kernels:  built by nvcc ({v}) for {}",
+                archs(kernels::CUDA_ARCHS)
+            );
+        }
         None => {
-            println!("kernels:  none (built without nvcc): only the CPU and emulated devices work")
+            say!(
+                out,
+                "kernels:  none (built without nvcc): only the CPU and emulated devices work"
+            );
         }
     }
     let emulated = platypus::emu::kernel_names().count();
@@ -68,7 +74,9 @@ fn info() -> String {
         say!(out, "emulator: not built (no CUDA headers at build time)");
     }
     match platypus::cuda::probe() {
-        Err(why) => println!("driver:   none: {why}\ndevices:  none"),
+        Err(why) => {
+            say!(out, "driver:   none: {why}\ndevices:  none");
+        }
         Ok((version, devices)) => {
             say!(
                 out,
@@ -118,13 +126,22 @@ struct Row {
     shared_bytes: u32,
     stack_bytes: u32,
     barriers: u32,
+    /// Dynamic shared memory per block at launch, where the launch shape is fixed.
+    dynamic_shared_bytes: Option<u32>,
+    /// Theoretical occupancy at that launch shape.
+    occupancy: Option<platypus::kernels::Occupancy>,
 }
 
 fn kernels(json: bool) -> String {
     let mut out = String::new();
+    let shapes = platypus::ops::attention::kernel_launch_shapes();
     let rows: Vec<Row> = platypus::kernels::PTXAS
         .iter()
-        .map(|r| Row {
+        .map(|r| {
+            let shape = shapes.iter().find(|(name, _, _)| name == r.name);
+            (r, shape.map(|&(_, threads, smem)| (threads, smem)))
+        })
+        .map(|(r, shape)| Row {
             name: r.name,
             arch: r.arch,
             registers: r.registers,
@@ -132,6 +149,9 @@ fn kernels(json: bool) -> String {
             shared_bytes: r.shared_bytes,
             stack_bytes: r.stack_bytes,
             barriers: r.barriers,
+            dynamic_shared_bytes: shape.map(|(_, smem)| smem),
+            occupancy: shape
+                .and_then(|(threads, smem)| platypus::kernels::occupancy(r, threads, smem)),
         })
         .collect();
     if json {
@@ -142,26 +162,38 @@ fn kernels(json: bool) -> String {
     }
     say!(
         out,
-        "{:<28} {:>6} {:>5} {:>7} {:>7} {:>6} {:>5}",
+        "{:<40} {:>6} {:>5} {:>7} {:>7} {:>6} {:>5} {:>9}  occupancy",
         "kernel",
         "arch",
         "regs",
         "spill B",
         "smem B",
         "stack",
-        "bars"
+        "bars",
+        "dyn smem"
     );
     for r in rows {
+        let dynamic = r.dynamic_shared_bytes.map_or("-".into(), |b| b.to_string());
+        let occupancy = r.occupancy.map_or("-".into(), |o| {
+            format!(
+                "{:.0}% ({} blocks/SM, {})",
+                100.0 * o.fraction,
+                o.blocks_per_sm,
+                o.limiter
+            )
+        });
         say!(
             out,
-            "{:<28} {:>6} {:>5} {:>7} {:>7} {:>6} {:>5}",
+            "{:<40} {:>6} {:>5} {:>7} {:>7} {:>6} {:>5} {:>9}  {}",
             r.name,
             format!("sm_{}", r.arch),
             r.registers,
             r.spill_bytes,
             r.shared_bytes,
             r.stack_bytes,
-            r.barriers
+            r.barriers,
+            dynamic,
+            occupancy
         );
     }
     out

@@ -2,5 +2,6 @@
 //! against, and what ops run on [`crate::Device::Cpu`]. f32 in and out,
 //! f64 accumulation, written for clarity rather than speed.
 
+pub mod attention;
 pub mod rmsnorm;
 pub mod rope;

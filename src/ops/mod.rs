@@ -3,6 +3,7 @@
 //! naming the argument and never a half-written output; then it dispatches to
 //! the kernel (CUDA or emulated) or to the CPU reference.
 
+pub mod attention;
 pub mod rmsnorm;
 pub mod rope;
 
