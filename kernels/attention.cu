@@ -28,8 +28,9 @@
 // the dQ pass and Q, dO per key tile in the dK/dV pass. Tensor-core FLOPs
 // dominate from T of a few hundred on. Shared-memory traffic per mma (one
 // ldmatrix.x4 moves 512 bytes, an A100 SM reads 128 bytes/clock and retires
-// one m16n8k16 per 2 clocks): forward 48 ldmatrix.x4 per 128 mma at head
-// dim 128 (32 rows per warp), backward 0.56 per mma (16 rows per warp).
+// one m16n8k16 per 2 clocks): forward 40 ldmatrix.x4 per 128 mma at head
+// dims 32/64 (32 rows per warp) and 72 per 128 at 128 (16 rows per warp),
+// backward 0.56 to 0.67 per mma (16 rows per warp).
 //
 // Layout: token-major [tokens, heads, D] (AttentionParams in params.h);
 // every row must start 16-byte aligned (D a multiple of 8, 16-byte aligned
@@ -42,7 +43,7 @@ namespace attn {
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBlockM = 64;  // query rows per dQ block: 16 per warp
-constexpr int kBlockN = 64;  // keys per K/V tile of the dQ pass, and per dK/dV block
+constexpr int kBlockN = 64;  // keys per dK/dV block
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 /// Most dynamic shared memory a block may have on every target arch (sm_86/sm_89: 99 KB).
@@ -99,6 +100,16 @@ __device__ __forceinline__ void load_tile_async(T* s, const T* g, int stride, in
         const bool ok = r < valid;
         cp_async_16(s + swz<D>(r, c), g + (ok ? static_cast<size_t>(r) * stride + c * 8 : 0), ok);
     }
+}
+
+/// Issues the cp.async of key tile j (rows j*BN .. of a sequence of `len`
+/// keys) of K and V into buffer j % 2 of the double-buffered sK and sV.
+template <typename T, int D, int BN>
+__device__ __forceinline__ void load_kv_tile_async(T* sK, T* sV, const T* k, const T* v, int stride, int j, int len) {
+    const int n0 = j * BN;
+    const int buf = j % 2 * BN * D;
+    load_tile_async<T, D, BN>(sK + buf, k + static_cast<size_t>(n0) * stride, stride, min(BN, len - n0));
+    load_tile_async<T, D, BN>(sV + buf, v + static_cast<size_t>(n0) * stride, stride, min(BN, len - n0));
 }
 
 /// Writes `out` rows of a staged [ROWS][D] shared tile to global with 16-byte
@@ -280,8 +291,7 @@ __device__ __forceinline__ void forward(const AttentionParams& p) {
         const T* v = static_cast<const T*>(p.v) + static_cast<size_t>(seq.start) * kv_stride + kv_head * D;
         const int n_tiles = div_ceil(CAUSAL ? m0 + rows.valid : seq.len, BN);
         load_tile_async<T, D, BM>(sQ, static_cast<const T*>(p.q) + q_at, q_stride, rows.valid);
-        load_tile_async<T, D, BN>(sK, k, kv_stride, min(BN, seq.len));
-        load_tile_async<T, D, BN>(sV, v, kv_stride, min(BN, seq.len));
+        load_kv_tile_async<T, D, BN>(sK, sV, k, v, kv_stride, 0, seq.len);
         cp_async_commit();
 
         float acc[MW][DT][4] = {};
@@ -294,12 +304,7 @@ __device__ __forceinline__ void forward(const AttentionParams& p) {
         const float scale_log2 = p.scale * kLog2e;
         for (int j = 0; j < n_tiles; ++j) {
             const int n0 = j * BN;
-            if (j + 1 < n_tiles) {
-                const int next = (j + 1) % 2 * BN * D;
-                const int valid = min(BN, seq.len - n0 - BN);
-                load_tile_async<T, D, BN>(sK + next, k + static_cast<size_t>(n0 + BN) * kv_stride, kv_stride, valid);
-                load_tile_async<T, D, BN>(sV + next, v + static_cast<size_t>(n0 + BN) * kv_stride, kv_stride, valid);
-            }
+            if (j + 1 < n_tiles) load_kv_tile_async<T, D, BN>(sK, sV, k, v, kv_stride, j + 1, seq.len);
             cp_async_commit();
             cp_async_wait<1>();
             __syncthreads();
@@ -402,21 +407,27 @@ __device__ __forceinline__ void backward_delta(const AttentionParams& p) {
     }
 }
 
+/// Keys per K/V tile of the dQ pass: 32 at head dim 128 keeps the tiles in
+/// 64 KB, two blocks per A100 SM instead of one.
+template <int D>
+constexpr int kDqBlockN = D >= 128 ? 32 : 64;
+
 /// Dynamic shared memory of the dQ kernel: Q, dO, 2 x K, 2 x V tiles.
 template <typename T, int D>
-constexpr int kDqSmem = (2 * kBlockM + 4 * kBlockN) * D * static_cast<int>(sizeof(T));
+constexpr int kDqSmem = (2 * kBlockM + 4 * kDqBlockN<D>)*D * static_cast<int>(sizeof(T));
 
 /// dQ for 64 query rows of one head: loops over the key tiles.
 template <typename T, int D, bool CAUSAL>
 __device__ __forceinline__ void backward_dq(const AttentionParams& p) {
-    constexpr int NT = kBlockN / 8;
+    constexpr int BN = kDqBlockN<D>;
+    constexpr int NT = BN / 8;
     constexpr int DT = D / 8;
     static_assert(kDqSmem<T, D> <= kMaxSmem, "dQ tiles fit in shared memory");
     PLATYPUS_DYNAMIC_SMEM(T, smem);
     T* sQ = smem;
     T* sdO = sQ + kBlockM * D;
-    T* sK = sdO + kBlockM * D;  // [2][kBlockN][D]
-    T* sV = sK + 2 * kBlockN * D;
+    T* sK = sdO + kBlockM * D;  // [2][BN][D]
+    T* sV = sK + 2 * BN * D;
 
     const int m0 = blockIdx.x * kBlockM, h = blockIdx.y;
     const Sequence seq = sequence(p, blockIdx.z);
@@ -429,11 +440,10 @@ __device__ __forceinline__ void backward_dq(const AttentionParams& p) {
         const int kv_head = h / (p.q_heads / p.kv_heads);
         const T* k = static_cast<const T*>(p.k) + static_cast<size_t>(seq.start) * kv_stride + kv_head * D;
         const T* v = static_cast<const T*>(p.v) + static_cast<size_t>(seq.start) * kv_stride + kv_head * D;
-        const int n_tiles = div_ceil(CAUSAL ? m0 + rows.valid : seq.len, kBlockN);
+        const int n_tiles = div_ceil(CAUSAL ? m0 + rows.valid : seq.len, BN);
         load_tile_async<T, D, kBlockM>(sQ, static_cast<const T*>(p.q) + q_at, q_stride, rows.valid);
         load_tile_async<T, D, kBlockM>(sdO, static_cast<const T*>(p.dout) + q_at, q_stride, rows.valid);
-        load_tile_async<T, D, kBlockN>(sK, k, kv_stride, min(kBlockN, seq.len));
-        load_tile_async<T, D, kBlockN>(sV, v, kv_stride, min(kBlockN, seq.len));
+        load_kv_tile_async<T, D, BN>(sK, sV, k, v, kv_stride, 0, seq.len);
         cp_async_commit();
 
         // Per-row softmax statistics; rows past the sequence get lse = +inf, so P = 0.
@@ -449,22 +459,17 @@ __device__ __forceinline__ void backward_dq(const AttentionParams& p) {
 
         float acc[1][DT][4] = {};
         for (int j = 0; j < n_tiles; ++j) {
-            const int n0 = j * kBlockN;
-            if (j + 1 < n_tiles) {
-                const int next = (j + 1) % 2 * kBlockN * D;
-                const int valid = min(kBlockN, seq.len - n0 - kBlockN);
-                load_tile_async<T, D, kBlockN>(sK + next, k + static_cast<size_t>(n0 + kBlockN) * kv_stride, kv_stride, valid);
-                load_tile_async<T, D, kBlockN>(sV + next, v + static_cast<size_t>(n0 + kBlockN) * kv_stride, kv_stride, valid);
-            }
+            const int n0 = j * BN;
+            if (j + 1 < n_tiles) load_kv_tile_async<T, D, BN>(sK, sV, k, v, kv_stride, j + 1, seq.len);
             cp_async_commit();
             cp_async_wait<1>();
             __syncthreads();
-            const T* sKj = sK + j % 2 * kBlockN * D;
-            const T* sVj = sV + j % 2 * kBlockN * D;
+            const T* sKj = sK + j % 2 * BN * D;
+            const T* sVj = sV + j % 2 * BN * D;
 
             float s[1][NT][4] = {};
             warp_gemm_abt<T, D, 1, NT>(s, sQ, warp * 16, sKj);
-            if (n0 + kBlockN > seq.len || (CAUSAL && n0 + kBlockN - 1 > m0)) mask_scores<CAUSAL, false>(s[0], m0 + warp * 16, n0, seq.len);
+            if (n0 + BN > seq.len || (CAUSAL && n0 + BN - 1 > m0)) mask_scores<CAUSAL, false>(s[0], m0 + warp * 16, n0, seq.len);
             float dp[1][NT][4] = {};
             warp_gemm_abt<T, D, 1, NT>(dp, sdO, warp * 16, sVj);
 #pragma unroll

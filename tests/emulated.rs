@@ -206,7 +206,7 @@ fn attention_config() -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|c| c.parse().ok())
-        .unwrap_or(24);
+        .unwrap_or(64);
     ProptestConfig {
         cases,
         failure_persistence: None,
@@ -230,6 +230,53 @@ proptest! {
         let case = AttnCase { layout, q_heads: kv_heads * group, kv_heads, head_dim, dtype, causal };
         if let Err(e) = case.check_against_cpu(&Device::Emulated, seed) {
             return Err(TestCaseError::fail(e));
+        }
+    }
+}
+
+#[test]
+fn attention_long_sequences_match_cpu() {
+    // Many key tiles per query tile, GQA 4:1 and a multi-query case.
+    let cases = [
+        (
+            AttnLayout::Dense { batch: 1, seq: 600 },
+            4,
+            1,
+            128,
+            DType::BF16,
+            true,
+        ),
+        (
+            AttnLayout::packed(&[300, 1, 257]),
+            4,
+            2,
+            64,
+            DType::F16,
+            false,
+        ),
+        (
+            AttnLayout::Padded {
+                seq: 520,
+                lens: vec![517, 64],
+            },
+            2,
+            1,
+            32,
+            DType::BF16,
+            true,
+        ),
+    ];
+    for (i, (layout, q_heads, kv_heads, head_dim, dtype, causal)) in cases.into_iter().enumerate() {
+        let case = AttnCase {
+            layout,
+            q_heads,
+            kv_heads,
+            head_dim,
+            dtype,
+            causal,
+        };
+        if let Err(e) = case.check_against_cpu(&Device::Emulated, i as u64) {
+            panic!("{case:?}: {e}");
         }
     }
 }

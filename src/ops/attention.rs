@@ -235,9 +235,11 @@ fn forward_smem(d: usize) -> u32 {
     ((forward_rows(d) + 4 * BLOCK_ROWS) * d * 2) as u32
 }
 
-/// Dynamic shared memory of the dQ kernel: Q, dO, two K and two V tiles.
+/// Dynamic shared memory of the dQ kernel: Q, dO, two K and two V tiles
+/// (64 keys, 32 at head dim 128).
 fn dq_smem(d: usize) -> u32 {
-    ((2 * BLOCK_ROWS + 4 * BLOCK_ROWS) * d * 2) as u32
+    let keys = if d >= 128 { 32 } else { 64 };
+    ((2 * BLOCK_ROWS + 4 * keys) * d * 2) as u32
 }
 
 /// Dynamic shared memory of the dK/dV kernel: K, V, two Q and two dO tiles
