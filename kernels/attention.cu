@@ -51,17 +51,6 @@ constexpr int kMaxSmem = 99 * 1024;
 
 __device__ __forceinline__ int div_ceil(int a, int b) { return (a + b - 1) / b; }
 
-/// Element offset of (row, 8-element chunk) in a [rows][D] shared tile. The
-/// chunk index is XORed with bits of the row so that the 8 rows one ldmatrix
-/// phase reads (same logical chunk) land in 8 different 16-byte bank groups.
-template <int D>
-__device__ __forceinline__ int swz(int row, int chunk) {
-    constexpr int kChunks = D / 8;
-    static_assert(kChunks == 4 || kChunks % 8 == 0, "head dim 32, 64 or 128");
-    const int x = kChunks >= 8 ? (row & 7) : ((row >> 1) & 3);
-    return row * D + (chunk ^ x) * 8;
-}
-
 /// First token and length of sequence b (see AttentionParams).
 struct Sequence {
     int start;
@@ -91,15 +80,7 @@ __device__ __forceinline__ TileRows tile_rows(const AttentionParams& p, const Se
 /// or beyond `valid` are zero-filled without reading global memory.
 template <typename T, int D, int ROWS>
 __device__ __forceinline__ void load_tile_async(T* s, const T* g, int stride, int valid) {
-    constexpr int kChunks = D / 8;
-    static_assert(ROWS * kChunks % kThreads == 0, "whole passes over the tile");
-#pragma unroll
-    for (int pass = 0; pass < ROWS * kChunks / kThreads; ++pass) {
-        const int i = pass * kThreads + threadIdx.x;
-        const int r = i / kChunks, c = i % kChunks;
-        const bool ok = r < valid;
-        cp_async_16(s + swz<D>(r, c), g + (ok ? static_cast<size_t>(r) * stride + c * 8 : 0), ok);
-    }
+    cp_async_tile<T, ROWS, D, kThreads>(s, g, stride, valid, D);
 }
 
 /// Issues the cp.async of key tile j (rows j*BN .. of a sequence of `len`

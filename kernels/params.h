@@ -88,6 +88,68 @@ typedef struct AttentionParams {
     float scale;             ///< softmax scale, usually 1 / sqrt(D)
 } AttentionParams;
 
+/// One GEMM of the fused LoRA layer (kernels/lora.cu):
+/// C = out_scale * (A B + scale * mask(A2 B2)), 16-bit operands, fp32
+/// accumulation. The kernel name fixes the layouts: A [m, k] row-major ("n")
+/// or [k, m] ("t"); B [n, k] ("t") or [k, n] ("n"). Segment 2 (k2 > 0) is the
+/// LoRA product, computed first. Leading dimensions of 16-bit operands and
+/// the extents that run along them are multiples of 8 elements.
+typedef struct LoraGemmParams {
+    const void* a;
+    const void* b;
+    int64_t lda;
+    int64_t ldb;
+    int32_t k;
+    int32_t k2;          ///< 0: no second segment
+    const void* a2;
+    const void* b2;
+    int64_t lda2;
+    int64_t ldb2;
+    void* c;             ///< [m, ldc]; with gridDim.z > 1, split z writes c + z * m * ldc
+    int64_t ldc;
+    int32_t m;
+    int32_t n;
+    int32_t k_per_split; ///< K of each split (a multiple of 32) when gridDim.z > 1
+    int32_t mask;        ///< dropout on: 0 nothing, 1 the A tiles, 2 the B tiles (dropped elements zeroed; 1/(1-p) is the caller's out_scale), 3 segment 2's product (times scale/(1-p))
+    float scale;         ///< multiplies segment 2's product
+    float out_scale;     ///< multiplies the result
+    float dropout_p;
+    int32_t pad0;
+    uint64_t seed;
+    uint64_t offset;
+    int64_t mask_cols;   ///< columns of the masked x: element (row, col) is e = row * mask_cols + col
+} LoraGemmParams;
+
+/// Fixed-order sum of split-K partial results: out[i] = sum_z partial[z * n + i].
+typedef struct LoraReduceParams {
+    const float* partial;
+    float* out;
+    int64_t n;
+    int32_t splits;
+    int32_t pad0;
+} LoraReduceParams;
+
+/// Merge (sign 1) or unmerge (sign -1) an adapter into W: W += sign * scale * B A.
+typedef struct LoraMergeParams {
+    void* w;          ///< [out, in], the weight dtype
+    const float* a;   ///< [rank, in]
+    const float* b;   ///< [out, rank]
+    int32_t in_features;
+    int32_t rank;
+    float scale;
+    float sign;
+} LoraMergeParams;
+
+/// 16-bit, zero-padded copy of an fp32 matrix: dst [gridDim.y, ld] from src [rows, cols].
+typedef struct LoraPackParams {
+    const float* src;
+    void* dst;
+    int32_t rows;
+    int32_t cols;
+    int32_t ld;
+    int32_t pad0;
+} LoraPackParams;
+
 /// Arguments of the emulator's self-test kernels (kernels/emu/selftest.cu).
 typedef struct EmuSelftestParams {
     int32_t* out;        ///< results, laid out per kernel

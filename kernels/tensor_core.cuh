@@ -113,4 +113,33 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     return static_cast<uint32_t>(lb) | (static_cast<uint32_t>(hb) << 16);
 }
 
+/// Element offset of (row, 8-element chunk) in a [rows][COLS] shared tile of
+/// 16-bit elements. The chunk index is XORed with bits of the row so that
+/// the 8 rows one ldmatrix phase reads (same logical chunk) land in 8
+/// different 16-byte bank groups.
+template <int COLS>
+__device__ __forceinline__ int swz(int row, int chunk) {
+    constexpr int kChunks = COLS / 8;
+    static_assert(kChunks == 4 || kChunks % 8 == 0, "tile rows of 32 or a multiple of 64 elements");
+    const int x = kChunks >= 8 ? (row & 7) : ((row >> 1) & 3);
+    return row * COLS + (chunk ^ x) * 8;
+}
+
+/// Issues cp.async for a swizzled [ROWS][COLS] shared tile, THREADS threads
+/// sharing the 16-byte chunks: row r, chunk c from g + r * ld + 8c. Chunks of
+/// rows >= rows_valid or starting at column >= cols_valid (a multiple of 8)
+/// are zero-filled without reading global memory.
+template <typename T, int ROWS, int COLS, int THREADS>
+__device__ __forceinline__ void cp_async_tile(T* s, const T* g, int64_t ld, int rows_valid, int cols_valid) {
+    constexpr int kChunks = COLS / 8;
+    static_assert(ROWS * kChunks % THREADS == 0, "whole passes over the tile");
+#pragma unroll
+    for (int pass = 0; pass < ROWS * kChunks / THREADS; ++pass) {
+        const int i = pass * THREADS + threadIdx.x;
+        const int r = i / kChunks, c = i % kChunks;
+        const bool ok = r < rows_valid && c * 8 < cols_valid;
+        cp_async_16(s + swz<COLS>(r, c), g + (ok ? r * ld + c * 8 : 0), ok);
+    }
+}
+
 }  // namespace platypus

@@ -156,6 +156,10 @@ impl KernelParams for params::RmsNormBackwardParams {}
 impl KernelParams for params::RmsNormDwReduceParams {}
 impl KernelParams for params::RopeParams {}
 impl KernelParams for params::AttentionParams {}
+impl KernelParams for params::LoraGemmParams {}
+impl KernelParams for params::LoraReduceParams {}
+impl KernelParams for params::LoraMergeParams {}
+impl KernelParams for params::LoraPackParams {}
 
 impl Device {
     /// Launches `kernel` with `params` as its one argument. The same call runs

@@ -5,8 +5,10 @@
 mod common;
 
 use common::attention::{AttnCase, AttnLayout};
+use common::lora::LoraCase;
 use common::{assert_close, round_to, tolerance, Rng, FLOAT_DTYPES};
 use platypus::ops::attention;
+use platypus::ops::lora::LoraConfig;
 use platypus::ops::rmsnorm;
 use platypus::ops::rope::{self, RopeConfig, RopeStyle};
 use platypus::{DType, Device, Tensor};
@@ -278,5 +280,114 @@ fn attention_long_sequences_match_cpu() {
         if let Err(e) = case.check_against_cpu(&Device::Emulated, i as u64) {
             panic!("{case:?}: {e}");
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(attention_config())]
+
+    #[test]
+    fn lora_matches_cpu(
+        tokens in prop_oneof![Just(1usize), 2usize..=40, 120usize..=300],
+        in_features in prop::sample::select(vec![8usize, 40, 136, 264]),
+        out_features in prop::sample::select(vec![8usize, 48, 136, 264]),
+        rank in prop_oneof![Just(1usize), Just(5), Just(16), Just(64), 1usize..=40],
+        dtype in prop::sample::select(vec![DType::F16, DType::BF16]),
+        dropout in prop::sample::select(vec![0.0f32, 0.05, 0.5]),
+        rslora in any::<bool>(),
+        alpha in 1.0f32..32.0,
+        seed in any::<u64>(),
+    ) {
+        let cfg = LoraConfig { alpha, rslora, dropout, seed, offset: seed >> 7 };
+        let case = LoraCase { tokens, in_features, out_features, rank, dtype, cfg };
+        if let Err(e) = case.check_against_cpu(&Device::Emulated, seed) {
+            return Err(TestCaseError::fail(e));
+        }
+    }
+}
+
+#[test]
+fn lora_merge_then_unmerge_restores_w_and_merged_forward_matches() {
+    use platypus::ops::lora::{self, LoraWeights};
+    let dev = Device::Emulated;
+    let (t, i, o, r) = (37, 136, 72, 16);
+    let mut rng = Rng::new(5);
+    for dtype in [DType::BF16, DType::F16] {
+        let w0 = round_to(&rng.normal_vec(o * i, 0.1), dtype);
+        let a = Tensor::from_slice(&rng.normal_vec(r * i, 0.1), &[r, i], &dev).unwrap();
+        let b = Tensor::from_slice(&rng.normal_vec(o * r, 0.1), &[o, r], &dev).unwrap();
+        let x = Tensor::from_f32(
+            &round_to(&rng.normal_vec(t * i, 1.0), dtype),
+            &[t, i],
+            dtype,
+            &dev,
+        )
+        .unwrap();
+        let cfg = LoraConfig {
+            dropout: 0.0,
+            ..LoraConfig::default()
+        };
+        let scale = cfg.scale(r);
+        let mut w = Tensor::from_f32(&w0, &[o, i], dtype, &dev).unwrap();
+        let lora_y = lora::forward(
+            &x,
+            LoraWeights {
+                w: &w,
+                a: &a,
+                b: &b,
+            },
+            &cfg,
+        )
+        .unwrap()
+        .y
+        .to_f32_vec()
+        .unwrap();
+        lora::merge(&mut w, &a, &b, scale).unwrap();
+        // The merged weight with a zero adapter: the plain x Wᵀ of the merged layer.
+        let zero_b = Tensor::zeros(&[o, r], DType::F32, &dev).unwrap();
+        let merged_y = lora::forward(
+            &x,
+            LoraWeights {
+                w: &w,
+                a: &a,
+                b: &zero_b,
+            },
+            &cfg,
+        )
+        .unwrap()
+        .y
+        .to_f32_vec()
+        .unwrap();
+        let unit = if dtype == DType::BF16 {
+            1.0 / 256.0
+        } else {
+            1.0 / 2048.0
+        };
+        let err = common::lora::relative_max_error(&merged_y, &lora_y);
+        assert!(
+            err <= 4.0 * unit,
+            "{dtype}: merged forward off by {err} of its scale"
+        );
+        let merged = w.to_f32_vec().unwrap();
+        lora::unmerge(&mut w, &a, &b, scale).unwrap();
+        // Each step rounds once: back within one unit in the last place of the
+        // larger of the original and the merged element.
+        let mantissa = if dtype == DType::BF16 {
+            1.0 / 128.0
+        } else {
+            1.0 / 1024.0
+        };
+        let restored = w.to_f32_vec().unwrap();
+        for (k, ((&got, &want), &m)) in restored.iter().zip(&w0).zip(&merged).enumerate() {
+            let ulp = want.abs().max(m.abs()).max(1e-4).log2().floor().exp2() * mantissa;
+            assert!(
+                (got - want).abs() <= ulp,
+                "{dtype}: w[{k}] = {got} after merge+unmerge, was {want} (merged {m}, ulp {ulp})"
+            );
+        }
+        assert!(
+            merged.iter().zip(&w0).any(|(m, w)| m != w),
+            "merge changed nothing"
+        );
     }
 }

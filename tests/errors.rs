@@ -320,3 +320,105 @@ fn attention_rejects_bad_input() {
         "{e:?}"
     );
 }
+
+#[test]
+fn lora_rejects_bad_input() {
+    use platypus::ops::lora::{self, LoraConfig, LoraWeights};
+    let cfg = LoraConfig::default();
+    for (dev, dtype) in [(Device::Cpu, DType::F32), (Device::Emulated, DType::BF16)] {
+        let x = ones(&[3, 16], dtype, &dev);
+        let w = ones(&[8, 16], dtype, &dev);
+        let a = ones(&[4, 16], DType::F32, &dev);
+        let b = ones(&[8, 4], DType::F32, &dev);
+        let fwd = |x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, cfg: &LoraConfig| {
+            lora::forward(x, LoraWeights { w, a, b }, cfg)
+        };
+        expect_err(
+            fwd(&x, &w, &ones(&[0, 16], DType::F32, &dev), &b, &cfg),
+            "weights.a",
+            "r >= 1",
+        );
+        expect_err(
+            fwd(&x, &w, &ones(&[4, 12], DType::F32, &dev), &b, &cfg),
+            "weights.a",
+            "[r, 16]",
+        );
+        expect_err(
+            fwd(&x, &w, &a, &ones(&[8, 5], DType::F32, &dev), &cfg),
+            "weights.b",
+            "[8, 4]",
+        );
+        expect_err(
+            fwd(&x, &ones(&[8, 12], dtype, &dev), &a, &b, &cfg),
+            "weights.w",
+            "[out, 16]",
+        );
+        expect_err(
+            fwd(&x, &w, &ones(&[4, 16], DType::BF16, &dev), &b, &cfg),
+            "weights.a",
+            "expected f32",
+        );
+        let bad = LoraConfig {
+            dropout: 1.0,
+            ..cfg
+        };
+        expect_err(fwd(&x, &w, &a, &b, &bad), "cfg.dropout", "not in [0, 1)");
+        let out = fwd(&x, &w, &a, &b, &cfg).unwrap();
+        expect_err(
+            lora::backward(
+                &x,
+                &ones(&[3, 9], dtype, &dev),
+                LoraWeights {
+                    w: &w,
+                    a: &a,
+                    b: &b,
+                },
+                &out.u,
+                &cfg,
+            ),
+            "dy",
+            "[3, 8]",
+        );
+    }
+    // The kernels need 16-bit data and rows of whole 16-byte chunks.
+    let dev = Device::Emulated;
+    let (a, b) = (
+        ones(&[4, 12], DType::F32, &dev),
+        ones(&[8, 4], DType::F32, &dev),
+    );
+    let (x, w) = (
+        ones(&[3, 12], DType::BF16, &dev),
+        ones(&[8, 12], DType::BF16, &dev),
+    );
+    expect_err(
+        lora::forward(
+            &x,
+            LoraWeights {
+                w: &w,
+                a: &a,
+                b: &b,
+            },
+            &cfg,
+        ),
+        "x",
+        "multiple of 8",
+    );
+    let (x, w) = (
+        ones(&[3, 16], DType::F32, &dev),
+        ones(&[8, 16], DType::F32, &dev),
+    );
+    let a = ones(&[4, 16], DType::F32, &dev);
+    expect_err(
+        lora::forward(
+            &x,
+            LoraWeights {
+                w: &w,
+                a: &a,
+                b: &b,
+            },
+            &cfg,
+        ),
+        "x",
+        "f16 or bf16",
+    );
+}

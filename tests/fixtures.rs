@@ -5,6 +5,7 @@
 mod common;
 
 use common::assert_close;
+use platypus::cpu::lora;
 use platypus::ops::attention::{self, AttentionConfig, Batch};
 use platypus::ops::rmsnorm;
 use platypus::ops::rope::{self, RopeConfig, RopeStyle};
@@ -227,4 +228,82 @@ fn attention_kernels_match_pytorch_in_bf16_and_f16() {
     // the format's rounding (bf16 2^-8, f16 2^-11) at each tensor's scale.
     check_attention_fixtures(&Device::Emulated, DType::BF16, 4.0 / 256.0);
     check_attention_fixtures(&Device::Emulated, DType::F16, 4.0 / 2048.0);
+}
+
+#[test]
+fn lora_reference_matches_peft() {
+    let f = Fixture::load();
+    let get = |n: &str| f.f32(&format!("lora_linear/{n}"));
+    let (x, xs) = get("x");
+    let (w, ws) = get("W");
+    let (a, a_shape) = get("A");
+    let (b, _) = get("B");
+    let (dy, _) = get("dy");
+    let dims = lora::LoraDims {
+        tokens: xs[..xs.len() - 1].iter().product(),
+        in_features: *xs.last().unwrap(),
+        out_features: ws[0],
+        rank: a_shape[0],
+    };
+    assert_eq!(
+        (dims.tokens, dims.in_features, dims.out_features, dims.rank),
+        (33, 48, 40, 8)
+    );
+    // alpha 16 / r 8, no dropout.
+    let scale = 16.0 / dims.rank as f32;
+    let (y, _) = lora::forward(&x, &w, &a, &b, &dims, scale, None);
+    let (dx, da, db) = lora::backward(&x, &w, &a, &b, &dy, &dims, scale, None);
+    for (name, got) in [("y", &y), ("dx", &dx), ("dA", &da), ("dB", &db)] {
+        assert_close(
+            &format!("lora_linear/{name}"),
+            got,
+            &get(name).0,
+            1e-5,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn lora_kernels_match_peft_in_bf16_and_f16() {
+    use platypus::ops::lora::{self as lora_op, LoraConfig, LoraWeights};
+    let f = Fixture::load();
+    let get = |n: &str| f.f32(&format!("lora_linear/{n}"));
+    let dev = Device::Emulated;
+    // alpha 16, r 8, no dropout, as PEFT ran it.
+    let cfg = LoraConfig {
+        alpha: 16.0,
+        rslora: false,
+        dropout: 0.0,
+        seed: 0,
+        offset: 0,
+    };
+    for (dtype, unit) in [(DType::BF16, 1.0 / 256.0), (DType::F16, 1.0 / 2048.0)] {
+        let t = |n: &str, dtype| {
+            let (v, s) = get(n);
+            Tensor::from_f32(&v, &s, dtype, &dev).unwrap()
+        };
+        let (x, w, dy) = (t("x", dtype), t("W", dtype), t("dy", dtype));
+        let (a, b) = (t("A", DType::F32), t("B", DType::F32));
+        let weights = LoraWeights {
+            w: &w,
+            a: &a,
+            b: &b,
+        };
+        let out = lora_op::forward(&x, weights, &cfg).unwrap();
+        let g = lora_op::backward(&x, &dy, weights, &out.u, &cfg).unwrap();
+        for (name, got) in [("y", &out.y), ("dx", &g.dx), ("dA", &g.da), ("dB", &g.db)] {
+            let want = get(name).0;
+            // 16-bit inputs, adapter copies and outputs: a few units at the tensor's scale.
+            let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            let what = format!("lora_linear/{name} in {dtype} on {dev}");
+            assert_close(
+                &what,
+                &got.to_f32_vec().unwrap(),
+                &want,
+                4.0 * unit * scale,
+                0.0,
+            );
+        }
+    }
 }

@@ -119,3 +119,37 @@ fn attention_matches_cpu_on_the_gpu() {
         }
     }
 }
+
+#[test]
+fn lora_matches_cpu_on_the_gpu() {
+    use common::lora::LoraCase;
+    use platypus::ops::lora::LoraConfig;
+    let Some(gpu) = gpu() else { return };
+    // Llama-like widths (not multiples of the 128-wide tiles), Platypus' r 16 and dropout 0.05, and r 64.
+    for (tokens, in_features, out_features, rank) in [
+        (257, 1024, 2816, 16),
+        (1000, 520, 1032, 64),
+        (1, 4096, 8, 1),
+    ] {
+        for dtype in [DType::BF16, DType::F16] {
+            let cfg = LoraConfig {
+                alpha: 16.0,
+                rslora: false,
+                dropout: 0.05,
+                seed: 7,
+                offset: 3,
+            };
+            let case = LoraCase {
+                tokens,
+                in_features,
+                out_features,
+                rank,
+                dtype,
+                cfg,
+            };
+            if let Err(e) = case.check_against_cpu(&gpu, tokens as u64) {
+                panic!("{case:?}: {e}");
+            }
+        }
+    }
+}

@@ -45,6 +45,11 @@ fn every_kernel_is_built_for_sm80_and_sm90_and_the_emulator() {
         "rmsnorm_dw_reduce_f32",
         "rope_bf16",
         "rope_f32",
+        "attention_forward_bf16_d128_causal",
+        "attention_backward_dkdv_f16_d64",
+        "lora_gemm_nt_wide_bf16",
+        "lora_gemm_tn_short_f32out_f16",
+        "lora_merge_bf16",
     ] {
         assert!(
             names.contains(&expected),
@@ -104,7 +109,7 @@ fn sass(tool: &std::path::Path, stem: &str, arch: u32) -> Vec<(String, String)> 
 }
 
 #[test]
-fn attention_kernels_run_on_tensor_cores_without_atomics() {
+fn matrix_kernels_run_on_tensor_cores_without_atomics() {
     if !built_with_nvcc() {
         return;
     }
@@ -116,26 +121,34 @@ fn attention_kernels_run_on_tensor_cores_without_atomics() {
         eprintln!("SKIPPED: no cuobjdump to read the SASS with");
         return;
     };
+    // (module, which of its kernels are tensor-core products)
+    type IsProduct = fn(&str) -> bool;
+    let modules: [(&str, IsProduct); 2] = [
+        ("attention", |name| !name.contains("delta")),
+        ("lora", |name| name.contains("gemm")),
+    ];
     for arch in [80, 90]
         .into_iter()
         .filter(|a| kernels::CUDA_ARCHS.contains(a))
     {
-        let functions = sass(&tool, "attention", arch);
-        assert!(!functions.is_empty(), "no attention SASS for sm_{arch}");
-        for (name, code) in &functions {
-            // Deterministic backward: no global atomics or reductions anywhere.
-            for op in ["ATOMG", "RED.", "ATOM."] {
-                assert!(!code.contains(op), "{name} (sm_{arch}) uses {op}");
-            }
-            if name.contains("delta") {
-                continue;
-            }
-            for (op, what) in [
-                ("HMMA.16816.F32", "mma.sync m16n8k16"),
-                ("LDSM", "ldmatrix"),
-                ("LDGSTS", "cp.async"),
-            ] {
-                assert!(code.contains(op), "{name} (sm_{arch}) has no {op} ({what})");
+        for (module, is_product) in modules {
+            let functions = sass(&tool, module, arch);
+            assert!(!functions.is_empty(), "no {module} SASS for sm_{arch}");
+            for (name, code) in &functions {
+                // Deterministic: no global atomics or reductions anywhere.
+                for op in ["ATOMG", "RED.", "ATOM."] {
+                    assert!(!code.contains(op), "{name} (sm_{arch}) uses {op}");
+                }
+                if !is_product(name) {
+                    continue;
+                }
+                for (op, what) in [
+                    ("HMMA.16816.F32", "mma.sync m16n8k16"),
+                    ("LDSM", "ldmatrix"),
+                    ("LDGSTS", "cp.async"),
+                ] {
+                    assert!(code.contains(op), "{name} (sm_{arch}) has no {op} ({what})");
+                }
             }
         }
     }

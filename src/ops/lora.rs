@@ -1,0 +1,695 @@
+//! The fused LoRA linear layer PEFT puts on a Llama projection:
+//! y = x Wᵀ + s · dropout(x) Aᵀ Bᵀ, W [out, in] frozen, A [r, in] and
+//! B [out, r] trainable fp32 masters, s = alpha / r (or alpha / √r, rsLoRA).
+//!
+//! - x [..., in] and W in f16 or bf16 on the GPU and the emulator (fp32
+//!   accumulation on tensor cores), any float type on [`Device::Cpu`];
+//!   in and out multiples of 8 on the kernel devices; any rank ≥ 1.
+//! - Forward writes y once: u = dropout(x) Aᵀ first, then one GEMM over
+//!   K = in + r with [x | u] and [W | s·B]. u is returned for backward.
+//! - Backward: dx = dy W + s · mask/(1-p) ∘ (dy B) A in one GEMM over
+//!   K = out + r, dA = s (dy B)ᵀ dropout(x), dB = s dyᵀ u (fp32, summed in a
+//!   fixed order). The dropout mask is regenerated from (seed, offset), never
+//!   stored; [`crate::cpu::philox`] computes the same bits.
+//! - [`merge`] / [`unmerge`]: W ± s·B A in place, fp32 arithmetic.
+//!
+//! Kernels: `kernels/lora.cu`. CPU reference: [`crate::cpu::lora`].
+
+use super::{check_device, check_dtype, check_float, check_nonempty, check_shape, to_i32};
+use crate::cpu;
+use crate::cpu::lora::LoraDims;
+use crate::cpu::philox::Dropout;
+use crate::device::{DType, Device};
+use crate::error::{Error, Result};
+use crate::kernels::params::{LoraGemmParams, LoraMergeParams, LoraPackParams, LoraReduceParams};
+use crate::kernels::LaunchConfig;
+use crate::tensor::Tensor;
+
+/// Hyper-parameters of one adapter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraConfig {
+    /// LoRA alpha: the scale is alpha / r (alpha / √r with `rslora`).
+    pub alpha: f32,
+    /// Rank-stabilised scaling alpha / √r.
+    pub rslora: bool,
+    /// Dropout probability on the adapter's input, in [0, 1).
+    pub dropout: f32,
+    /// Dropout random stream: the mask of x element e is a function of (seed, offset, e).
+    pub seed: u64,
+    /// Start of this call's counters in the stream (advance it per layer and step).
+    pub offset: u64,
+}
+
+impl Default for LoraConfig {
+    /// Platypus' setting: alpha 16 (with r 16: scale 1), dropout 0.05, seed 0.
+    fn default() -> Self {
+        LoraConfig {
+            alpha: 16.0,
+            rslora: false,
+            dropout: 0.05,
+            seed: 0,
+            offset: 0,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// s = alpha / r, or alpha / √r with rsLoRA.
+    pub fn scale(&self, rank: usize) -> f32 {
+        if self.rslora {
+            self.alpha / (rank as f32).sqrt()
+        } else {
+            self.alpha / rank as f32
+        }
+    }
+
+    fn dropout(&self) -> Option<Dropout> {
+        (self.dropout > 0.0).then_some(Dropout {
+            p: self.dropout,
+            seed: self.seed,
+            offset: self.offset,
+        })
+    }
+}
+
+/// The layer's weights: W [out, in] in the activation dtype, A [r, in] and B [out, r] fp32.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraWeights<'a> {
+    /// Frozen base weight [out, in].
+    pub w: &'a Tensor,
+    /// lora_A [r, in], fp32.
+    pub a: &'a Tensor,
+    /// lora_B [out, r], fp32.
+    pub b: &'a Tensor,
+}
+
+/// What forward returns.
+#[derive(Debug)]
+pub struct LoraOutput {
+    /// [..., out], like x.
+    pub y: Tensor,
+    /// dropout(x) Aᵀ, saved for backward: [tokens, r rounded up to 16] in x's
+    /// dtype, the columns past r zero.
+    pub u: Tensor,
+}
+
+/// Gradients: dx like x, dA [r, in] and dB [out, r] in fp32. W gets none.
+#[derive(Debug)]
+pub struct LoraGrads {
+    /// dL/dx.
+    pub dx: Tensor,
+    /// dL/dA.
+    pub da: Tensor,
+    /// dL/dB.
+    pub db: Tensor,
+}
+
+/// Forward pass.
+pub fn forward(x: &Tensor, weights: LoraWeights<'_>, cfg: &LoraConfig) -> Result<LoraOutput> {
+    const OP: &str = "lora::forward";
+    let l = Layer::check(OP, x, weights, cfg)?;
+    let mut y_shape = x.shape().to_vec();
+    *y_shape.last_mut().expect("checked rank") = l.dims.out_features;
+    let device = x.device().clone();
+    let u_shape = [l.dims.tokens, l.r16];
+    if let Device::Cpu = device {
+        let (y, u) = cpu::lora::forward(
+            &x.to_f32_vec()?,
+            &weights.w.to_f32_vec()?,
+            &weights.a.to_f32_vec()?,
+            &weights.b.to_f32_vec()?,
+            &l.dims,
+            l.scale,
+            l.dropout.as_ref(),
+        );
+        return Ok(LoraOutput {
+            y: Tensor::from_f32(&y, &y_shape, x.dtype(), &device)?,
+            u: Tensor::from_f32(&l.pad_columns(&u), &u_shape, x.dtype(), &device)?,
+        });
+    }
+    let (a16, b16) = l.packed_adapter(OP, weights)?;
+    let u = Tensor::zeros(&u_shape, x.dtype(), &device)?;
+    let y = Tensor::zeros(&y_shape, x.dtype(), &device)?;
+    let (tokens, d_in, d_out) = (l.dims.tokens, l.dims.in_features, l.dims.out_features);
+    // u = dropout(x) A16ᵀ
+    let mut p = l.gemm(OP, x, d_in, &a16, d_in, d_in, &u, l.r16, tokens, l.r16)?;
+    l.set_mask(&mut p, MASK_A);
+    l.run(OP, "lora_gemm_nt_skinny", Tile::SKINNY, &mut p, 1)?;
+    // y = x Wᵀ + s u B16ᵀ
+    let mut p = l.gemm(OP, x, d_in, weights.w, d_in, d_in, &y, d_out, tokens, d_out)?;
+    l.set_segment2(&mut p, &u, l.r16, &b16, l.r16);
+    l.run(OP, "lora_gemm_nt_wide", Tile::WIDE, &mut p, 1)?;
+    Ok(LoraOutput { y, u })
+}
+
+/// Backward pass for upstream `dy` (like y), given forward's `u`.
+pub fn backward(
+    x: &Tensor,
+    dy: &Tensor,
+    weights: LoraWeights<'_>,
+    u: &Tensor,
+    cfg: &LoraConfig,
+) -> Result<LoraGrads> {
+    const OP: &str = "lora::backward";
+    let l = Layer::check(OP, x, weights, cfg)?;
+    let mut y_shape = x.shape().to_vec();
+    *y_shape.last_mut().expect("checked rank") = l.dims.out_features;
+    for (arg, t, shape) in [
+        ("dy", dy, y_shape.clone()),
+        ("u", u, vec![l.dims.tokens, l.r16]),
+    ] {
+        check_shape(OP, arg, t, &shape)?;
+        check_dtype(OP, arg, t, x.dtype())?;
+        check_device(OP, arg, t, x.device())?;
+    }
+    let device = x.device().clone();
+    let (r, d_in, d_out, tokens) = (
+        l.dims.rank,
+        l.dims.in_features,
+        l.dims.out_features,
+        l.dims.tokens,
+    );
+    if let Device::Cpu = device {
+        let (dx, da, db) = cpu::lora::backward(
+            &x.to_f32_vec()?,
+            &weights.w.to_f32_vec()?,
+            &weights.a.to_f32_vec()?,
+            &weights.b.to_f32_vec()?,
+            &dy.to_f32_vec()?,
+            &l.dims,
+            l.scale,
+            l.dropout.as_ref(),
+        );
+        return Ok(LoraGrads {
+            dx: Tensor::from_f32(&dx, x.shape(), x.dtype(), &device)?,
+            da: Tensor::from_slice(&da, &[r, d_in], &device)?,
+            db: Tensor::from_slice(&db, &[d_out, r], &device)?,
+        });
+    }
+    let (a16, b16) = l.packed_adapter(OP, weights)?;
+    let v = Tensor::zeros(&[tokens, l.r16], x.dtype(), &device)?;
+    let dx = Tensor::zeros(x.shape(), x.dtype(), &device)?;
+    // v = dy B16
+    let mut p = l.gemm(OP, dy, d_out, &b16, l.r16, d_out, &v, l.r16, tokens, l.r16)?;
+    l.run(OP, "lora_gemm_nn_skinny", Tile::SKINNY, &mut p, 1)?;
+    // dx = dy W + s mask/(1-p) (v A16)
+    let mut p = l.gemm(
+        OP, dy, d_out, weights.w, d_in, d_out, &dx, d_in, tokens, d_in,
+    )?;
+    l.set_segment2(&mut p, &v, l.r16, &a16, d_in);
+    l.set_mask(&mut p, MASK_SEGMENT2);
+    l.run(OP, "lora_gemm_nn_wide", Tile::WIDE, &mut p, 1)?;
+    // dA = s vᵀ dropout(x), dB = s dyᵀ u: reductions over the tokens, split
+    // for parallelism and summed in split order.
+    let splits = tokens.div_ceil(256).clamp(1, 16);
+    let da = l.reduce_over_tokens(
+        OP,
+        &v,
+        l.r16,
+        x,
+        d_in,
+        [r, d_in],
+        MASK_B,
+        Tile::SHORT,
+        splits,
+    )?;
+    let db = l.reduce_over_tokens(OP, dy, d_out, u, l.r16, [d_out, r], 0, Tile::SKINNY, splits)?;
+    Ok(LoraGrads { dx, da, db })
+}
+
+/// W += s · B A in place (the adapter merged into the base weight), computed
+/// in fp32 and rounded once to W's dtype.
+pub fn merge(w: &mut Tensor, a: &Tensor, b: &Tensor, scale: f32) -> Result<()> {
+    merge_signed("lora::merge", w, a, b, scale, 1.0)
+}
+
+/// W -= s · B A in place: the inverse of [`merge`] up to one rounding of W's dtype.
+pub fn unmerge(w: &mut Tensor, a: &Tensor, b: &Tensor, scale: f32) -> Result<()> {
+    merge_signed("lora::unmerge", w, a, b, scale, -1.0)
+}
+
+fn merge_signed(
+    op: &'static str,
+    w: &mut Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f32,
+    sign: f32,
+) -> Result<()> {
+    check_float(op, "w", w)?;
+    check_nonempty(op, "w", w)?;
+    let [d_out, d_in] = *w.shape() else {
+        return Err(Error::Shape {
+            op,
+            arg: "w",
+            expected: "[out, in]".into(),
+            got: w.shape().to_vec(),
+        });
+    };
+    let rank = check_adapter(op, a, b, d_out, d_in, w.device())?;
+    if !scale.is_finite() {
+        return Err(Error::Invalid {
+            op,
+            arg: "scale",
+            what: format!("{scale} is not finite"),
+        });
+    }
+    let device = w.device().clone();
+    if let Device::Cpu = device {
+        let mut wv = w.to_f32_vec()?;
+        let (av, bv) = (a.to_f32_vec()?, b.to_f32_vec()?);
+        if sign > 0.0 {
+            cpu::lora::merge(&mut wv, &av, &bv, d_out, d_in, rank, scale);
+        } else {
+            cpu::lora::unmerge(&mut wv, &av, &bv, d_out, d_in, rank, scale);
+        }
+        *w = Tensor::from_f32(&wv, w.shape(), w.dtype(), &device)?;
+        return Ok(());
+    }
+    check_kernel_dtype(op, "w", w)?;
+    let mut params = LoraMergeParams {
+        w: w.device_address() as *mut _,
+        a: a.device_address() as *const f32,
+        b: b.device_address() as *const f32,
+        in_features: to_i32(op, "w", d_in)?,
+        rank: to_i32(op, "a", rank)?,
+        scale,
+        sign,
+    };
+    let cfg = LaunchConfig {
+        grid: [d_in.div_ceil(256) as u32, grid_dim(op, "w", d_out)?, 1],
+        block: [256, 1, 1],
+        shared_bytes: 0,
+    };
+    device.launch(
+        &format!("lora_merge_{}", w.dtype().kernel_suffix()),
+        cfg,
+        &mut params,
+    )
+}
+
+/// Where a GEMM applies the dropout mask (kernels/lora.cu: enum Mask).
+const MASK_A: i32 = 1;
+const MASK_B: i32 = 2;
+const MASK_SEGMENT2: i32 = 3;
+
+/// A GEMM tile shape of kernels/lora.cu: C rows and columns per block,
+/// threads, and the dynamic shared memory of its 3-stage pipeline
+/// (stages · (A tile + B tile) · 2 bytes, 32-deep K tiles).
+#[derive(Debug, Clone, Copy)]
+struct Tile {
+    rows: usize,
+    cols: usize,
+    threads: u32,
+}
+
+impl Tile {
+    const WIDE: Tile = Tile {
+        rows: 128,
+        cols: 128,
+        threads: 256,
+    };
+    const SKINNY: Tile = Tile {
+        rows: 128,
+        cols: 32,
+        threads: 128,
+    };
+    const SHORT: Tile = Tile {
+        rows: 32,
+        cols: 128,
+        threads: 128,
+    };
+
+    fn shared_bytes(&self) -> u32 {
+        (3 * (self.rows + self.cols) * 32 * 2) as u32
+    }
+}
+
+/// A checked layer call.
+struct Layer {
+    device: Device,
+    dtype: DType,
+    dims: LoraDims,
+    /// Rank rounded up to 16: the K of the LoRA GEMM segments.
+    r16: usize,
+    scale: f32,
+    dropout: Option<Dropout>,
+}
+
+impl Layer {
+    fn check(
+        op: &'static str,
+        x: &Tensor,
+        weights: LoraWeights<'_>,
+        cfg: &LoraConfig,
+    ) -> Result<Layer> {
+        check_float(op, "x", x)?;
+        check_nonempty(op, "x", x)?;
+        let device = x.device();
+        let d_in = *x.shape().last().expect("non-empty tensors have a shape");
+        let [d_out, w_in] = *weights.w.shape() else {
+            return Err(Error::Shape {
+                op,
+                arg: "weights.w",
+                expected: "[out, in]".into(),
+                got: weights.w.shape().to_vec(),
+            });
+        };
+        if w_in != d_in {
+            return Err(Error::Shape {
+                op,
+                arg: "weights.w",
+                expected: format!("[out, {d_in}] (x has {d_in} features)"),
+                got: weights.w.shape().to_vec(),
+            });
+        }
+        check_dtype(op, "weights.w", weights.w, x.dtype())?;
+        check_device(op, "weights.w", weights.w, device)?;
+        let rank = check_adapter(op, weights.a, weights.b, d_out, d_in, device)?;
+        if !(0.0..1.0).contains(&cfg.dropout) {
+            return Err(Error::Invalid {
+                op,
+                arg: "cfg.dropout",
+                what: format!("{} is not in [0, 1)", cfg.dropout),
+            });
+        }
+        if !cfg.alpha.is_finite() {
+            return Err(Error::Invalid {
+                op,
+                arg: "cfg.alpha",
+                what: format!("{} is not finite", cfg.alpha),
+            });
+        }
+        if !matches!(device, Device::Cpu) {
+            check_kernel_dtype(op, "x", x)?;
+            for (arg, n) in [("x", d_in), ("weights.w", d_out)] {
+                if n % 8 != 0 {
+                    return Err(Error::Invalid {
+                        op,
+                        arg,
+                        what: format!(
+                            "{n} features: the kernels need a multiple of 8 (16-byte rows)"
+                        ),
+                    });
+                }
+            }
+            for (arg, t) in [
+                ("x", x),
+                ("weights.w", weights.w),
+                ("weights.a", weights.a),
+                ("weights.b", weights.b),
+            ] {
+                if t.device_address() % 16 != 0 {
+                    return Err(Error::Invalid {
+                        op,
+                        arg,
+                        what: format!("address 0x{:x} is not 16-byte aligned", t.device_address()),
+                    });
+                }
+            }
+        }
+        let tokens = x.elem_count() / d_in;
+        to_i32(op, "x", x.elem_count())?;
+        to_i32(op, "weights.w", d_out * d_in)?;
+        Ok(Layer {
+            device: device.clone(),
+            dtype: x.dtype(),
+            dims: LoraDims {
+                tokens,
+                in_features: d_in,
+                out_features: d_out,
+                rank,
+            },
+            r16: rank.div_ceil(16) * 16,
+            scale: cfg.scale(rank),
+            dropout: cfg.dropout(),
+        })
+    }
+
+    /// u [tokens, r] widened to [tokens, r16] with zero columns.
+    fn pad_columns(&self, u: &[f32]) -> Vec<f32> {
+        let r = self.dims.rank;
+        u.chunks_exact(r)
+            .flat_map(|row| {
+                row.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0.0, self.r16 - r))
+            })
+            .collect()
+    }
+
+    /// The 16-bit copies the GEMMs read: A16 [r16, in] and B16 [out, r16], zero-padded.
+    fn packed_adapter(
+        &self,
+        op: &'static str,
+        weights: LoraWeights<'_>,
+    ) -> Result<(Tensor, Tensor)> {
+        let dtype = weights.w.dtype();
+        let device = weights.w.device();
+        let (r, d_in, d_out) = (
+            self.dims.rank,
+            self.dims.in_features,
+            self.dims.out_features,
+        );
+        let a16 = Tensor::zeros(&[self.r16, d_in], dtype, device)?;
+        let b16 = Tensor::zeros(&[d_out, self.r16], dtype, device)?;
+        for (src, dst, rows, cols, rows_out, ld) in [
+            (weights.a, &a16, r, d_in, self.r16, d_in),
+            (weights.b, &b16, d_out, r, d_out, self.r16),
+        ] {
+            let mut p = LoraPackParams {
+                src: src.device_address() as *const f32,
+                dst: dst.device_address() as *mut _,
+                rows: to_i32(op, "weights", rows)?,
+                cols: to_i32(op, "weights", cols)?,
+                ld: to_i32(op, "weights", ld)?,
+                pad0: 0,
+            };
+            let cfg = LaunchConfig {
+                grid: [
+                    ld.div_ceil(256) as u32,
+                    grid_dim(op, "weights", rows_out)?,
+                    1,
+                ],
+                block: [256, 1, 1],
+                shared_bytes: 0,
+            };
+            device.launch(
+                &format!("lora_pack_weights_{}", dtype.kernel_suffix()),
+                cfg,
+                &mut p,
+            )?;
+        }
+        Ok((a16, b16))
+    }
+
+    /// Parameters of C [m, n] (leading dimension ldc) = A B over K = k, A with
+    /// leading dimension lda, B with ldb; no second segment, no mask.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        op: &'static str,
+        a: &Tensor,
+        lda: usize,
+        b: &Tensor,
+        ldb: usize,
+        k: usize,
+        c: &Tensor,
+        ldc: usize,
+        m: usize,
+        n: usize,
+    ) -> Result<LoraGemmParams> {
+        Ok(LoraGemmParams {
+            a: a.device_address() as *const _,
+            b: b.device_address() as *const _,
+            lda: lda as i64,
+            ldb: ldb as i64,
+            k: to_i32(op, "x", k)?,
+            k2: 0,
+            a2: std::ptr::null(),
+            b2: std::ptr::null(),
+            lda2: 0,
+            ldb2: 0,
+            c: c.device_address() as *mut _,
+            ldc: ldc as i64,
+            m: to_i32(op, "x", m)?,
+            n: to_i32(op, "x", n)?,
+            k_per_split: 0,
+            mask: 0,
+            scale: self.scale,
+            out_scale: 1.0,
+            dropout_p: 0.0,
+            pad0: 0,
+            seed: 0,
+            offset: 0,
+            mask_cols: self.dims.in_features as i64,
+        })
+    }
+
+    /// Adds the LoRA segment a2 b2 (K = r16) to a GEMM.
+    fn set_segment2(
+        &self,
+        p: &mut LoraGemmParams,
+        a2: &Tensor,
+        lda2: usize,
+        b2: &Tensor,
+        ldb2: usize,
+    ) {
+        p.a2 = a2.device_address() as *const _;
+        p.b2 = b2.device_address() as *const _;
+        p.lda2 = lda2 as i64;
+        p.ldb2 = ldb2 as i64;
+        p.k2 = self.r16 as i32;
+    }
+
+    /// Applies this call's dropout (if any) at `mask`. A masked A or B tile
+    /// only zeroes the dropped elements, so the 1 / (1 - p) goes into out_scale.
+    fn set_mask(&self, p: &mut LoraGemmParams, mask: i32) {
+        if let Some(d) = &self.dropout {
+            p.mask = mask;
+            p.dropout_p = d.p;
+            p.seed = d.seed;
+            p.offset = d.offset;
+            if mask == MASK_A || mask == MASK_B {
+                p.out_scale *= d.scale();
+            }
+        }
+    }
+
+    /// Launches `{kernel}_{dtype}` on tile shape `tile` with `splits` K splits.
+    fn run(
+        &self,
+        op: &'static str,
+        kernel: &str,
+        tile: Tile,
+        p: &mut LoraGemmParams,
+        splits: usize,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid: [
+                (p.n as usize).div_ceil(tile.cols) as u32,
+                grid_dim(op, "x", (p.m as usize).div_ceil(tile.rows))?,
+                splits as u32,
+            ],
+            block: [tile.threads, 1, 1],
+            shared_bytes: tile.shared_bytes(),
+        };
+        self.device
+            .launch(&format!("{kernel}_{}", self.dtype.kernel_suffix()), cfg, p)
+    }
+
+    /// out [m, n] fp32 = s · aᵀ b summed over the tokens: a [tokens, m]
+    /// (leading dimension lda), b [tokens, n] (ldb), `splits` partial sums
+    /// reduced in order.
+    #[allow(clippy::too_many_arguments)]
+    fn reduce_over_tokens(
+        &self,
+        op: &'static str,
+        a: &Tensor,
+        lda: usize,
+        b: &Tensor,
+        ldb: usize,
+        [m, n]: [usize; 2],
+        mask: i32,
+        tile: Tile,
+        splits: usize,
+    ) -> Result<Tensor> {
+        let device = a.device();
+        let out = Tensor::zeros(&[m, n], DType::F32, device)?;
+        let partial = if splits > 1 {
+            Tensor::zeros(&[splits, m, n], DType::F32, device)?
+        } else {
+            Tensor::zeros(&[1], DType::F32, device)?
+        };
+        let target = if splits > 1 { &partial } else { &out };
+        let tokens = self.dims.tokens;
+        let mut p = self.gemm(op, a, lda, b, ldb, tokens, target, n, m, n)?;
+        p.out_scale = self.scale;
+        p.k_per_split = (tokens.div_ceil(splits).div_ceil(32) * 32) as i32;
+        self.set_mask(&mut p, mask); // after out_scale: it multiplies in 1 / (1 - p)
+        let kernel = if tile.rows == Tile::SHORT.rows {
+            "lora_gemm_tn_short_f32out"
+        } else {
+            "lora_gemm_tn_skinny_f32out"
+        };
+        // Splits past the last token would add nothing.
+        let splits = tokens.div_ceil(p.k_per_split as usize).max(1);
+        self.run(op, kernel, tile, &mut p, splits)?;
+        if splits > 1 {
+            let mut r = LoraReduceParams {
+                partial: partial.device_address() as *const f32,
+                out: out.device_address() as *mut f32,
+                n: (m * n) as i64,
+                splits: splits as i32,
+                pad0: 0,
+            };
+            let blocks = u32::try_from((m * n).div_ceil(256)).map_err(|_| Error::Invalid {
+                op,
+                arg: "x",
+                what: "too many adapter weights".into(),
+            })?;
+            device.launch(
+                "lora_splitk_reduce",
+                LaunchConfig::linear(blocks, 256, 0),
+                &mut r,
+            )?;
+        }
+        Ok(out)
+    }
+}
+
+/// Checks A [r, in] and B [out, r] (fp32, on `device`); returns r.
+fn check_adapter(
+    op: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    d_out: usize,
+    d_in: usize,
+    device: &Device,
+) -> Result<usize> {
+    let rank = match *a.shape() {
+        [r, i] if i == d_in && r > 0 => r,
+        _ => {
+            return Err(Error::Shape {
+                op,
+                arg: "weights.a",
+                expected: format!("[r, {d_in}] with r >= 1"),
+                got: a.shape().to_vec(),
+            })
+        }
+    };
+    check_shape(op, "weights.b", b, &[d_out, rank])?;
+    for (arg, t) in [("weights.a", a), ("weights.b", b)] {
+        check_dtype(op, arg, t, DType::F32)?;
+        check_device(op, arg, t, device)?;
+    }
+    Ok(rank)
+}
+
+/// The tensor-core kernels take f16 or bf16.
+fn check_kernel_dtype(op: &'static str, arg: &'static str, t: &Tensor) -> Result<()> {
+    if matches!(t.dtype(), DType::F16 | DType::BF16) {
+        Ok(())
+    } else {
+        Err(Error::DType {
+            op,
+            arg,
+            expected: "f16 or bf16 (the kernels run on tensor cores; f32 runs on Device::Cpu)"
+                .into(),
+            got: t.dtype(),
+        })
+    }
+}
+
+/// A grid's y or z extent.
+fn grid_dim(op: &'static str, arg: &'static str, n: usize) -> Result<u32> {
+    if n <= 65535 {
+        Ok(n.max(1) as u32)
+    } else {
+        Err(Error::Invalid {
+            op,
+            arg,
+            what: format!("{n} blocks along a grid dimension that holds 65535"),
+        })
+    }
+}
