@@ -251,6 +251,16 @@ __device__ __forceinline__ void pack_weights(const LoraPackParams& p) {
     static_cast<T*>(p.dst)[static_cast<size_t>(r) * p.ld + c] = from_float<T>(inside ? p.src[static_cast<size_t>(r) * p.cols + c] : 0.0f);
 }
 
+/// y[i] += scale * t[i]: the add that ends the unfused PEFT sequence (the
+/// benchmark baseline; the fused layer never needs it).
+template <typename T>
+__device__ __forceinline__ void add_scaled(const LoraAddParams& p) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= p.n) return;
+    T* y = static_cast<T*>(p.y);
+    y[i] = from_float<T>(to_float(y[i]) + p.scale * to_float(static_cast<const T*>(p.t)[i]));
+}
+
 }  // namespace lora
 }  // namespace platypus
 
@@ -268,24 +278,27 @@ PLATYPUS_EXPORT_KERNEL(lora_splitk_reduce)
 
 // ---- entry points ------------------------------------------------------------------------------
 
-#define LORA_KERNEL(name, threads, body)                                                          \
-    extern "C" __global__ void __launch_bounds__(threads, 1) name(LoraGemmParams p) { body; } \
+#define LORA_KERNEL(name, threads, min_blocks, body)                                                        \
+    extern "C" __global__ void __launch_bounds__(threads, min_blocks) name(LoraGemmParams p) { body; } \
     PLATYPUS_EXPORT_KERNEL(name)
 
-// Tile shapes: `wide` 128 x 128 (8 warps, 64 x 32 each) for the full-size
+// Tile shapes: `wide` 128 x 128 (8 warps, 64 x 32 each; two blocks per SM,
+// which holds it to 128 registers without spills) for the full-size
 // products; `skinny` 128 x 32 (4 warps, 32 x 32) for N = r; `short` 32 x 128
 // (4 warps, 32 x 32) for M = r.
 #define LORA_GEMMS(T, tname)                                                                                                           \
-    LORA_KERNEL(lora_gemm_nt_wide_##tname, 256, (platypus::lora::gemm<T, T, true, true, 128, 128, 2, 4>(p)))                         \
-    LORA_KERNEL(lora_gemm_nt_skinny_##tname, 128, (platypus::lora::gemm<T, T, true, true, 128, 32, 4, 1>(p)))                        \
-    LORA_KERNEL(lora_gemm_nn_wide_##tname, 256, (platypus::lora::gemm<T, T, true, false, 128, 128, 2, 4>(p)))                        \
-    LORA_KERNEL(lora_gemm_nn_skinny_##tname, 128, (platypus::lora::gemm<T, T, true, false, 128, 32, 4, 1>(p)))                       \
-    LORA_KERNEL(lora_gemm_tn_short_f32out_##tname, 128, (platypus::lora::gemm<T, float, false, false, 32, 128, 1, 4>(p)))            \
-    LORA_KERNEL(lora_gemm_tn_skinny_f32out_##tname, 128, (platypus::lora::gemm<T, float, false, false, 128, 32, 4, 1>(p)))           \
+    LORA_KERNEL(lora_gemm_nt_wide_##tname, 256, 2, (platypus::lora::gemm<T, T, true, true, 128, 128, 2, 4>(p)))                         \
+    LORA_KERNEL(lora_gemm_nt_skinny_##tname, 128, 1, (platypus::lora::gemm<T, T, true, true, 128, 32, 4, 1>(p)))                        \
+    LORA_KERNEL(lora_gemm_nn_wide_##tname, 256, 2, (platypus::lora::gemm<T, T, true, false, 128, 128, 2, 4>(p)))                        \
+    LORA_KERNEL(lora_gemm_nn_skinny_##tname, 128, 1, (platypus::lora::gemm<T, T, true, false, 128, 32, 4, 1>(p)))                       \
+    LORA_KERNEL(lora_gemm_tn_short_f32out_##tname, 128, 1, (platypus::lora::gemm<T, float, false, false, 32, 128, 1, 4>(p)))            \
+    LORA_KERNEL(lora_gemm_tn_skinny_f32out_##tname, 128, 1, (platypus::lora::gemm<T, float, false, false, 128, 32, 4, 1>(p)))           \
     extern "C" __global__ void __launch_bounds__(256) lora_merge_##tname(LoraMergeParams p) { platypus::lora::merge<T>(p); }                 \
     PLATYPUS_EXPORT_KERNEL(lora_merge_##tname)                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) lora_pack_weights_##tname(LoraPackParams p) { platypus::lora::pack_weights<T>(p); }    \
-    PLATYPUS_EXPORT_KERNEL(lora_pack_weights_##tname)
+    PLATYPUS_EXPORT_KERNEL(lora_pack_weights_##tname)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) lora_add_scaled_##tname(LoraAddParams p) { platypus::lora::add_scaled<T>(p); }       \
+    PLATYPUS_EXPORT_KERNEL(lora_add_scaled_##tname)
 
 LORA_GEMMS(__nv_bfloat16, bf16)
 LORA_GEMMS(__half, f16)

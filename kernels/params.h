@@ -150,6 +150,15 @@ typedef struct LoraPackParams {
     int32_t pad0;
 } LoraPackParams;
 
+/// y += scale * t elementwise (n elements of the 16-bit dtype).
+typedef struct LoraAddParams {
+    void* y;
+    const void* t;
+    int64_t n;
+    float scale;
+    int32_t pad0;
+} LoraAddParams;
+
 /// Arguments of the emulator's self-test kernels (kernels/emu/selftest.cu).
 typedef struct EmuSelftestParams {
     int32_t* out;        ///< results, laid out per kernel

@@ -56,8 +56,10 @@ __device__ __forceinline__ unsigned dropout_keep8(uint64_t seed, uint64_t offset
 __device__ __forceinline__ unsigned dropout_keep2(uint64_t seed, uint64_t offset, uint64_t first, float p) {
     const uint32_t threshold = dropout_threshold(p);
     const Philox4 r = philox4x32_10(offset + first / 4, seed);
-    const int w = static_cast<int>(first % 4);
-    return static_cast<unsigned>((r.v[w] >> 8) >= threshold) | static_cast<unsigned>((r.v[w + 1] >> 8) >= threshold) << 1;
+    // Words 0, 1 or 2, 3: selected, not indexed, so r stays in registers.
+    const bool upper = first % 4 != 0;
+    const uint32_t w0 = upper ? r.v[2] : r.v[0], w1 = upper ? r.v[3] : r.v[1];
+    return static_cast<unsigned>((w0 >> 8) >= threshold) | static_cast<unsigned>((w1 >> 8) >= threshold) << 1;
 }
 
 }  // namespace platypus

@@ -160,6 +160,7 @@ impl KernelParams for params::LoraGemmParams {}
 impl KernelParams for params::LoraReduceParams {}
 impl KernelParams for params::LoraMergeParams {}
 impl KernelParams for params::LoraPackParams {}
+impl KernelParams for params::LoraAddParams {}
 
 impl Device {
     /// Launches `kernel` with `params` as its one argument. The same call runs

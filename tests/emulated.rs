@@ -391,3 +391,59 @@ fn lora_merge_then_unmerge_restores_w_and_merged_forward_matches() {
         );
     }
 }
+
+#[test]
+fn lora_base_layer_and_unfused_sequence_match_cpu() {
+    use platypus::ops::lora::{self, LoraWeights};
+    let dev = Device::Emulated;
+    let (t, i, o, r) = (70, 264, 136, 16);
+    let mut rng = Rng::new(9);
+    for dtype in [DType::BF16, DType::F16] {
+        let unit = if dtype == DType::BF16 {
+            1.0 / 256.0
+        } else {
+            1.0 / 2048.0
+        };
+        let x = round_to(&rng.normal_vec(t * i, 1.0), dtype);
+        let w = round_to(&rng.normal_vec(o * i, 0.1), dtype);
+        let dy = round_to(&rng.normal_vec(t * o, 1.0), dtype);
+        let a = round_to(&rng.normal_vec(r * i, 0.1), dtype);
+        let b = round_to(&rng.normal_vec(o * r, 0.1), dtype);
+        let cfg = LoraConfig {
+            dropout: 0.1,
+            seed: 3,
+            ..LoraConfig::default()
+        };
+        let run = |dev: &Device, dtype: DType| {
+            let xt = Tensor::from_f32(&x, &[t, i], dtype, dev).unwrap();
+            let wt = Tensor::from_f32(&w, &[o, i], dtype, dev).unwrap();
+            let dyt = Tensor::from_f32(&dy, &[t, o], dtype, dev).unwrap();
+            let at = Tensor::from_slice(&a, &[r, i], dev).unwrap();
+            let bt = Tensor::from_slice(&b, &[o, r], dev).unwrap();
+            let weights = LoraWeights {
+                w: &wt,
+                a: &at,
+                b: &bt,
+            };
+            [
+                lora::linear(&xt, &wt).unwrap(),
+                lora::linear_backward(&dyt, &wt).unwrap(),
+                lora::forward_unfused(&xt, weights, &cfg).unwrap().y,
+            ]
+            .map(|t| t.to_f32_vec().unwrap())
+        };
+        let got = run(&dev, dtype);
+        let want = run(&Device::Cpu, DType::F32);
+        for ((g, w), name) in
+            got.iter()
+                .zip(&want)
+                .zip(["linear", "linear_backward", "forward_unfused"])
+        {
+            let err = common::lora::relative_max_error(g, w);
+            assert!(
+                err <= 4.0 * unit,
+                "{name} in {dtype}: max error {err} of its scale"
+            );
+        }
+    }
+}

@@ -134,7 +134,8 @@ struct Row {
 
 fn kernels(json: bool) -> String {
     let mut out = String::new();
-    let shapes = platypus::ops::attention::kernel_launch_shapes();
+    let mut shapes = platypus::ops::attention::kernel_launch_shapes();
+    shapes.extend(platypus::ops::lora::kernel_launch_shapes());
     let rows: Vec<Row> = platypus::kernels::PTXAS
         .iter()
         .map(|r| {

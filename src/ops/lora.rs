@@ -21,7 +21,9 @@ use crate::cpu::lora::LoraDims;
 use crate::cpu::philox::Dropout;
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
-use crate::kernels::params::{LoraGemmParams, LoraMergeParams, LoraPackParams, LoraReduceParams};
+use crate::kernels::params::{
+    LoraAddParams, LoraGemmParams, LoraMergeParams, LoraPackParams, LoraReduceParams,
+};
 use crate::kernels::LaunchConfig;
 use crate::tensor::Tensor;
 
@@ -217,6 +219,120 @@ pub fn backward(
     Ok(LoraGrads { dx, da, db })
 }
 
+/// The base layer alone, y = x Wᵀ, on the fused layer's GEMM kernel: for
+/// frozen layers without an adapter, and the baseline of the benchmarks.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    const OP: &str = "lora::linear";
+    let l = Layer::check_base(OP, x, w)?;
+    let mut y_shape = x.shape().to_vec();
+    *y_shape.last_mut().expect("checked rank") = l.dims.out_features;
+    if let Device::Cpu = l.device {
+        let (y, _) = cpu::lora::forward(
+            &x.to_f32_vec()?,
+            &w.to_f32_vec()?,
+            &[],
+            &[],
+            &l.dims,
+            1.0,
+            None,
+        );
+        return Tensor::from_f32(&y, &y_shape, x.dtype(), &l.device);
+    }
+    let y = Tensor::zeros(&y_shape, x.dtype(), &l.device)?;
+    let (tokens, d_in, d_out) = (l.dims.tokens, l.dims.in_features, l.dims.out_features);
+    let mut p = l.gemm(OP, x, d_in, w, d_in, d_in, &y, d_out, tokens, d_out)?;
+    l.run(OP, "lora_gemm_nt_wide", Tile::WIDE, &mut p, 1)?;
+    Ok(y)
+}
+
+/// dx = dy W for the base layer alone (W frozen).
+pub fn linear_backward(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+    const OP: &str = "lora::linear_backward";
+    check_float(OP, "dy", dy)?;
+    let [d_out, d_in] = *w.shape() else {
+        return Err(Error::Shape {
+            op: OP,
+            arg: "weights.w",
+            expected: "[out, in]".into(),
+            got: w.shape().to_vec(),
+        });
+    };
+    // dy W is x Wᵀ's shape check with the roles of in and out swapped.
+    let mut dx_shape = dy.shape().to_vec();
+    if dx_shape.last() != Some(&d_out) {
+        return Err(Error::Shape {
+            op: OP,
+            arg: "dy",
+            expected: format!("[..., {d_out}]"),
+            got: dy.shape().to_vec(),
+        });
+    }
+    *dx_shape.last_mut().expect("checked") = d_in;
+    let l = Layer::check_base(OP, &Tensor::zeros(&[1, d_in], dy.dtype(), dy.device())?, w)?;
+    let tokens = dy.elem_count() / d_out;
+    if let Device::Cpu = l.device {
+        let dims = LoraDims { tokens, ..l.dims };
+        let x = vec![0.0; tokens * d_in];
+        let (dx, _, _) = cpu::lora::backward(
+            &x,
+            &w.to_f32_vec()?,
+            &[],
+            &[],
+            &dy.to_f32_vec()?,
+            &dims,
+            1.0,
+            None,
+        );
+        return Tensor::from_f32(&dx, &dx_shape, dy.dtype(), &l.device);
+    }
+    let dx = Tensor::zeros(&dx_shape, dy.dtype(), &l.device)?;
+    let mut p = l.gemm(OP, dy, d_out, w, d_in, d_out, &dx, d_in, tokens, d_in)?;
+    l.run(OP, "lora_gemm_nn_wide", Tile::WIDE, &mut p, 1)?;
+    Ok(dx)
+}
+
+/// The PEFT sequence unfused, for comparison with [`forward`]: y = x Wᵀ,
+/// u = dropout(x) Aᵀ, t = u Bᵀ, y += s t — three GEMMs and an add, with the
+/// full-size t written and read once more.
+pub fn forward_unfused(
+    x: &Tensor,
+    weights: LoraWeights<'_>,
+    cfg: &LoraConfig,
+) -> Result<LoraOutput> {
+    const OP: &str = "lora::forward_unfused";
+    let l = Layer::check(OP, x, weights, cfg)?;
+    if let Device::Cpu = l.device {
+        return forward(x, weights, cfg);
+    }
+    let y = linear(x, weights.w)?;
+    let (a16, b16) = l.packed_adapter(OP, weights)?;
+    let (tokens, d_in, d_out) = (l.dims.tokens, l.dims.in_features, l.dims.out_features);
+    let u = Tensor::zeros(&[tokens, l.r16], x.dtype(), &l.device)?;
+    let mut p = l.gemm(OP, x, d_in, &a16, d_in, d_in, &u, l.r16, tokens, l.r16)?;
+    l.set_mask(&mut p, MASK_A);
+    l.run(OP, "lora_gemm_nt_skinny", Tile::SKINNY, &mut p, 1)?;
+    let t = Tensor::zeros(y.shape(), x.dtype(), &l.device)?;
+    let mut p = l.gemm(OP, &u, l.r16, &b16, l.r16, l.r16, &t, d_out, tokens, d_out)?;
+    l.run(OP, "lora_gemm_nt_wide", Tile::WIDE, &mut p, 1)?;
+    let n = y.elem_count();
+    let mut add = LoraAddParams {
+        y: y.device_address() as *mut _,
+        t: t.device_address() as *const _,
+        n: n as i64,
+        scale: l.scale,
+        pad0: 0,
+    };
+    let blocks = u32::try_from(n.div_ceil(256)).map_err(|_| Error::Invalid {
+        op: OP,
+        arg: "x",
+        what: "too many outputs for one launch".into(),
+    })?;
+    let kernel = format!("lora_add_scaled_{}", l.dtype.kernel_suffix());
+    l.device
+        .launch(&kernel, LaunchConfig::linear(blocks, 256, 0), &mut add)?;
+    Ok(LoraOutput { y, u })
+}
+
 /// W += s · B A in place (the adapter merged into the base weight), computed
 /// in fp32 and rounded once to W's dtype.
 pub fn merge(w: &mut Tensor, a: &Tensor, b: &Tensor, scale: f32) -> Result<()> {
@@ -288,6 +404,25 @@ fn merge_signed(
     )
 }
 
+/// Every LoRA GEMM kernel with its launch shape: (name, threads per block,
+/// dynamic shared memory bytes), for occupancy reports.
+pub fn kernel_launch_shapes() -> Vec<(String, u32, u32)> {
+    let gemms = [
+        ("lora_gemm_nt_wide", Tile::WIDE),
+        ("lora_gemm_nt_skinny", Tile::SKINNY),
+        ("lora_gemm_nn_wide", Tile::WIDE),
+        ("lora_gemm_nn_skinny", Tile::SKINNY),
+        ("lora_gemm_tn_short_f32out", Tile::SHORT),
+        ("lora_gemm_tn_skinny_f32out", Tile::SKINNY),
+    ];
+    ["bf16", "f16"]
+        .into_iter()
+        .flat_map(|dtype| {
+            gemms.map(|(name, tile)| (format!("{name}_{dtype}"), tile.threads, tile.shared_bytes()))
+        })
+        .collect()
+}
+
 /// Where a GEMM applies the dropout mask (kernels/lora.cu: enum Mask).
 const MASK_A: i32 = 1;
 const MASK_B: i32 = 2;
@@ -337,22 +472,18 @@ struct Layer {
 }
 
 impl Layer {
-    fn check(
-        op: &'static str,
-        x: &Tensor,
-        weights: LoraWeights<'_>,
-        cfg: &LoraConfig,
-    ) -> Result<Layer> {
+    /// Checks x [..., in] and W [out, in] (the base layer): a Layer of rank 0.
+    fn check_base(op: &'static str, x: &Tensor, w: &Tensor) -> Result<Layer> {
         check_float(op, "x", x)?;
         check_nonempty(op, "x", x)?;
         let device = x.device();
         let d_in = *x.shape().last().expect("non-empty tensors have a shape");
-        let [d_out, w_in] = *weights.w.shape() else {
+        let [d_out, w_in] = *w.shape() else {
             return Err(Error::Shape {
                 op,
                 arg: "weights.w",
                 expected: "[out, in]".into(),
-                got: weights.w.shape().to_vec(),
+                got: w.shape().to_vec(),
             });
         };
         if w_in != d_in {
@@ -360,12 +491,53 @@ impl Layer {
                 op,
                 arg: "weights.w",
                 expected: format!("[out, {d_in}] (x has {d_in} features)"),
-                got: weights.w.shape().to_vec(),
+                got: w.shape().to_vec(),
             });
         }
-        check_dtype(op, "weights.w", weights.w, x.dtype())?;
-        check_device(op, "weights.w", weights.w, device)?;
-        let rank = check_adapter(op, weights.a, weights.b, d_out, d_in, device)?;
+        check_dtype(op, "weights.w", w, x.dtype())?;
+        check_device(op, "weights.w", w, device)?;
+        if !matches!(device, Device::Cpu) {
+            check_kernel_dtype(op, "x", x)?;
+            for (arg, n) in [("x", d_in), ("weights.w", d_out)] {
+                if n % 8 != 0 {
+                    return Err(Error::Invalid {
+                        op,
+                        arg,
+                        what: format!(
+                            "{n} features: the kernels need a multiple of 8 (16-byte rows)"
+                        ),
+                    });
+                }
+            }
+            check_aligned16(op, &[("x", x), ("weights.w", w)])?;
+        }
+        to_i32(op, "x", x.elem_count())?;
+        to_i32(op, "weights.w", d_out * d_in)?;
+        Ok(Layer {
+            device: device.clone(),
+            dtype: x.dtype(),
+            dims: LoraDims {
+                tokens: x.elem_count() / d_in,
+                in_features: d_in,
+                out_features: d_out,
+                rank: 0,
+            },
+            r16: 0,
+            scale: 1.0,
+            dropout: None,
+        })
+    }
+
+    /// Checks the whole layer call: base, adapter and hyper-parameters.
+    fn check(
+        op: &'static str,
+        x: &Tensor,
+        weights: LoraWeights<'_>,
+        cfg: &LoraConfig,
+    ) -> Result<Layer> {
+        let mut layer = Layer::check_base(op, x, weights.w)?;
+        let (d_out, d_in) = (layer.dims.out_features, layer.dims.in_features);
+        let rank = check_adapter(op, weights.a, weights.b, d_out, d_in, x.device())?;
         if !(0.0..1.0).contains(&cfg.dropout) {
             return Err(Error::Invalid {
                 op,
@@ -380,50 +552,14 @@ impl Layer {
                 what: format!("{} is not finite", cfg.alpha),
             });
         }
-        if !matches!(device, Device::Cpu) {
-            check_kernel_dtype(op, "x", x)?;
-            for (arg, n) in [("x", d_in), ("weights.w", d_out)] {
-                if n % 8 != 0 {
-                    return Err(Error::Invalid {
-                        op,
-                        arg,
-                        what: format!(
-                            "{n} features: the kernels need a multiple of 8 (16-byte rows)"
-                        ),
-                    });
-                }
-            }
-            for (arg, t) in [
-                ("x", x),
-                ("weights.w", weights.w),
-                ("weights.a", weights.a),
-                ("weights.b", weights.b),
-            ] {
-                if t.device_address() % 16 != 0 {
-                    return Err(Error::Invalid {
-                        op,
-                        arg,
-                        what: format!("address 0x{:x} is not 16-byte aligned", t.device_address()),
-                    });
-                }
-            }
+        if !matches!(x.device(), Device::Cpu) {
+            check_aligned16(op, &[("weights.a", weights.a), ("weights.b", weights.b)])?;
         }
-        let tokens = x.elem_count() / d_in;
-        to_i32(op, "x", x.elem_count())?;
-        to_i32(op, "weights.w", d_out * d_in)?;
-        Ok(Layer {
-            device: device.clone(),
-            dtype: x.dtype(),
-            dims: LoraDims {
-                tokens,
-                in_features: d_in,
-                out_features: d_out,
-                rank,
-            },
-            r16: rank.div_ceil(16) * 16,
-            scale: cfg.scale(rank),
-            dropout: cfg.dropout(),
-        })
+        layer.dims.rank = rank;
+        layer.r16 = rank.div_ceil(16) * 16;
+        layer.scale = cfg.scale(rank);
+        layer.dropout = cfg.dropout();
+        Ok(layer)
     }
 
     /// u [tokens, r] widened to [tokens, r16] with zero columns.
@@ -664,6 +800,20 @@ fn check_adapter(
         check_device(op, arg, t, device)?;
     }
     Ok(rank)
+}
+
+/// Checks that every named tensor starts 16-byte aligned (cp.async moves 16-byte chunks).
+fn check_aligned16(op: &'static str, tensors: &[(&'static str, &Tensor)]) -> Result<()> {
+    for &(arg, t) in tensors {
+        if t.device_address() % 16 != 0 {
+            return Err(Error::Invalid {
+                op,
+                arg,
+                what: format!("address 0x{:x} is not 16-byte aligned", t.device_address()),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The tensor-core kernels take f16 or bf16.
