@@ -358,12 +358,8 @@ fn lora_merge_then_unmerge_restores_w_and_merged_forward_matches() {
         .y
         .to_f32_vec()
         .unwrap();
-        let unit = if dtype == DType::BF16 {
-            1.0 / 256.0
-        } else {
-            1.0 / 2048.0
-        };
-        let err = common::lora::relative_max_error(&merged_y, &lora_y);
+        let unit = common::rounding_unit(dtype);
+        let err = common::relative_max_error(&merged_y, &lora_y);
         assert!(
             err <= 4.0 * unit,
             "{dtype}: merged forward off by {err} of its scale"
@@ -399,11 +395,7 @@ fn lora_base_layer_and_unfused_sequence_match_cpu() {
     let (t, i, o, r) = (70, 264, 136, 16);
     let mut rng = Rng::new(9);
     for dtype in [DType::BF16, DType::F16] {
-        let unit = if dtype == DType::BF16 {
-            1.0 / 256.0
-        } else {
-            1.0 / 2048.0
-        };
+        let unit = common::rounding_unit(dtype);
         let x = round_to(&rng.normal_vec(t * i, 1.0), dtype);
         let w = round_to(&rng.normal_vec(o * i, 0.1), dtype);
         let dy = round_to(&rng.normal_vec(t * o, 1.0), dtype);
@@ -434,16 +426,9 @@ fn lora_base_layer_and_unfused_sequence_match_cpu() {
         };
         let got = run(&dev, dtype);
         let want = run(&Device::Cpu, DType::F32);
-        for ((g, w), name) in
-            got.iter()
-                .zip(&want)
-                .zip(["linear", "linear_backward", "forward_unfused"])
-        {
-            let err = common::lora::relative_max_error(g, w);
-            assert!(
-                err <= 4.0 * unit,
-                "{name} in {dtype}: max error {err} of its scale"
-            );
+        let names = ["linear", "linear_backward", "forward_unfused"];
+        if let Err(e) = common::check_results(&names, &got, &want, |_| 4.0 * unit) {
+            panic!("{dtype}: {e}");
         }
     }
 }

@@ -249,14 +249,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 pub fn linear_backward(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     const OP: &str = "lora::linear_backward";
     check_float(OP, "dy", dy)?;
-    let [d_out, d_in] = *w.shape() else {
-        return Err(Error::Shape {
-            op: OP,
-            arg: "weights.w",
-            expected: "[out, in]".into(),
-            got: w.shape().to_vec(),
-        });
-    };
+    let (d_out, d_in) = weight_dims(OP, "weights.w", w)?;
     // dy W is x Wᵀ's shape check with the roles of in and out swapped.
     let mut dx_shape = dy.shape().to_vec();
     if dx_shape.last() != Some(&d_out) {
@@ -354,14 +347,7 @@ fn merge_signed(
 ) -> Result<()> {
     check_float(op, "w", w)?;
     check_nonempty(op, "w", w)?;
-    let [d_out, d_in] = *w.shape() else {
-        return Err(Error::Shape {
-            op,
-            arg: "w",
-            expected: "[out, in]".into(),
-            got: w.shape().to_vec(),
-        });
-    };
+    let (d_out, d_in) = weight_dims(op, "w", w)?;
     let rank = check_adapter(op, a, b, d_out, d_in, w.device())?;
     if !scale.is_finite() {
         return Err(Error::Invalid {
@@ -478,14 +464,7 @@ impl Layer {
         check_nonempty(op, "x", x)?;
         let device = x.device();
         let d_in = *x.shape().last().expect("non-empty tensors have a shape");
-        let [d_out, w_in] = *w.shape() else {
-            return Err(Error::Shape {
-                op,
-                arg: "weights.w",
-                expected: "[out, in]".into(),
-                got: w.shape().to_vec(),
-            });
-        };
+        let (d_out, w_in) = weight_dims(op, "weights.w", w)?;
         if w_in != d_in {
             return Err(Error::Shape {
                 op,
@@ -771,6 +750,19 @@ impl Layer {
             )?;
         }
         Ok(out)
+    }
+}
+
+/// (out, in) of a weight that must be [out, in].
+fn weight_dims(op: &'static str, arg: &'static str, w: &Tensor) -> Result<(usize, usize)> {
+    match *w.shape() {
+        [d_out, d_in] => Ok((d_out, d_in)),
+        _ => Err(Error::Shape {
+            op,
+            arg,
+            expected: "[out, in]".into(),
+            got: w.shape().to_vec(),
+        }),
     }
 }
 

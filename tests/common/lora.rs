@@ -1,7 +1,7 @@
 //! One LoRA layer test case, run on a device and checked against the CPU
 //! reference (shared by the emulated proptests and the GPU test).
 
-use super::{round_to, Rng};
+use super::{check_results, round_to, rounding_unit, Rng};
 use platypus::ops::lora::{self, LoraConfig, LoraWeights};
 use platypus::{DType, Device, Tensor};
 
@@ -14,15 +14,6 @@ pub struct LoraCase {
     pub rank: usize,
     pub dtype: DType,
     pub cfg: LoraConfig,
-}
-
-/// Largest |got - want| over the largest |want| (at least 1e-3).
-pub fn relative_max_error(got: &[f32], want: &[f32]) -> f32 {
-    let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-    got.iter()
-        .zip(want)
-        .fold(0.0f32, |m, (g, w)| m.max((g - w).abs()))
-        / scale
 }
 
 impl LoraCase {
@@ -65,23 +56,8 @@ impl LoraCase {
         // The kernels round u, v and the adapter copies to 16 bits and store
         // y, dx in 16 bits: a few units of the format's rounding (2^-8 bf16,
         // 2^-11 f16) at each tensor's scale.
-        let unit = if self.dtype == DType::BF16 {
-            1.0 / 256.0
-        } else {
-            1.0 / 2048.0
-        };
-        for ((g, w), name) in got.iter().zip(&want).zip(["y", "u", "dx", "dA", "dB"]) {
-            if let Some(i) = g.iter().position(|v| !v.is_finite()) {
-                return Err(format!("{name}[{i}] = {}", g[i]));
-            }
-            let err = relative_max_error(g, w);
-            if err > 4.0 * unit {
-                return Err(format!(
-                    "{name}: max error {err} of its scale, allowed {}",
-                    4.0 * unit
-                ));
-            }
-        }
+        let unit = rounding_unit(self.dtype);
+        check_results(&["y", "u", "dx", "dA", "dB"], &got, &want, |_| 4.0 * unit)?;
         Ok(())
     }
 }

@@ -69,3 +69,43 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
         );
     }
 }
+
+/// One unit of a 16-bit format's rounding: 2^-8 for bf16, 2^-11 for f16.
+pub fn rounding_unit(dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => 1.0 / 256.0,
+        DType::F16 => 1.0 / 2048.0,
+        other => panic!("no 16-bit rounding unit for {other}"),
+    }
+}
+
+/// Largest |got - want| over the largest |want| (at least 1e-3).
+pub fn relative_max_error(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .fold(0.0f32, |m, (g, w)| m.max((g - w).abs()))
+        / scale
+}
+
+/// Checks named results against references: all finite, and each within
+/// `tol(name)` of its reference relative to the reference's scale.
+pub fn check_results(
+    names: &[&str],
+    got: &[Vec<f32>],
+    want: &[Vec<f32>],
+    tol: impl Fn(&str) -> f32,
+) -> Result<(), String> {
+    for ((g, w), &name) in got.iter().zip(want).zip(names) {
+        if let Some(i) = g.iter().position(|v| !v.is_finite()) {
+            return Err(format!("{name}[{i}] = {}", g[i]));
+        }
+        let (err, allowed) = (relative_max_error(g, w), tol(name));
+        if err > allowed {
+            return Err(format!(
+                "{name}: max error {err} of its scale, allowed {allowed}"
+            ));
+        }
+    }
+    Ok(())
+}
