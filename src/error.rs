@@ -1,6 +1,8 @@
 //! The crate's error type: every op names the argument that was wrong and
 //! what it expected.
 
+use std::path::PathBuf;
+
 use crate::DType;
 
 /// Result with the crate's [`Error`].
@@ -50,6 +52,10 @@ pub enum Error {
     /// a trap, an invalid launch configuration).
     #[error("kernel `{kernel}` failed: {message}")]
     Launch { kernel: String, message: String },
+    /// A file could not be read or written, or its contents are not what was
+    /// expected (`what` says which, with expected vs got).
+    #[error("{}: {what}", path.display())]
+    File { path: PathBuf, what: String },
     /// The CUDA driver reported an error.
     #[error("CUDA driver error: {0}")]
     Driver(#[from] cudarc::driver::DriverError),

@@ -23,6 +23,9 @@ mod device;
 pub mod emu;
 mod error;
 pub mod kernels;
+/// Reading and writing 2-D float32 / uint32 `.npy` matrices (embeddings and
+/// top-k indices exchanged with NumPy and FAISS).
+pub mod npy;
 pub mod ops;
 mod tensor;
 

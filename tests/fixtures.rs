@@ -5,6 +5,7 @@
 mod common;
 
 use common::assert_close;
+use platypus::cpu::cosine_topk::{self, Exclude};
 use platypus::cpu::lora;
 use platypus::ops::attention::{self, AttentionConfig, Batch};
 use platypus::ops::rmsnorm;
@@ -42,13 +43,21 @@ impl Fixture {
 
     /// An int64 tensor as i32 (position ids).
     fn i64_as_i32(&self, name: &str) -> Vec<i32> {
+        self.i64(name).0.into_iter().map(|v| v as i32).collect()
+    }
+
+    /// An int64 tensor: (values, shape).
+    fn i64(&self, name: &str) -> (Vec<i64>, Vec<usize>) {
         let st = SafeTensors::deserialize(&self.0).unwrap();
-        let t = st.tensor(name).unwrap();
+        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(t.dtype(), Dtype::I64, "{name}");
-        t.data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as i32)
-            .collect()
+        (
+            t.data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            t.shape().to_vec(),
+        )
     }
 }
 
@@ -306,4 +315,60 @@ fn lora_kernels_match_peft_in_bf16_and_f16() {
             );
         }
     }
+}
+
+#[test]
+fn cosine_topk_reference_matches_pytorch() {
+    let f = Fixture::load();
+    let (queries, qs) = f.f32("cosine_topk/queries");
+    let (database, ds) = f.f32("cosine_topk/database");
+    let (want_sim, _) = f.f32("cosine_topk/sim");
+    let (want_idx, is) = f.i64("cosine_topk/indices");
+    let (want_scores, _) = f.f32("cosine_topk/scores");
+    assert_eq!(
+        (qs.as_slice(), ds.as_slice()),
+        (&[37, 48][..], &[301, 48][..])
+    );
+    let (m, n, dim, k) = (qs[0], ds[0], qs[1], is[1]);
+    assert_eq!((is[0], k), (m, 5));
+
+    let sim: Vec<f32> = cosine_topk::similarities(&queries, &database, dim)
+        .into_iter()
+        .map(|s| s as f32)
+        .collect();
+    assert_eq!(sim.len(), m * n);
+    assert_close("cosine_topk/sim", &sim, &want_sim, 1e-6, 0.0);
+
+    let (scores, indices) = cosine_topk::topk(&queries, &database, dim, k, Exclude::Nothing);
+    let want_idx: Vec<u32> = want_idx
+        .iter()
+        .map(|&i| u32::try_from(i).unwrap())
+        .collect();
+    assert_eq!(indices, want_idx, "cosine_topk/indices");
+    assert_close("cosine_topk/scores", &scores, &want_scores, 1e-6, 0.0);
+
+    // The planted near-copies (database row -> query) are each query's best match.
+    for (row, query) in [(3, 0), (77, 5), (150, 10), (222, 20), (300, 36)] {
+        assert_eq!(indices[query * k], row, "query {query}'s best match");
+        assert!(
+            scores[query * k] > 0.99,
+            "query {query}: {}",
+            scores[query * k]
+        );
+    }
+    // Row 200 is an exact copy of row 77: an exact tie, the lower index first.
+    assert_eq!(database[200 * dim..201 * dim], database[77 * dim..78 * dim]);
+    assert_eq!(indices[5 * k..5 * k + 2], [77, 200]);
+    assert_eq!(scores[5 * k], scores[5 * k + 1]);
+
+    // Threshold mode finds exactly the planted pairs (and the duplicate).
+    let pairs: Vec<(u32, u32)> =
+        cosine_topk::pairs_above(&queries, &database, dim, 0.99, Exclude::Nothing)
+            .into_iter()
+            .map(|(q, d, _)| (q, d))
+            .collect();
+    assert_eq!(
+        pairs,
+        vec![(0, 3), (5, 77), (5, 200), (10, 150), (20, 222), (36, 300)]
+    );
 }

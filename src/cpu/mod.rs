@@ -3,6 +3,7 @@
 //! f64 accumulation, written for clarity rather than speed.
 
 pub mod attention;
+pub mod cosine_topk;
 pub mod lora;
 pub mod philox;
 pub mod rmsnorm;

@@ -4,6 +4,7 @@
 //! the kernel (CUDA or emulated) or to the CPU reference.
 
 pub mod attention;
+pub mod cosine_topk;
 pub mod lora;
 pub mod rmsnorm;
 pub mod rope;

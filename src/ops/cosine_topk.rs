@@ -1,0 +1,355 @@
+//! Cosine-similarity search for deduplication and benchmark decontamination:
+//! for each query embedding the k most similar database rows, or every pair
+//! above a threshold, and the same within one set (self-similarity).
+//!
+//! - queries [m, d] and database [n, d] in f32, f16 or bf16; scores are fp32
+//!   cosines, indices u32 rows of the database.
+//! - Rows are sorted by descending score, ties broken by the lower database
+//!   index. A zero vector has similarity 0 with everything (never NaN); NaN
+//!   or infinite input is an error naming the row. k > n gives n results.
+//! - Self-similarity ([`topk_self`], [`above_threshold_self`]) excludes
+//!   j = i, or keeps only j < i ([`Exclude::NotEarlier`]: the greedy
+//!   near-dedup compares row i with earlier rows only). Slots without a
+//!   candidate hold index [`NO_INDEX`] and score -inf, at the end of a row.
+//!
+//! Runs on [`Device::Cpu`]: a blocked, multi-threaded (rayon) f32 GEMM over
+//! normalised rows with a per-query selection buffer, so the m × n score
+//! matrix never exists in full. The tensor-core kernel is not written yet.
+//! CPU reference: [`crate::cpu::cosine_topk`].
+
+use rayon::prelude::*;
+
+use super::{check_float, check_nonempty};
+pub use crate::cpu::cosine_topk::{Exclude, NO_INDEX};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Query rows a thread scores at once (one GEMM's M).
+const QUERY_BLOCK: usize = 64;
+/// Database rows per GEMM (its N): the score tile is QUERY_BLOCK × DB_BLOCK fp32.
+const DB_BLOCK: usize = 1024;
+
+/// Top-k results: scores [m, kk] fp32 and indices [m, kk] u32 on the CPU,
+/// kk = min(k, n).
+#[derive(Debug)]
+pub struct TopK {
+    /// Cosine similarities, descending along each row.
+    pub scores: Tensor,
+    /// Database rows, [`NO_INDEX`] for empty slots.
+    pub indices: Tensor,
+}
+
+/// One pair at or above the threshold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pair {
+    /// Query row.
+    pub query: u32,
+    /// Database row.
+    pub item: u32,
+    /// Cosine similarity.
+    pub score: f32,
+}
+
+/// The k most similar database rows of every query.
+pub fn topk(queries: &Tensor, database: &Tensor, k: usize) -> Result<TopK> {
+    const OP: &str = "cosine_topk::topk";
+    let (q, db) = Search::check_pair(OP, queries, database)?;
+    run_topk(OP, &q, &db, k, Exclude::Nothing)
+}
+
+/// The k most similar other rows of every row of `x` (`exclude` is
+/// [`Exclude::SameIndex`] or [`Exclude::NotEarlier`]).
+pub fn topk_self(x: &Tensor, k: usize, exclude: Exclude) -> Result<TopK> {
+    const OP: &str = "cosine_topk::topk_self";
+    let s = Search::check_one(OP, "x", x)?;
+    run_topk(OP, &s, &s, k, exclude)
+}
+
+/// Every (query, database row) pair with cosine >= `threshold`, sorted by
+/// (query, item). More than `max_pairs` pairs is an error (never a silent
+/// truncation).
+pub fn above_threshold(
+    queries: &Tensor,
+    database: &Tensor,
+    threshold: f32,
+    max_pairs: usize,
+) -> Result<Vec<Pair>> {
+    const OP: &str = "cosine_topk::above_threshold";
+    let (q, db) = Search::check_pair(OP, queries, database)?;
+    run_threshold(OP, &q, &db, threshold, max_pairs, Exclude::Nothing)
+}
+
+/// [`above_threshold`] within one set, excluding j = i or keeping only j < i.
+pub fn above_threshold_self(
+    x: &Tensor,
+    threshold: f32,
+    max_pairs: usize,
+    exclude: Exclude,
+) -> Result<Vec<Pair>> {
+    const OP: &str = "cosine_topk::above_threshold_self";
+    let s = Search::check_one(OP, "x", x)?;
+    run_threshold(OP, &s, &s, threshold, max_pairs, exclude)
+}
+
+/// One side of a search: unit-length rows (zero rows stay zero), fp32.
+struct Search {
+    rows: usize,
+    dim: usize,
+    unit: Vec<f32>,
+}
+
+impl Search {
+    /// Checks and normalises one [rows, dim] tensor.
+    fn check_one(op: &'static str, arg: &'static str, t: &Tensor) -> Result<Search> {
+        check_float(op, arg, t)?;
+        check_nonempty(op, arg, t)?;
+        let [rows, dim] = *t.shape() else {
+            return Err(Error::Shape {
+                op,
+                arg,
+                expected: "[rows, dim]".into(),
+                got: t.shape().to_vec(),
+            });
+        };
+        if !matches!(t.device(), Device::Cpu) {
+            return Err(Error::Device {
+                op,
+                arg,
+                expected: "cpu (the cosine top-k GPU kernel is not written yet)".into(),
+                got: t.device().to_string(),
+            });
+        }
+        let mut unit = t.to_f32_vec()?;
+        for (r, row) in unit.chunks_exact_mut(dim).enumerate() {
+            if let Some(c) = row.iter().position(|v| !v.is_finite()) {
+                return Err(Error::Invalid {
+                    op,
+                    arg,
+                    what: format!("row {r} has {} at column {c}", row[c]),
+                });
+            }
+            let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+            if norm > 0.0 {
+                row.iter_mut().for_each(|v| *v = (*v as f64 / norm) as f32);
+            }
+        }
+        Ok(Search { rows, dim, unit })
+    }
+
+    fn check_pair(
+        op: &'static str,
+        queries: &Tensor,
+        database: &Tensor,
+    ) -> Result<(Search, Search)> {
+        let q = Search::check_one(op, "queries", queries)?;
+        let db = Search::check_one(op, "database", database)?;
+        if q.dim != db.dim {
+            return Err(Error::Shape {
+                op,
+                arg: "database",
+                expected: format!("[n, {}] (the queries' dim)", q.dim),
+                got: database.shape().to_vec(),
+            });
+        }
+        Ok((q, db))
+    }
+}
+
+/// The database rows query `i` may be compared with, as a range bound and a
+/// skipped index (self-similarity modes).
+fn candidates(exclude: Exclude, i: usize, n: usize) -> (usize, Option<usize>) {
+    match exclude {
+        Exclude::Nothing => (n, None),
+        Exclude::SameIndex => (n, Some(i)),
+        Exclude::NotEarlier => (i.min(n), None),
+    }
+}
+
+/// Scores of queries `q0 .. q0 + mq` against database rows `d0 .. d0 + nd`
+/// into `tile` [mq, nd] with one f32 GEMM.
+fn score_tile(
+    q: &Search,
+    db: &Search,
+    q0: usize,
+    mq: usize,
+    d0: usize,
+    nd: usize,
+    tile: &mut [f32],
+) {
+    let d = q.dim;
+    let a = &q.unit[q0 * d..(q0 + mq) * d];
+    let b = &db.unit[d0 * d..(d0 + nd) * d];
+    // SAFETY: a is [mq, d] row-major, b [nd, d] row-major read as its
+    // transpose [d, nd] (row stride 1, column stride d), tile [mq, nd]
+    // row-major; all three slices hold exactly those elements.
+    unsafe {
+        matrixmultiply::sgemm(
+            mq,
+            d,
+            nd,
+            1.0,
+            a.as_ptr(),
+            d as isize,
+            1,
+            b.as_ptr(),
+            1,
+            d as isize,
+            0.0,
+            tile.as_mut_ptr(),
+            nd as isize,
+            1,
+        );
+    }
+}
+
+/// Visits every (query, database row, score) of `q0 .. q0 + mq` that
+/// `exclude` allows, database rows in increasing order per query.
+fn scan_block(
+    q: &Search,
+    db: &Search,
+    q0: usize,
+    mq: usize,
+    exclude: Exclude,
+    mut visit: impl FnMut(usize, usize, f32),
+) {
+    let last = q0 + mq - 1;
+    let (bound, _) = candidates(exclude, last, db.rows);
+    let mut tile = vec![0.0f32; mq * DB_BLOCK];
+    for d0 in (0..bound).step_by(DB_BLOCK) {
+        let nd = DB_BLOCK.min(bound - d0);
+        score_tile(q, db, q0, mq, d0, nd, &mut tile[..mq * nd]);
+        for (qi, scores) in tile[..mq * nd].chunks_exact(nd).enumerate() {
+            let i = q0 + qi;
+            let (end, skip) = candidates(exclude, i, db.rows);
+            for (j, &s) in scores.iter().enumerate().take(end.saturating_sub(d0)) {
+                if Some(d0 + j) != skip {
+                    visit(qi, d0 + j, s);
+                }
+            }
+        }
+    }
+}
+
+/// The best `k` of a query: a buffer of candidates better than the current
+/// k-th best, cut back to the best k whenever it reaches 2k.
+struct Selection {
+    k: usize,
+    items: Vec<(f32, u32)>,
+    /// Score of the current k-th best (candidates must beat it), once k are held.
+    floor: f32,
+}
+
+impl Selection {
+    fn new(k: usize) -> Selection {
+        Selection {
+            k,
+            items: Vec::with_capacity(2 * k),
+            floor: f32::NEG_INFINITY,
+        }
+    }
+
+    /// Offers database row `j`; rows come in increasing order, so an equal
+    /// score never displaces an earlier row.
+    fn offer(&mut self, score: f32, j: u32) {
+        if self.items.len() >= self.k && score <= self.floor {
+            return;
+        }
+        self.items.push((score, j));
+        if self.items.len() >= 2 * self.k {
+            self.cut();
+        }
+    }
+
+    fn cut(&mut self) {
+        let better = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        if self.items.len() > self.k {
+            self.items.select_nth_unstable_by(self.k - 1, better);
+            self.items.truncate(self.k);
+        }
+        self.items.sort_unstable_by(better);
+        if self.items.len() == self.k {
+            self.floor = self.items[self.k - 1].0;
+        }
+    }
+}
+
+fn run_topk(op: &'static str, q: &Search, db: &Search, k: usize, exclude: Exclude) -> Result<TopK> {
+    if k == 0 {
+        return Err(Error::Invalid {
+            op,
+            arg: "k",
+            what: "is 0; ask for at least one result".into(),
+        });
+    }
+    let kk = k.min(db.rows);
+    let mut scores = vec![f32::NEG_INFINITY; q.rows * kk];
+    let mut indices = vec![NO_INDEX; q.rows * kk];
+    scores
+        .par_chunks_mut(QUERY_BLOCK * kk)
+        .zip(indices.par_chunks_mut(QUERY_BLOCK * kk))
+        .enumerate()
+        .for_each(|(block, (s_out, i_out))| {
+            let q0 = block * QUERY_BLOCK;
+            let mq = s_out.len() / kk;
+            let mut sel: Vec<Selection> = (0..mq).map(|_| Selection::new(kk)).collect();
+            scan_block(q, db, q0, mq, exclude, |qi, j, s| {
+                sel[qi].offer(s, j as u32)
+            });
+            for (qi, sel) in sel.iter_mut().enumerate() {
+                sel.cut();
+                for (slot, &(s, j)) in sel.items.iter().enumerate() {
+                    s_out[qi * kk + slot] = s;
+                    i_out[qi * kk + slot] = j;
+                }
+            }
+        });
+    Ok(TopK {
+        scores: Tensor::from_slice(&scores, &[q.rows, kk], &Device::Cpu)?,
+        indices: Tensor::from_slice(&indices, &[q.rows, kk], &Device::Cpu)?,
+    })
+}
+
+fn run_threshold(
+    op: &'static str,
+    q: &Search,
+    db: &Search,
+    threshold: f32,
+    max_pairs: usize,
+    exclude: Exclude,
+) -> Result<Vec<Pair>> {
+    if !threshold.is_finite() {
+        return Err(Error::Invalid {
+            op,
+            arg: "threshold",
+            what: format!("{threshold} is not finite"),
+        });
+    }
+    let blocks: Vec<Vec<Pair>> = (0..q.rows.div_ceil(QUERY_BLOCK))
+        .into_par_iter()
+        .map(|block| {
+            let q0 = block * QUERY_BLOCK;
+            let mq = QUERY_BLOCK.min(q.rows - q0);
+            let mut per_query: Vec<Vec<Pair>> = vec![Vec::new(); mq];
+            scan_block(q, db, q0, mq, exclude, |qi, j, s| {
+                if s >= threshold {
+                    per_query[qi].push(Pair {
+                        query: (q0 + qi) as u32,
+                        item: j as u32,
+                        score: s,
+                    });
+                }
+            });
+            per_query.concat()
+        })
+        .collect();
+    let total: usize = blocks.iter().map(Vec::len).sum();
+    if total > max_pairs {
+        return Err(Error::Invalid {
+            op,
+            arg: "max_pairs",
+            what: format!("{total} pairs score >= {threshold}, more than the {max_pairs} allowed"),
+        });
+    }
+    Ok(blocks.concat())
+}
