@@ -33,6 +33,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cosine-similarity top-k of embeddings in .npy files (2-D float32):
+    /// queries against a database, or a database against itself.
+    CosineTopk {
+        /// Query embeddings [m, d]; without it, the database is searched against itself.
+        #[arg(long)]
+        queries: Option<std::path::PathBuf>,
+        /// Database embeddings [n, d].
+        #[arg(long)]
+        database: std::path::PathBuf,
+        /// Results per query.
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+        /// Self-search: compare row i with earlier rows only (greedy dedup) instead of all others.
+        #[arg(long)]
+        earlier_only: bool,
+        /// Where to write the indices [m, k] (u32 .npy); the scores go beside it with `.scores.npy`.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 fn main() {
@@ -40,6 +62,27 @@ fn main() {
     let report = match cli.command {
         Command::Info => info(),
         Command::Kernels { json } => kernels(json),
+        Command::CosineTopk {
+            queries,
+            database,
+            k,
+            earlier_only,
+            out,
+            threads,
+        } => match cosine_topk(
+            queries.as_deref(),
+            &database,
+            k,
+            earlier_only,
+            out.as_deref(),
+            threads,
+        ) {
+            Ok(report) => report,
+            Err(e) => {
+                eprintln!("platypus cosine-topk: {e}");
+                std::process::exit(2);
+            }
+        },
     };
     // A closed pipe (`platypus kernels | head`) is not an error worth a panic.
     let _ = std::io::stdout().write_all(report.as_bytes());
@@ -198,4 +241,65 @@ fn kernels(json: bool) -> String {
         );
     }
     out
+}
+
+/// Runs a top-k search over .npy embeddings and reports its time (file
+/// reading and writing excluded).
+fn cosine_topk(
+    queries: Option<&std::path::Path>,
+    database: &std::path::Path,
+    k: usize,
+    earlier_only: bool,
+    out: Option<&std::path::Path>,
+    threads: Option<usize>,
+) -> platypus::Result<String> {
+    use platypus::ops::cosine_topk::{self, Exclude};
+    use platypus::{npy, Device, Tensor};
+    if let Some(n) = threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| platypus::Error::Invalid {
+                op: "cosine-topk",
+                arg: "threads",
+                what: e.to_string(),
+            })?;
+    }
+    let load = |path: &std::path::Path| -> platypus::Result<Tensor> {
+        let (data, shape) = npy::read_f32_matrix(path)?;
+        Tensor::from_slice(&data, &shape, &Device::Cpu)
+    };
+    let db = load(database)?;
+    let q = queries.map(load).transpose()?;
+    let start = std::time::Instant::now();
+    let result = match &q {
+        Some(q) => cosine_topk::topk(q, &db, k)?,
+        None => {
+            let exclude = if earlier_only {
+                Exclude::NotEarlier
+            } else {
+                Exclude::SameIndex
+            };
+            cosine_topk::topk_self(&db, k, exclude)?
+        }
+    };
+    let secs = start.elapsed().as_secs_f64();
+    let [m, kk] = [result.indices.shape()[0], result.indices.shape()[1]];
+    if let Some(path) = out {
+        npy::write_u32_matrix(path, &result.indices.to_vec::<u32>()?, [m, kk])?;
+        npy::write_f32_matrix(
+            &path.with_extension("scores.npy"),
+            &result.scores.to_vec::<f32>()?,
+            [m, kk],
+        )?;
+    }
+    let mut report = String::new();
+    say!(
+        report,
+        "searched {m} queries x {} rows (dim {}, k {k}) in {secs:.3} s on {} threads",
+        db.shape()[0],
+        db.shape()[1],
+        rayon::current_num_threads()
+    );
+    Ok(report)
 }
