@@ -110,6 +110,31 @@ fn check_topk(
     Ok(())
 }
 
+/// Queries and database of one case, as data and as tensors; self modes
+/// search the database against itself (then m = n).
+struct Sets {
+    q: Vec<f32>,
+    db: Vec<f32>,
+    m: usize,
+    qt: Tensor,
+    dbt: Tensor,
+}
+
+impl Sets {
+    fn new(seed: u64, m: usize, n: usize, dim: usize, exclude: Exclude) -> Sets {
+        let mut rng = Rng::new(seed);
+        let db = embeddings(&mut rng, n, dim);
+        let (q, m) = if exclude == Exclude::Nothing {
+            (embeddings(&mut rng, m, dim), m)
+        } else {
+            (db.clone(), n)
+        };
+        let qt = Tensor::from_slice(&q, &[m, dim], &Device::Cpu).unwrap();
+        let dbt = Tensor::from_slice(&db, &[n, dim], &Device::Cpu).unwrap();
+        Sets { q, db, m, qt, dbt }
+    }
+}
+
 fn config() -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
@@ -134,12 +159,7 @@ proptest! {
         exclude in prop::sample::select(vec![Exclude::Nothing, Exclude::SameIndex, Exclude::NotEarlier]),
         seed in any::<u64>(),
     ) {
-        let mut rng = Rng::new(seed);
-        // Self modes search one set against itself.
-        let db = embeddings(&mut rng, n, dim);
-        let (q, m) = if exclude == Exclude::Nothing { (embeddings(&mut rng, m, dim), m) } else { (db.clone(), n) };
-        let qt = Tensor::from_slice(&q, &[m, dim], &Device::Cpu).unwrap();
-        let dbt = Tensor::from_slice(&db, &[n, dim], &Device::Cpu).unwrap();
+        let Sets { q, db, m, qt, dbt } = Sets::new(seed, m, n, dim, exclude);
         let got = if exclude == Exclude::Nothing {
             cosine_topk::topk(&qt, &dbt, k).unwrap()
         } else {
@@ -162,11 +182,7 @@ proptest! {
         exclude in prop::sample::select(vec![Exclude::Nothing, Exclude::SameIndex, Exclude::NotEarlier]),
         seed in any::<u64>(),
     ) {
-        let mut rng = Rng::new(seed);
-        let db = embeddings(&mut rng, n, dim);
-        let (q, m) = if exclude == Exclude::Nothing { (embeddings(&mut rng, m, dim), m) } else { (db.clone(), n) };
-        let qt = Tensor::from_slice(&q, &[m, dim], &Device::Cpu).unwrap();
-        let dbt = Tensor::from_slice(&db, &[n, dim], &Device::Cpu).unwrap();
+        let Sets { q, db, m, qt, dbt } = Sets::new(seed, m, n, dim, exclude);
         let got = if exclude == Exclude::Nothing {
             cosine_topk::above_threshold(&qt, &dbt, threshold, usize::MAX).unwrap()
         } else {
