@@ -182,7 +182,7 @@ proptest! {
         exclude in prop::sample::select(vec![Exclude::Nothing, Exclude::SameIndex, Exclude::NotEarlier]),
         seed in any::<u64>(),
     ) {
-        let Sets { q, db, m, qt, dbt } = Sets::new(seed, m, n, dim, exclude);
+        let Sets { q, db, qt, dbt, .. } = Sets::new(seed, m, n, dim, exclude);
         let got = if exclude == Exclude::Nothing {
             cosine_topk::above_threshold(&qt, &dbt, threshold, usize::MAX).unwrap()
         } else {
