@@ -23,7 +23,7 @@ const THREADS: u32 = 256;
 /// How positions become angles.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RopeConfig {
-    /// Frequency base: inv_freq[i] = theta^(-2i/head_dim). Llama 2: 10000.
+    /// Frequency base: `inv_freq[i] = theta^(-2i/head_dim)`. Llama 2: 10000.
     pub theta: f32,
     /// Which elements form the rotated pairs.
     pub style: RopeStyle,
