@@ -248,23 +248,11 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// dx = dy W for the base layer alone (W frozen).
 pub fn linear_backward(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     const OP: &str = "lora::linear_backward";
-    check_float(OP, "dy", dy)?;
-    let (d_out, d_in) = weight_dims(OP, "weights.w", w)?;
-    // dy W is x Wᵀ's shape check with the roles of in and out swapped.
+    let l = Layer::check_activation(OP, "dy", dy, w, true)?;
+    let (tokens, d_in, d_out) = (l.dims.tokens, l.dims.in_features, l.dims.out_features);
     let mut dx_shape = dy.shape().to_vec();
-    if dx_shape.last() != Some(&d_out) {
-        return Err(Error::Shape {
-            op: OP,
-            arg: "dy",
-            expected: format!("[..., {d_out}]"),
-            got: dy.shape().to_vec(),
-        });
-    }
-    *dx_shape.last_mut().expect("checked") = d_in;
-    let l = Layer::check_base(OP, &Tensor::zeros(&[1, d_in], dy.dtype(), dy.device())?, w)?;
-    let tokens = dy.elem_count() / d_out;
+    *dx_shape.last_mut().expect("checked rank") = d_in;
     if let Device::Cpu = l.device {
-        let dims = LoraDims { tokens, ..l.dims };
         let x = vec![0.0; tokens * d_in];
         let (dx, _, _) = cpu::lora::backward(
             &x,
@@ -272,7 +260,7 @@ pub fn linear_backward(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
             &[],
             &[],
             &dy.to_f32_vec()?,
-            &dims,
+            &l.dims,
             1.0,
             None,
         );
@@ -460,24 +448,47 @@ struct Layer {
 impl Layer {
     /// Checks x [..., in] and W [out, in] (the base layer): a Layer of rank 0.
     fn check_base(op: &'static str, x: &Tensor, w: &Tensor) -> Result<Layer> {
-        check_float(op, "x", x)?;
-        check_nonempty(op, "x", x)?;
-        let device = x.device();
-        let d_in = *x.shape().last().expect("non-empty tensors have a shape");
-        let (d_out, w_in) = weight_dims(op, "weights.w", w)?;
-        if w_in != d_in {
+        Layer::check_activation(op, "x", x, w, false)
+    }
+
+    /// Checks an activation `act` against W [out, in]: its last dim is W's
+    /// in (x) or, with `is_output`, W's out (dy); a Layer of rank 0.
+    fn check_activation(
+        op: &'static str,
+        arg: &'static str,
+        act: &Tensor,
+        w: &Tensor,
+        is_output: bool,
+    ) -> Result<Layer> {
+        check_float(op, arg, act)?;
+        check_nonempty(op, arg, act)?;
+        let device = act.device();
+        let features = *act.shape().last().expect("non-empty tensors have a shape");
+        let (d_out, d_in) = weight_dims(op, "weights.w", w)?;
+        if is_output && features != d_out {
+            return Err(Error::Shape {
+                op,
+                arg,
+                expected: format!("[..., {d_out}]"),
+                got: act.shape().to_vec(),
+            });
+        }
+        if !is_output && features != d_in {
             return Err(Error::Shape {
                 op,
                 arg: "weights.w",
-                expected: format!("[out, {d_in}] (x has {d_in} features)"),
+                expected: format!("[out, {features}] ({arg} has {features} features)"),
                 got: w.shape().to_vec(),
             });
         }
-        check_dtype(op, "weights.w", w, x.dtype())?;
+        check_dtype(op, "weights.w", w, act.dtype())?;
         check_device(op, "weights.w", w, device)?;
         if !matches!(device, Device::Cpu) {
-            check_kernel_dtype(op, "x", x)?;
-            for (arg, n) in [("x", d_in), ("weights.w", d_out)] {
+            check_kernel_dtype(op, arg, act)?;
+            for (arg, n) in [
+                (arg, features),
+                ("weights.w", if is_output { d_in } else { d_out }),
+            ] {
                 if n % 8 != 0 {
                     return Err(Error::Invalid {
                         op,
@@ -488,15 +499,15 @@ impl Layer {
                     });
                 }
             }
-            check_aligned16(op, &[("x", x), ("weights.w", w)])?;
+            check_aligned16(op, &[(arg, act), ("weights.w", w)])?;
         }
-        to_i32(op, "x", x.elem_count())?;
+        to_i32(op, arg, act.elem_count())?;
         to_i32(op, "weights.w", d_out * d_in)?;
         Ok(Layer {
             device: device.clone(),
-            dtype: x.dtype(),
+            dtype: act.dtype(),
             dims: LoraDims {
-                tokens: x.elem_count() / d_in,
+                tokens: act.elem_count() / features,
                 in_features: d_in,
                 out_features: d_out,
                 rank: 0,
@@ -710,27 +721,28 @@ impl Layer {
         splits: usize,
     ) -> Result<Tensor> {
         let device = a.device();
+        let tokens = self.dims.tokens;
+        // Whole 32-token K tiles per split; splits past the last token would add nothing.
+        let k_per_split = tokens.div_ceil(splits).div_ceil(32) * 32;
+        let splits = tokens.div_ceil(k_per_split).max(1);
         let out = Tensor::zeros(&[m, n], DType::F32, device)?;
         let partial = if splits > 1 {
-            Tensor::zeros(&[splits, m, n], DType::F32, device)?
+            Some(Tensor::zeros(&[splits, m, n], DType::F32, device)?)
         } else {
-            Tensor::zeros(&[1], DType::F32, device)?
+            None
         };
-        let target = if splits > 1 { &partial } else { &out };
-        let tokens = self.dims.tokens;
+        let target = partial.as_ref().unwrap_or(&out);
         let mut p = self.gemm(op, a, lda, b, ldb, tokens, target, n, m, n)?;
         p.out_scale = self.scale;
-        p.k_per_split = (tokens.div_ceil(splits).div_ceil(32) * 32) as i32;
+        p.k_per_split = k_per_split as i32;
         self.set_mask(&mut p, mask); // after out_scale: it multiplies in 1 / (1 - p)
         let kernel = if tile.rows == Tile::SHORT.rows {
             "lora_gemm_tn_short_f32out"
         } else {
             "lora_gemm_tn_skinny_f32out"
         };
-        // Splits past the last token would add nothing.
-        let splits = tokens.div_ceil(p.k_per_split as usize).max(1);
         self.run(op, kernel, tile, &mut p, splits)?;
-        if splits > 1 {
+        if let Some(partial) = &partial {
             let mut r = LoraReduceParams {
                 partial: partial.device_address() as *const f32,
                 out: out.device_address() as *mut f32,
