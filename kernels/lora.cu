@@ -21,24 +21,16 @@
 // Dropout masks come from Philox (philox.cuh) keyed by (seed, offset) and
 // the element index t * in + i of x, regenerated in backward.
 #include "philox.cuh"
-#include "tensor_core.cuh"
+#include "gemm.cuh"
 
 namespace platypus {
 namespace lora {
 
-constexpr int kBK = 32;     // K per pipeline stage
-constexpr int kStages = 3;  // cp.async pipeline depth
+using gemm::kBK;
+using gemm::kStages;
 
 /// Where a GEMM applies the dropout mask (LoraGemmParams::mask).
 enum Mask : int { kNoMask = 0, kMaskA = 1, kMaskB = 2, kMaskSegment2 = 3 };
-
-/// One operand tile per stage: A_K (A stored [M][K], else [K][M]) and B_K
-/// (B stored [N][K], else [K][N]) fix its shape in shared memory.
-template <bool K_MAJOR, int MN>
-struct TileShape {
-    static constexpr int rows = K_MAJOR ? MN : kBK;
-    static constexpr int cols = K_MAJOR ? kBK : MN;
-};
 
 /// Zeroes, in place, the elements dropout drops in the chunks of a shared
 /// tile this thread copied with cp_async_tile: tile row r / column c is
@@ -63,107 +55,26 @@ __device__ __forceinline__ void mask_tile(T* s, const LoraGemmParams& p, int row
     }
 }
 
-/// A block's GEMM tile: BM x BN of C, warps WM x WN, each warp (BM/WM) x (BN/WN).
-template <typename T, bool A_K, bool B_K, int BM, int BN, int WM, int WN>
-struct Gemm {
-    static constexpr int kThreads = 32 * WM * WN;
-    static constexpr int MW = BM / WM / 16;  // m16 tiles per warp
-    static constexpr int NW = BN / WN / 8;   // n8 tiles per warp
-    using TileA = TileShape<A_K, BM>;
-    using TileB = TileShape<B_K, BN>;
-    static constexpr int kStageElems = TileA::rows * TileA::cols + TileB::rows * TileB::cols;
-    static_assert(NW % 2 == 0, "B fragments come in pairs of n8 tiles");
-
-    /// Issues the loads of K tile `k0` of one segment (A [m0.., k0..], B [n0.., k0..]) into `stage`.
-    __device__ static void load(T* stage, const T* a, int64_t lda, const T* b, int64_t ldb, int m0, int n0, int k0, int m, int n, int k) {
-        T* sA = stage;
-        T* sB = stage + TileA::rows * TileA::cols;
-        if constexpr (A_K) {
-            cp_async_tile<T, BM, kBK, kThreads>(sA, a + m0 * lda + k0, lda, m - m0, k - k0);
-        } else {
-            cp_async_tile<T, kBK, BM, kThreads>(sA, a + k0 * lda + m0, lda, k - k0, m - m0);
-        }
-        if constexpr (B_K) {
-            cp_async_tile<T, BN, kBK, kThreads>(sB, b + n0 * ldb + k0, ldb, n - n0, k - k0);
-        } else {
-            cp_async_tile<T, kBK, BN, kThreads>(sB, b + k0 * ldb + n0, ldb, k - k0, n - n0);
-        }
-    }
-
-    /// Applies the dropout mask to this thread's chunks of the A or B tile in `stage`.
-    __device__ static void mask(T* stage, const LoraGemmParams& p, int m0, int n0, int k0) {
+/// The stage hook that applies the dropout mask to this thread's chunks of
+/// the A (kMaskA) or B (kMaskB) tile of a stage.
+template <typename G, bool A_K, bool B_K>
+struct MaskStage {
+    const LoraGemmParams& p;
+    int m0, n0;
+    template <typename T>
+    __device__ __forceinline__ void operator()(T* stage, int k0) const {
         if (p.mask == kMaskA) {
-            if constexpr (A_K) mask_tile<T, BM, kBK, kThreads>(stage, p, m0, k0, p.m - m0, p.k - k0);
+            if constexpr (A_K) mask_tile<T, G::TileA::rows, kBK, G::kThreads>(stage, p, m0, k0, p.m - m0, p.k - k0);
         } else if (p.mask == kMaskB) {
-            if constexpr (!B_K) mask_tile<T, kBK, BN, kThreads>(stage + TileA::rows * TileA::cols, p, k0, n0, p.k - k0, p.n - n0);
+            if constexpr (!B_K) mask_tile<T, kBK, G::TileB::cols, G::kThreads>(stage + G::TileA::rows * G::TileA::cols, p, k0, n0, p.k - k0, p.n - n0);
         }
-    }
-
-    /// acc += this stage's A tile times its B tile, for this warp.
-    __device__ static void multiply(float (&acc)[MW][NW][4], const T* stage, int wm0, int wn0) {
-        const T* sA = stage;
-        const T* sB = stage + TileA::rows * TileA::cols;
-        const int lane = threadIdx.x % 32;
-#pragma unroll
-        for (int kk = 0; kk < kBK / 16; ++kk) {
-            uint32_t a[MW][4];
-#pragma unroll
-            for (int mw = 0; mw < MW; ++mw) {
-                const int m = wm0 + mw * 16;
-                if constexpr (A_K) {
-                    ldmatrix_x4(a[mw], sA + swz<kBK>(m + lane % 8 + (lane / 8 % 2) * 8, kk * 2 + lane / 16));
-                } else {
-                    ldmatrix_x4_trans(a[mw], sA + swz<BM>(kk * 16 + (lane / 16) * 8 + lane % 8, m / 8 + lane / 8 % 2));
-                }
-            }
-#pragma unroll
-            for (int np = 0; np < NW / 2; ++np) {
-                const int n = wn0 + np * 16;
-                uint32_t b[4];
-                if constexpr (B_K) {
-                    ldmatrix_x4(b, sB + swz<kBK>(n + lane % 8 + (lane / 16) * 8, kk * 2 + lane / 8 % 2));
-                } else {
-                    ldmatrix_x4_trans(b, sB + swz<BN>(kk * 16 + lane % 8 + (lane / 8 % 2) * 8, n / 8 + lane / 16));
-                }
-                const uint32_t b0[2] = {b[0], b[1]};
-                const uint32_t b1[2] = {b[2], b[3]};
-#pragma unroll
-                for (int mw = 0; mw < MW; ++mw) {
-                    mma_m16n8k16<T>(acc[mw][2 * np], a[mw], b0);
-                    mma_m16n8k16<T>(acc[mw][2 * np + 1], a[mw], b1);
-                }
-            }
-        }
-    }
-
-    /// acc += A[m0.., k_begin..k_end) B[.., n0..] through the cp.async pipeline.
-    __device__ static void run(float (&acc)[MW][NW][4], T* smem, const LoraGemmParams& p, const T* a, int64_t lda, const T* b, int64_t ldb,
-                               int k_begin, int k_end, bool masked, int m0, int n0, int wm0, int wn0) {
-        const int tiles = (k_end - k_begin + kBK - 1) / kBK;
-#pragma unroll
-        for (int s = 0; s < kStages - 1; ++s) {
-            if (s < tiles) load(smem + s * kStageElems, a, lda, b, ldb, m0, n0, k_begin + s * kBK, p.m, p.n, k_end);
-            cp_async_commit();
-        }
-        for (int kt = 0; kt < tiles; ++kt) {
-            T* stage = smem + kt % kStages * kStageElems;
-            cp_async_wait<kStages - 2>();
-            if (masked) mask(stage, p, m0, n0, k_begin + kt * kBK);
-            __syncthreads();  // tile kt is in; every warp is done with tile kt - 1
-            const int next = kt + kStages - 1;
-            if (next < tiles) load(smem + next % kStages * kStageElems, a, lda, b, ldb, m0, n0, k_begin + next * kBK, p.m, p.n, k_end);
-            cp_async_commit();
-            multiply(acc, stage, wm0, wn0);
-        }
-        cp_async_wait<0>();
-        __syncthreads();  // the shared tiles are free for the next segment
     }
 };
 
 /// C = out_scale * (segment 1 + scale * [mask] segment 2), see LoraGemmParams.
 template <typename T, typename OutT, bool A_K, bool B_K, int BM, int BN, int WM, int WN>
 __device__ __forceinline__ void gemm(const LoraGemmParams& p) {
-    using G = Gemm<T, A_K, B_K, BM, BN, WM, WN>;
+    using G = gemm::Gemm<T, A_K, B_K, BM, BN, WM, WN>;
     PLATYPUS_DYNAMIC_SMEM(T, smem);
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -175,7 +86,8 @@ __device__ __forceinline__ void gemm(const LoraGemmParams& p) {
     auto col_of = [&](int nw, int e) { return n0 + wn0 + 8 * nw + 2 * (lane % 4) + e % 2; };
 
     if (p.k2 > 0) {
-        G::run(acc, smem, p, static_cast<const T*>(p.a2), p.lda2, static_cast<const T*>(p.b2), p.ldb2, 0, p.k2, false, m0, n0, wm0, wn0);
+        G::run(acc, smem, static_cast<const T*>(p.a2), p.lda2, static_cast<const T*>(p.b2), p.ldb2, p.m, p.n, 0, p.k2, m0, n0, wm0, wn0,
+               gemm::NoStageHook{});
         const bool masked = p.mask == kMaskSegment2;
         const float keep_scale = masked ? p.scale / (1.0f - p.dropout_p) : p.scale;
 #pragma unroll
@@ -194,8 +106,8 @@ __device__ __forceinline__ void gemm(const LoraGemmParams& p) {
     const int splits = gridDim.z;
     const int k_begin = blockIdx.z * p.k_per_split;
     const int k_end = splits > 1 ? min(p.k, k_begin + p.k_per_split) : p.k;
-    G::run(acc, smem, p, static_cast<const T*>(p.a), p.lda, static_cast<const T*>(p.b), p.ldb, k_begin, k_end, p.mask == kMaskA || p.mask == kMaskB,
-           m0, n0, wm0, wn0);
+    G::run(acc, smem, static_cast<const T*>(p.a), p.lda, static_cast<const T*>(p.b), p.ldb, p.m, p.n, k_begin, k_end, m0, n0, wm0, wn0,
+           MaskStage<G, A_K, B_K>{p, m0, n0});
 
     OutT* c = static_cast<OutT*>(p.c) + static_cast<size_t>(blockIdx.z) * p.m * p.ldc;
 #pragma unroll
@@ -220,10 +132,6 @@ __device__ __forceinline__ void gemm(const LoraGemmParams& p) {
                 }
             }
 }
-
-/// Dynamic shared memory of a GEMM variant.
-template <typename T, bool A_K, bool B_K, int BM, int BN, int WM, int WN>
-constexpr int kGemmSmem = kStages * Gemm<T, A_K, B_K, BM, BN, WM, WN>::kStageElems * static_cast<int>(sizeof(T));
 
 /// W[o][i] = T(float(W[o][i]) + sign * scale * sum_j B[o][j] A[j][i]): merge
 /// (sign +1) or unmerge (sign -1) an adapter, fp32 arithmetic, one thread per

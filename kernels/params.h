@@ -159,6 +159,65 @@ typedef struct LoraAddParams {
     int32_t pad0;
 } LoraAddParams;
 
+/// Cosine search, step 1, on one set x [rows, dim]: inverse norms and the
+/// 16-bit GEMM operand. bad_row receives (atomicMin) row_base + the lowest row with a
+/// NaN/infinite element or a squared norm that overflows fp32; it must start
+/// at INT32_MAX.
+typedef struct CosinePrepareParams {
+    const void* x;       ///< [rows, dim], dtype from the kernel name
+    void* out;           ///< [rows, ld] 16-bit operand, columns past its K zeroed
+    float* inv_norm;     ///< [rows]: 1 / |x_r|, 0 for a zero row
+    int32_t* bad_row;
+    int32_t rows;
+    int32_t dim;
+    int32_t ld;          ///< a multiple of 8, at least the operand's K
+    int32_t database;    ///< f32 only: 1 lays the bf16 halves out [hi|lo|hi], 0 [hi|hi|lo]
+    int32_t row_base;    ///< added to the row reported in bad_row (the chunk's first row)
+    int32_t pad0;
+} CosinePrepareParams;
+
+/// Cosine search, step 2: similarity tiles of prepared queries against
+/// prepared database rows, reduced into per-query top-k lists
+/// (cosine_topk_*) or into pairs above a threshold (cosine_threshold_*).
+/// Pair (query row i, database row j) has global indices query_base + i and
+/// index_base + j; exclude compares those.
+typedef struct CosineSearchParams {
+    const void* q;             ///< [m, ld] prepared queries
+    const void* db;            ///< [n, ld] prepared database rows
+    const float* q_inv;        ///< [m]
+    const float* db_inv;       ///< [n]
+    int32_t m;
+    int32_t n;
+    int32_t ld;                ///< row stride of q and db, and the GEMM's K
+    int32_t rows_per_split;    ///< database rows per blockIdx.y, a multiple of the 64-row tile
+    int32_t exclude;           ///< 0 every pair, 1 all but j == i, 2 only j < i
+    uint32_t query_base;
+    uint32_t index_base;
+    int32_t k;                 ///< top-k: list length
+    float* list_scores;        ///< top-k: [gridDim.y, m, k] lists sorted best first, one per split
+    uint32_t* list_index;      ///< top-k: database indices of list_scores (global)
+    float threshold;           ///< threshold: pairs with score >= threshold are kept
+    int32_t pad0;
+    unsigned long long* pair_count;  ///< threshold: pairs found (may exceed capacity)
+    unsigned long long capacity;     ///< threshold: slots in pair_*
+    uint32_t* pair_query;      ///< threshold: [capacity] global query indices
+    uint32_t* pair_item;       ///< threshold: [capacity] global database indices
+    float* pair_score;         ///< threshold: [capacity]
+} CosineSearchParams;
+
+/// Cosine search, step 3: out[i] = the best k of lists[0..lists)[i], each
+/// sorted best first (score descending, index ascending). out may be list 0.
+typedef struct CosineMergeParams {
+    const float* in_scores;    ///< [lists, m, k]
+    const uint32_t* in_index;
+    float* out_scores;         ///< [m, k]
+    uint32_t* out_index;
+    int32_t lists;
+    int32_t m;
+    int32_t k;
+    int32_t pad0;
+} CosineMergeParams;
+
 /// Arguments of the emulator's self-test kernels (kernels/emu/selftest.cu).
 typedef struct EmuSelftestParams {
     int32_t* out;        ///< results, laid out per kernel

@@ -163,6 +163,9 @@ impl KernelParams for params::LoraReduceParams {}
 impl KernelParams for params::LoraMergeParams {}
 impl KernelParams for params::LoraPackParams {}
 impl KernelParams for params::LoraAddParams {}
+impl KernelParams for params::CosinePrepareParams {}
+impl KernelParams for params::CosineSearchParams {}
+impl KernelParams for params::CosineMergeParams {}
 
 impl Device {
     /// Launches `kernel` with `params` as its one argument. The same call runs

@@ -288,6 +288,22 @@ impl Tensor {
         })
     }
 
+    /// The bytes of a tensor in host memory (Cpu, Emulated); None on CUDA.
+    pub(crate) fn host_bytes(&self) -> Option<&[u8]> {
+        match &self.storage {
+            Storage::Host(h) => Some(h.as_bytes()),
+            Storage::Cuda(_) => None,
+        }
+    }
+
+    /// As [`Tensor::host_bytes`], writable.
+    pub(crate) fn host_bytes_mut(&mut self) -> Option<&mut [u8]> {
+        match &mut self.storage {
+            Storage::Host(h) => Some(h.as_bytes_mut()),
+            Storage::Cuda(_) => None,
+        }
+    }
+
     /// The shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape

@@ -1,17 +1,29 @@
-//! The CPU cosine top-k path against the exact reference: random sets with
-//! planted exact duplicates and zero rows, k below and above n, every
-//! exclusion mode, and the threshold search.
+//! Both cosine search paths against the exact reference: the CPU fast path
+//! and the kernels on the host emulator (every input dtype, database splits,
+//! streamed chunks). Random sets with planted exact duplicates and zero rows,
+//! k below and above n, every exclusion mode, and the threshold search.
 
 mod common;
 
-use common::Rng;
+use common::{round_to, Rng};
 use platypus::cpu::cosine_topk::{self as reference, Exclude};
-use platypus::ops::cosine_topk::{self, Pair, NO_INDEX};
-use platypus::{Device, Tensor};
+use platypus::ops::cosine_topk::{self, Pair, TopK, NO_INDEX};
+use platypus::{DType, Device, Tensor};
 use proptest::prelude::*;
 
-/// Scores computed in f32 after normalising in f64: this far from the f64 reference at most.
+/// CPU path: scores computed in f32 after normalising in f64 are this far
+/// from the f64 reference at most.
 const SCORE_TOL: f32 = 1e-5;
+
+/// Kernels: 16-bit inputs are multiplied exactly and summed in fp32 (the
+/// reference sees the same rounded inputs); f32 inputs go through two bf16
+/// halves, about 16 significant bits.
+fn kernel_tol(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-4,
+        _ => 1e-5,
+    }
+}
 
 /// `rows` random rows of `dim`, with some rows copied from earlier ones
 /// (exact ties) and some zero rows.
@@ -40,10 +52,20 @@ fn check_topk(
     n: usize,
     k: usize,
     exclude: Exclude,
-    scores: &[f32],
-    indices: &[u32],
+    got: &TopK,
+    tol: f32,
 ) -> Result<(), String> {
     let kk = k.min(n);
+    let m = sims.len() / n;
+    if got.scores.shape() != [m, kk] || got.indices.shape() != [m, kk] {
+        return Err(format!(
+            "shapes {:?} / {:?}, expected [{m}, {kk}]",
+            got.scores.shape(),
+            got.indices.shape()
+        ));
+    }
+    let scores = got.scores.to_vec::<f32>().map_err(|e| e.to_string())?;
+    let indices = got.indices.to_vec::<u32>().map_err(|e| e.to_string())?;
     for (i, (s_row, i_row)) in scores
         .chunks_exact(kk)
         .zip(indices.chunks_exact(kk))
@@ -74,7 +96,7 @@ fn check_topk(
                 ));
             }
             let want = sims[i * n + j] as f32;
-            if (s - want).abs() > SCORE_TOL {
+            if (s - want).abs() > tol {
                 return Err(format!(
                     "query {i} slot {slot}: row {j} scored {s}, similarity is {want}"
                 ));
@@ -96,9 +118,7 @@ fn check_topk(
         if filled > 0 {
             let last = s_row[filled - 1];
             for &j in &allowed {
-                if !i_row[..filled].contains(&(j as u32))
-                    && sims[i * n + j] as f32 > last + SCORE_TOL
-                {
+                if !i_row[..filled].contains(&(j as u32)) && sims[i * n + j] as f32 > last + tol {
                     return Err(format!(
                         "query {i}: row {j} ({}) left out, last kept {last}",
                         sims[i * n + j]
@@ -115,24 +135,99 @@ fn check_topk(
 struct Sets {
     q: Vec<f32>,
     db: Vec<f32>,
-    m: usize,
     qt: Tensor,
     dbt: Tensor,
 }
 
 impl Sets {
+    /// A case in f32 on the CPU.
     fn new(seed: u64, m: usize, n: usize, dim: usize, exclude: Exclude) -> Sets {
+        Sets::on(seed, m, n, dim, exclude, DType::F32, &Device::Cpu)
+    }
+
+    /// A case in `dtype` on `device`; `q` and `db` hold the values as rounded to `dtype`.
+    fn on(
+        seed: u64,
+        m: usize,
+        n: usize,
+        dim: usize,
+        exclude: Exclude,
+        dtype: DType,
+        device: &Device,
+    ) -> Sets {
         let mut rng = Rng::new(seed);
-        let db = embeddings(&mut rng, n, dim);
+        let db = round_to(&embeddings(&mut rng, n, dim), dtype);
         let (q, m) = if exclude == Exclude::Nothing {
-            (embeddings(&mut rng, m, dim), m)
+            (round_to(&embeddings(&mut rng, m, dim), dtype), m)
         } else {
             (db.clone(), n)
         };
-        let qt = Tensor::from_slice(&q, &[m, dim], &Device::Cpu).unwrap();
-        let dbt = Tensor::from_slice(&db, &[n, dim], &Device::Cpu).unwrap();
-        Sets { q, db, m, qt, dbt }
+        let qt = Tensor::from_f32(&q, &[m, dim], dtype, device).unwrap();
+        let dbt = Tensor::from_f32(&db, &[n, dim], dtype, device).unwrap();
+        Sets { q, db, qt, dbt }
     }
+
+    fn topk(&self, k: usize, exclude: Exclude) -> TopK {
+        if exclude == Exclude::Nothing {
+            cosine_topk::topk(&self.qt, &self.dbt, k).unwrap()
+        } else {
+            cosine_topk::topk_self(&self.dbt, k, exclude).unwrap()
+        }
+    }
+
+    fn above(&self, threshold: f32, exclude: Exclude) -> Vec<Pair> {
+        if exclude == Exclude::Nothing {
+            cosine_topk::above_threshold(&self.qt, &self.dbt, threshold, usize::MAX).unwrap()
+        } else {
+            cosine_topk::above_threshold_self(&self.dbt, threshold, usize::MAX, exclude).unwrap()
+        }
+    }
+
+    /// Checks a threshold search against the reference; pairs within `tol`
+    /// of the threshold may fall either way.
+    fn check_above(
+        &self,
+        threshold: f32,
+        exclude: Exclude,
+        got: &[Pair],
+        tol: f32,
+    ) -> Result<(), TestCaseError> {
+        let (n, dim) = (self.dbt.shape()[0], self.dbt.shape()[1]);
+        let want = reference::pairs_above(&self.q, &self.db, dim, threshold, exclude);
+        let sims = reference::similarities(&self.q, &self.db, dim);
+        let clear = |&(i, j): &(u32, u32)| {
+            (sims[i as usize * n + j as usize] as f32 - threshold).abs() > tol
+        };
+        let got_pairs: Vec<(u32, u32)> = got
+            .iter()
+            .map(|p| (p.query, p.item))
+            .filter(clear)
+            .collect();
+        let want_pairs: Vec<(u32, u32)> =
+            want.iter().map(|&(i, j, _)| (i, j)).filter(clear).collect();
+        prop_assert_eq!(got_pairs, want_pairs);
+        prop_assert!(
+            got.windows(2)
+                .all(|w| (w[0].query, w[0].item) < (w[1].query, w[1].item)),
+            "pairs not sorted"
+        );
+        for &Pair { query, item, score } in got {
+            prop_assert!((score - sims[query as usize * n + item as usize] as f32).abs() <= tol);
+        }
+        Ok(())
+    }
+}
+
+fn modes() -> impl Strategy<Value = Exclude> {
+    prop::sample::select(vec![
+        Exclude::Nothing,
+        Exclude::SameIndex,
+        Exclude::NotEarlier,
+    ])
+}
+
+fn dtypes() -> impl Strategy<Value = DType> {
+    prop::sample::select(vec![DType::F32, DType::F16, DType::BF16])
 }
 
 fn config() -> ProptestConfig {
@@ -156,19 +251,13 @@ proptest! {
         n in 1usize..=2100,
         dim in prop_oneof![Just(1usize), 2usize..=40, Just(384)],
         k in prop_oneof![Just(1usize), 2usize..=20, Just(1024), 2000usize..=2200],
-        exclude in prop::sample::select(vec![Exclude::Nothing, Exclude::SameIndex, Exclude::NotEarlier]),
+        exclude in modes(),
         seed in any::<u64>(),
     ) {
-        let Sets { q, db, m, qt, dbt } = Sets::new(seed, m, n, dim, exclude);
-        let got = if exclude == Exclude::Nothing {
-            cosine_topk::topk(&qt, &dbt, k).unwrap()
-        } else {
-            cosine_topk::topk_self(&dbt, k, exclude).unwrap()
-        };
-        prop_assert_eq!(got.scores.shape(), &[m, k.min(n)]);
-        let sims = reference::similarities(&q, &db, dim);
-        let (scores, indices) = (got.scores.to_vec::<f32>().unwrap(), got.indices.to_vec::<u32>().unwrap());
-        if let Err(e) = check_topk(&sims, n, k, exclude, &scores, &indices) {
+        let sets = Sets::new(seed, m, n, dim, exclude);
+        let got = sets.topk(k, exclude);
+        let sims = reference::similarities(&sets.q, &sets.db, dim);
+        if let Err(e) = check_topk(&sims, n, k, exclude, &got, SCORE_TOL) {
             return Err(TestCaseError::fail(e));
         }
     }
@@ -179,25 +268,79 @@ proptest! {
         n in 1usize..=1500,
         dim in prop_oneof![2usize..=12, Just(48)],
         threshold in -0.2f32..0.95,
-        exclude in prop::sample::select(vec![Exclude::Nothing, Exclude::SameIndex, Exclude::NotEarlier]),
+        exclude in modes(),
         seed in any::<u64>(),
     ) {
-        let Sets { q, db, qt, dbt, .. } = Sets::new(seed, m, n, dim, exclude);
-        let got = if exclude == Exclude::Nothing {
-            cosine_topk::above_threshold(&qt, &dbt, threshold, usize::MAX).unwrap()
-        } else {
-            cosine_topk::above_threshold_self(&dbt, threshold, usize::MAX, exclude).unwrap()
-        };
-        let want = reference::pairs_above(&q, &db, dim, threshold, exclude);
-        let sims = reference::similarities(&q, &db, dim);
-        // Pairs within the tolerance of the threshold may fall either way.
-        let clear = |&(i, j): &(u32, u32)| (sims[i as usize * n + j as usize] as f32 - threshold).abs() > SCORE_TOL;
-        let got_pairs: Vec<(u32, u32)> = got.iter().map(|p| (p.query, p.item)).filter(clear).collect();
-        let want_pairs: Vec<(u32, u32)> = want.iter().map(|&(i, j, _)| (i, j)).filter(clear).collect();
-        prop_assert_eq!(got_pairs, want_pairs);
-        for Pair { query, item, score } in got {
-            prop_assert!((score - sims[query as usize * n + item as usize] as f32).abs() <= SCORE_TOL);
+        let sets = Sets::new(seed, m, n, dim, exclude);
+        let got = sets.above(threshold, exclude);
+        sets.check_above(threshold, exclude, &got, SCORE_TOL)?;
+    }
+}
+
+/// Emulated kernel cases: fewer and smaller (the emulator runs every GPU
+/// thread as a fiber). n up to 700 gives up to 11 database splits, 130+
+/// queries two query blocks.
+fn kernel_config() -> ProptestConfig {
+    ProptestConfig {
+        cases: config().cases.div_ceil(2),
+        ..config()
+    }
+}
+
+proptest! {
+    #![proptest_config(kernel_config())]
+
+    #[test]
+    fn kernel_topk_matches_reference(
+        m in prop_oneof![1usize..=40, 120usize..=140],
+        n in prop_oneof![1usize..=70, 200usize..=700],
+        dim in prop_oneof![1usize..=12, Just(64), 90usize..=100],
+        k in prop_oneof![Just(1usize), 2usize..=40, 100usize..=300],
+        exclude in modes(),
+        dtype in dtypes(),
+        seed in any::<u64>(),
+    ) {
+        let sets = Sets::on(seed, m, n, dim, exclude, dtype, &Device::Emulated);
+        let got = sets.topk(k, exclude);
+        prop_assert!(matches!(got.scores.device(), Device::Emulated));
+        let sims = reference::similarities(&sets.q, &sets.db, dim);
+        if let Err(e) = check_topk(&sims, n, k, exclude, &got, kernel_tol(dtype)) {
+            return Err(TestCaseError::fail(e));
         }
+    }
+
+    #[test]
+    fn kernel_threshold_matches_reference(
+        m in prop_oneof![1usize..=40, 120usize..=140],
+        n in 1usize..=400,
+        dim in prop_oneof![2usize..=12, Just(48)],
+        threshold in -0.2f32..0.95,
+        exclude in modes(),
+        dtype in dtypes(),
+        seed in any::<u64>(),
+    ) {
+        let sets = Sets::on(seed, m, n, dim, exclude, dtype, &Device::Emulated);
+        let got = sets.above(threshold, exclude);
+        sets.check_above(threshold, exclude, &got, kernel_tol(dtype))?;
+    }
+
+    #[test]
+    fn streamed_chunks_equal_one_shot(
+        m in 1usize..=40,
+        n in 1usize..=400,
+        dim in 1usize..=40,
+        k in prop_oneof![Just(1usize), 2usize..=80],
+        chunk_rows in prop_oneof![1usize..=10, 60usize..=200],
+        dtype in dtypes(),
+        seed in any::<u64>(),
+    ) {
+        let sets = Sets::on(seed, m, n, dim, Exclude::Nothing, dtype, &Device::Emulated);
+        let host_db = sets.dbt.to_device(&Device::Cpu).unwrap();
+        let streamed = cosine_topk::topk_streamed(&sets.qt, &host_db, k, chunk_rows).unwrap();
+        let whole = sets.topk(k, Exclude::Nothing);
+        prop_assert_eq!(streamed.indices.to_vec::<u32>().unwrap(), whole.indices.to_vec::<u32>().unwrap());
+        let (a, b) = (streamed.scores.to_vec::<f32>().unwrap(), whole.scores.to_vec::<f32>().unwrap());
+        prop_assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "scores differ");
     }
 }
 
@@ -235,5 +378,72 @@ fn bad_input_names_the_argument() {
     assert!(e.contains("`threshold`"), "{e}");
     let on_emu = Tensor::from_slice(&[1.0f32, 2.0], &[1, 2], &Device::Emulated).unwrap();
     let e = cosine_topk::topk(&on_emu, &q, 1).unwrap_err().to_string();
-    assert!(e.contains("not written yet"), "{e}");
+    assert!(e.contains("`database`") && e.contains("emulated"), "{e}");
+}
+
+#[test]
+fn kernel_bad_input_names_the_argument_and_row() {
+    let dev = Device::Emulated;
+    let rows = |v: &[f32], dtype| Tensor::from_f32(v, &[v.len() / 2, 2], dtype, &dev).unwrap();
+    let q = rows(&[1.0, 2.0, 3.0, 4.0], DType::F32);
+    // Non-finite values and squared norms beyond fp32, found on the device.
+    let bad = rows(&[1.0, 2.0, 3.0, 4.0, f32::INFINITY, 0.0], DType::F32);
+    let e = cosine_topk::topk(&q, &bad, 1).unwrap_err().to_string();
+    assert!(e.contains("`database`") && e.contains("row 2 "), "{e}");
+    let huge = rows(&[1.0, 2.0, 3e19, 1.0], DType::BF16);
+    let e = cosine_topk::topk_self(&huge, 1, Exclude::SameIndex)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`x`") && e.contains("row 1 "), "{e}");
+    let host_bad =
+        Tensor::from_slice(&[1.0f32, f32::NAN, 0.0, 1.0], &[2, 2], &Device::Cpu).unwrap();
+    let e = cosine_topk::topk_streamed(&q, &host_bad, 1, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`database`") && e.contains("row 0 "), "{e}");
+    // One dtype for both sets; at most MAX_K results per query.
+    let half = rows(&[1.0, 2.0], DType::F16);
+    let e = cosine_topk::topk(&half, &q, 1).unwrap_err().to_string();
+    assert!(e.contains("`database`") && e.contains("f16"), "{e}");
+    let wide = Tensor::zeros(&[cosine_topk::MAX_K + 1, 2], DType::F32, &dev).unwrap();
+    let e = cosine_topk::topk(&q, &wide, 2000).unwrap_err().to_string();
+    assert!(e.contains("`k`") && e.contains("1025"), "{e}");
+    // Streaming takes device queries and a host database, in chunks of at least one row.
+    let e = cosine_topk::topk_streamed(&q, &q, 1, 4)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`database`") && e.contains("cpu"), "{e}");
+    let host = q.to_device(&Device::Cpu).unwrap();
+    let e = cosine_topk::topk_streamed(&q, &host, 1, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`chunk_rows`"), "{e}");
+}
+
+#[test]
+fn kernel_threshold_overflow_takes_a_second_pass_or_errors() {
+    // 400 identical rows: 400 * 399 = 159600 pairs above 0.5 in the j != i
+    // search, more than the first pass has slots for (65536).
+    let x = Tensor::from_f32(
+        &[0.6f32, 0.8].repeat(400),
+        &[400, 2],
+        DType::F16,
+        &Device::Emulated,
+    )
+    .unwrap();
+    let all = cosine_topk::above_threshold_self(&x, 0.5, usize::MAX, Exclude::SameIndex).unwrap();
+    assert_eq!(all.len(), 400 * 399);
+    assert!(all
+        .iter()
+        .all(|p| p.query != p.item && (p.score - 1.0).abs() < 1e-3));
+    assert!(all
+        .windows(2)
+        .all(|w| (w[0].query, w[0].item) < (w[1].query, w[1].item)));
+    let e = cosine_topk::above_threshold_self(&x, 0.5, 400 * 399 - 1, Exclude::SameIndex)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`max_pairs`") && e.contains("159600 pairs"),
+        "{e}"
+    );
 }

@@ -372,3 +372,37 @@ fn cosine_topk_reference_matches_pytorch() {
         vec![(0, 3), (5, 77), (5, 200), (10, 150), (20, 222), (36, 300)]
     );
 }
+
+#[test]
+fn cosine_topk_kernel_matches_pytorch() {
+    // The f32 inputs through the emulated kernels (two bf16 halves per
+    // value): the same lists as PyTorch, the planted tie in index order.
+    use platypus::ops::cosine_topk as ops;
+    let f = Fixture::load();
+    let (queries, qs) = f.f32("cosine_topk/queries");
+    let (database, ds) = f.f32("cosine_topk/database");
+    let (want_idx, is) = f.i64("cosine_topk/indices");
+    let (want_scores, _) = f.f32("cosine_topk/scores");
+    let dev = Device::Emulated;
+    let q = Tensor::from_slice(&queries, &qs, &dev).unwrap();
+    let db = Tensor::from_slice(&database, &ds, &dev).unwrap();
+    let got = ops::topk(&q, &db, is[1]).unwrap();
+    let want_idx: Vec<u32> = want_idx.iter().map(|&i| i as u32).collect();
+    assert_eq!(got.indices.to_vec::<u32>().unwrap(), want_idx);
+    assert_close(
+        "cosine_topk/scores (emulated)",
+        &got.scores.to_vec::<f32>().unwrap(),
+        &want_scores,
+        1e-4,
+        0.0,
+    );
+    let pairs: Vec<(u32, u32)> = ops::above_threshold(&q, &db, 0.99, 100)
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.query, p.item))
+        .collect();
+    assert_eq!(
+        pairs,
+        vec![(0, 3), (5, 77), (5, 200), (10, 150), (20, 222), (36, 300)]
+    );
+}

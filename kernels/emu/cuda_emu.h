@@ -268,6 +268,7 @@ inline unsigned __brev(unsigned x) {
     for (int i = 0; i < 32; ++i) r |= ((x >> i) & 1u) << (31 - i);
     return r;
 }
+using std::isfinite;
 using std::max;
 using std::min;
 template <typename T>

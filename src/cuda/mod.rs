@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use once_cell::sync::Lazy;
 
-use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{
+    result, sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, PinnedHostSlice,
+};
 
 use crate::error::{Error, Result};
 use crate::kernels::{LaunchConfig, MODULES};
@@ -240,6 +242,88 @@ impl Drop for CudaBuffer {
         {
             // SAFETY: allocated by malloc_async on this stream; work using it was queued on the same stream.
             let _ = unsafe { result::free_async(self.ptr, self.backend.stream.cu_stream()) };
+        }
+    }
+}
+
+/// Double-buffered host-to-device copies that overlap the work on a
+/// backend's stream: chunk c goes host -> pinned staging (a CPU copy) ->
+/// device buffer `c % 2` on a second stream, and the backend's stream waits
+/// for that copy only; the copy into a buffer waits until the work that read
+/// the buffer's previous chunk is done ([`ChunkUploader::release`]).
+pub(crate) struct ChunkUploader {
+    backend: Arc<CudaBackend>,
+    copy_stream: Arc<CudaStream>,
+    staging: [PinnedHostSlice<u8>; 2],
+    device: [CudaBuffer; 2],
+    /// The copy out of staging[s] into device[s] has finished.
+    copied: [Option<CudaEvent>; 2],
+    /// The backend's work reading device[s] has finished.
+    consumed: [Option<CudaEvent>; 2],
+}
+
+impl ChunkUploader {
+    /// Two staging and two device buffers of `bytes` each.
+    pub(crate) fn new(backend: &Arc<CudaBackend>, bytes: usize) -> Result<ChunkUploader> {
+        // SAFETY: the pinned buffers are written (upload) before any copy reads them.
+        let staging = unsafe {
+            [
+                backend.ctx.alloc_pinned::<u8>(bytes.max(1))?,
+                backend.ctx.alloc_pinned::<u8>(bytes.max(1))?,
+            ]
+        };
+        Ok(ChunkUploader {
+            backend: backend.clone(),
+            copy_stream: backend.ctx.new_stream()?,
+            staging,
+            device: [backend.alloc_zeroed(bytes)?, backend.alloc_zeroed(bytes)?],
+            copied: [None, None],
+            consumed: [None, None],
+        })
+    }
+
+    /// Queues the copy of `src` into device buffer `slot` and makes the
+    /// backend's stream wait for it; returns the buffer's address.
+    pub(crate) fn upload(&mut self, slot: usize, src: &[u8]) -> Result<u64> {
+        if let Some(done) = &self.copied[slot] {
+            done.synchronize()?; // staging[slot] is free again
+        }
+        self.staging[slot].as_mut_slice()?[..src.len()].copy_from_slice(src);
+        if let Some(consumed) = &self.consumed[slot] {
+            self.copy_stream.wait(consumed)?;
+        }
+        self.backend.ctx.bind_to_thread()?;
+        let staged = &self.staging[slot].as_slice()?[..src.len()];
+        // SAFETY: the device buffer holds at least src.len() bytes (sized by
+        // the caller's chunk); the staging memory outlives the copy, which
+        // `copied[slot]` is synchronized on before staging[slot] is rewritten
+        // and before drop (Drop for ChunkUploader).
+        unsafe {
+            result::memcpy_htod_async(
+                self.device[slot].ptr(),
+                staged,
+                self.copy_stream.cu_stream(),
+            )?
+        };
+        let done = self.copy_stream.record_event(None)?;
+        self.backend.stream.wait(&done)?;
+        self.copied[slot] = Some(done);
+        Ok(self.device[slot].ptr())
+    }
+
+    /// Records that all work reading device buffer `slot` is queued on the backend's stream.
+    pub(crate) fn release(&mut self, slot: usize) -> Result<()> {
+        self.consumed[slot] = Some(self.backend.stream.record_event(None)?);
+        Ok(())
+    }
+}
+
+impl Drop for ChunkUploader {
+    fn drop(&mut self) {
+        // The device buffers are freed in stream order on the backend's
+        // stream; the staging memory must not go while a copy reads it.
+        for done in self.copied.iter().flatten() {
+            let _ = done.synchronize();
         }
     }
 }

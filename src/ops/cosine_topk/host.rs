@@ -1,26 +1,10 @@
-//! Cosine-similarity search for deduplication and benchmark decontamination:
-//! for each query embedding the k most similar database rows, or every pair
-//! above a threshold, and the same within one set (self-similarity).
-//!
-//! - queries [m, d] and database [n, d] in f32, f16 or bf16; scores are fp32
-//!   cosines, indices u32 rows of the database.
-//! - Rows are sorted by descending score, ties broken by the lower database
-//!   index. A zero vector has similarity 0 with everything (never NaN); NaN
-//!   or infinite input is an error naming the row. k > n gives n results.
-//! - Self-similarity ([`topk_self`], [`above_threshold_self`]) excludes
-//!   j = i, or keeps only j < i ([`Exclude::NotEarlier`]: the greedy
-//!   near-dedup compares row i with earlier rows only). Slots without a
-//!   candidate hold index [`NO_INDEX`] and score -inf, at the end of a row.
-//!
-//! Runs on [`Device::Cpu`]: a blocked, multi-threaded (rayon) f32 GEMM over
-//! normalised rows with a per-query selection buffer, so the m × n score
-//! matrix never exists in full. The tensor-core kernel is not written yet.
-//! CPU reference: [`crate::cpu::cosine_topk`].
+//! The CPU fast path: normalised f32 rows, a blocked GEMM (`matrixmultiply`)
+//! per (≤256-query, 1024-row) tile with a per-query selection buffer, spread
+//! over rayon threads; the m × n score matrix never exists in full.
 
 use rayon::prelude::*;
 
-use super::{check_float, check_nonempty};
-pub use crate::cpu::cosine_topk::{Exclude, NO_INDEX};
+use super::{Exclude, Pair, TopK, NO_INDEX};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -38,68 +22,6 @@ fn query_block(m: usize) -> usize {
         .clamp(16, QUERY_BLOCK)
 }
 
-/// Top-k results: scores [m, kk] fp32 and indices [m, kk] u32 on the CPU,
-/// kk = min(k, n).
-#[derive(Debug)]
-pub struct TopK {
-    /// Cosine similarities, descending along each row.
-    pub scores: Tensor,
-    /// Database rows, [`NO_INDEX`] for empty slots.
-    pub indices: Tensor,
-}
-
-/// One pair at or above the threshold.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Pair {
-    /// Query row.
-    pub query: u32,
-    /// Database row.
-    pub item: u32,
-    /// Cosine similarity.
-    pub score: f32,
-}
-
-/// The k most similar database rows of every query.
-pub fn topk(queries: &Tensor, database: &Tensor, k: usize) -> Result<TopK> {
-    const OP: &str = "cosine_topk::topk";
-    let (q, db) = Search::check_pair(OP, queries, database)?;
-    run_topk(OP, &q, &db, k, Exclude::Nothing)
-}
-
-/// The k most similar other rows of every row of `x` (`exclude` is
-/// [`Exclude::SameIndex`] or [`Exclude::NotEarlier`]).
-pub fn topk_self(x: &Tensor, k: usize, exclude: Exclude) -> Result<TopK> {
-    const OP: &str = "cosine_topk::topk_self";
-    let s = Search::check_one(OP, "x", x)?;
-    run_topk(OP, &s, &s, k, exclude)
-}
-
-/// Every (query, database row) pair with cosine >= `threshold`, sorted by
-/// (query, item). More than `max_pairs` pairs is an error (never a silent
-/// truncation).
-pub fn above_threshold(
-    queries: &Tensor,
-    database: &Tensor,
-    threshold: f32,
-    max_pairs: usize,
-) -> Result<Vec<Pair>> {
-    const OP: &str = "cosine_topk::above_threshold";
-    let (q, db) = Search::check_pair(OP, queries, database)?;
-    run_threshold(OP, &q, &db, threshold, max_pairs, Exclude::Nothing)
-}
-
-/// [`above_threshold`] within one set, excluding j = i or keeping only j < i.
-pub fn above_threshold_self(
-    x: &Tensor,
-    threshold: f32,
-    max_pairs: usize,
-    exclude: Exclude,
-) -> Result<Vec<Pair>> {
-    const OP: &str = "cosine_topk::above_threshold_self";
-    let s = Search::check_one(OP, "x", x)?;
-    run_threshold(OP, &s, &s, threshold, max_pairs, exclude)
-}
-
 /// One side of a search: unit-length rows (zero rows stay zero), fp32.
 struct Search {
     rows: usize,
@@ -108,26 +30,12 @@ struct Search {
 }
 
 impl Search {
-    /// Checks and normalises one [rows, dim] tensor.
-    fn check_one(op: &'static str, arg: &'static str, t: &Tensor) -> Result<Search> {
-        check_float(op, arg, t)?;
-        check_nonempty(op, arg, t)?;
+    /// Normalises one checked [rows, dim] set; NaN or infinity is an error
+    /// naming the first bad row.
+    fn normalise(op: &'static str, arg: &'static str, t: &Tensor) -> Result<Search> {
         let [rows, dim] = *t.shape() else {
-            return Err(Error::Shape {
-                op,
-                arg,
-                expected: "[rows, dim]".into(),
-                got: t.shape().to_vec(),
-            });
+            unreachable!("checked by cosine_topk::check_set")
         };
-        if !matches!(t.device(), Device::Cpu) {
-            return Err(Error::Device {
-                op,
-                arg,
-                expected: "cpu (the cosine top-k GPU kernel is not written yet)".into(),
-                got: t.device().to_string(),
-            });
-        }
         let mut unit = t.to_f32_vec()?;
         // The first bad row in row order, found in parallel.
         let bad = unit
@@ -155,23 +63,51 @@ impl Search {
         Ok(Search { rows, dim, unit })
     }
 
-    fn check_pair(
+    /// The normalised queries and database (`None`: self-similarity of `queries`).
+    fn pair(
         op: &'static str,
         queries: &Tensor,
-        database: &Tensor,
-    ) -> Result<(Search, Search)> {
-        let q = Search::check_one(op, "queries", queries)?;
-        let db = Search::check_one(op, "database", database)?;
-        if q.dim != db.dim {
-            return Err(Error::Shape {
-                op,
-                arg: "database",
-                expected: format!("[n, {}] (the queries' dim)", q.dim),
-                got: database.shape().to_vec(),
-            });
-        }
+        database: Option<&Tensor>,
+    ) -> Result<(Search, Option<Search>)> {
+        let arg = if database.is_some() { "queries" } else { "x" };
+        let q = Search::normalise(op, arg, queries)?;
+        let db = database
+            .map(|d| Search::normalise(op, "database", d))
+            .transpose()?;
         Ok((q, db))
     }
+}
+
+/// The CPU top-k of checked inputs (`database` None: self-similarity).
+pub(super) fn topk(
+    op: &'static str,
+    queries: &Tensor,
+    database: Option<&Tensor>,
+    k: usize,
+    exclude: Exclude,
+) -> Result<TopK> {
+    let (q, db) = Search::pair(op, queries, database)?;
+    run_topk(&q, db.as_ref().unwrap_or(&q), k, exclude)
+}
+
+/// The CPU threshold search of checked inputs (`database` None: self-similarity).
+pub(super) fn above_threshold(
+    op: &'static str,
+    queries: &Tensor,
+    database: Option<&Tensor>,
+    threshold: f32,
+    max_pairs: usize,
+    exclude: Exclude,
+) -> Result<Vec<Pair>> {
+    let (q, db) = Search::pair(op, queries, database)?;
+    run_threshold(
+        op,
+        &q,
+        db.as_ref().unwrap_or(&q),
+        threshold,
+        max_pairs,
+        exclude,
+    )
 }
 
 /// The database rows query `i` may be compared with, as a range bound and a
@@ -292,14 +228,7 @@ impl Selection {
     }
 }
 
-fn run_topk(op: &'static str, q: &Search, db: &Search, k: usize, exclude: Exclude) -> Result<TopK> {
-    if k == 0 {
-        return Err(Error::Invalid {
-            op,
-            arg: "k",
-            what: "is 0; ask for at least one result".into(),
-        });
-    }
+fn run_topk(q: &Search, db: &Search, k: usize, exclude: Exclude) -> Result<TopK> {
     let kk = k.min(db.rows);
     let mut scores = vec![f32::NEG_INFINITY; q.rows * kk];
     let mut indices = vec![NO_INDEX; q.rows * kk];
@@ -337,13 +266,6 @@ fn run_threshold(
     max_pairs: usize,
     exclude: Exclude,
 ) -> Result<Vec<Pair>> {
-    if !threshold.is_finite() {
-        return Err(Error::Invalid {
-            op,
-            arg: "threshold",
-            what: format!("{threshold} is not finite"),
-        });
-    }
     let qb = query_block(q.rows);
     let blocks: Vec<Vec<Pair>> = (0..q.rows.div_ceil(qb))
         .into_par_iter()
