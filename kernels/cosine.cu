@@ -188,6 +188,14 @@ template <typename T, typename Visit>
 __device__ __forceinline__ void for_each_score(const float (&acc)[Tile<T>::MW][Tile<T>::NW][4], const CosineSearchParams& p, int m0, int n0, Visit visit) {
     const int lane = threadIdx.x % 32;
     const int wm0 = threadIdx.x / 32 * (kBM / kWarps);
+    float db_scale[Tile<T>::NW][2];  // this thread's 16 columns, loaded once per tile
+#pragma unroll
+    for (int nw = 0; nw < Tile<T>::NW; ++nw)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int col = 8 * nw + 2 * (lane % 4) + e;
+            db_scale[nw][e] = n0 + col < p.n ? p.db_inv[n0 + col] : 0.0f;
+        }
 #pragma unroll
     for (int mw = 0; mw < Tile<T>::MW; ++mw) {
 #pragma unroll
@@ -203,7 +211,7 @@ __device__ __forceinline__ void for_each_score(const float (&acc)[Tile<T>::MW][T
                     const int col = 8 * nw + 2 * (lane % 4) + e;
                     const uint32_t jg = p.index_base + static_cast<uint32_t>(n0 + col);
                     const bool ok = row_ok && n0 + col < p.n && !(p.exclude == kSameIndex && jg == qg) && !(p.exclude == kNotEarlier && jg >= qg);
-                    visit(row, col, ok ? acc[mw][nw][2 * h + e] * qs * p.db_inv[n0 + col] : -INFINITY);
+                    visit(row, col, ok ? acc[mw][nw][2 * h + e] * qs * db_scale[nw][e] : -INFINITY);
                 }
             }
         }

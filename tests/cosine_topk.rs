@@ -277,24 +277,17 @@ proptest! {
     }
 }
 
-/// Emulated kernel cases: fewer and smaller (the emulator runs every GPU
-/// thread as a fiber). n up to 700 gives up to 11 database splits, 130+
-/// queries two query blocks.
-fn kernel_config() -> ProptestConfig {
-    ProptestConfig {
-        cases: config().cases.div_ceil(2),
-        ..config()
-    }
-}
-
+// Emulated kernel cases are smaller (the emulator runs every GPU thread as
+// a fiber): n up to 700 gives up to 11 database splits, 130+ queries two
+// query blocks.
 proptest! {
-    #![proptest_config(kernel_config())]
+    #![proptest_config(config())]
 
     #[test]
     fn kernel_topk_matches_reference(
         m in prop_oneof![1usize..=40, 120usize..=140],
         n in prop_oneof![1usize..=70, 200usize..=700],
-        dim in prop_oneof![1usize..=12, Just(64), 90usize..=100],
+        dim in prop_oneof![1usize..=12, Just(64), 90usize..=100, Just(384)],
         k in prop_oneof![Just(1usize), 2usize..=40, 100usize..=300],
         exclude in modes(),
         dtype in dtypes(),
@@ -446,4 +439,51 @@ fn kernel_threshold_overflow_takes_a_second_pass_or_errors() {
         e.contains("`max_pairs`") && e.contains("159600 pairs"),
         "{e}"
     );
+}
+
+#[test]
+fn cli_searches_on_the_cpu_and_the_emulated_kernels_alike() {
+    // `platypus cosine-topk` on .npy files: the database streamed through
+    // the emulated kernels in 7-row chunks gives the CPU's lists.
+    let dir = std::env::temp_dir().join(format!("platypus-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rng = Rng::new(7);
+    let (m, n, dim, k) = (9, 50, 24, 4);
+    let (qp, dbp) = (dir.join("q.npy"), dir.join("db.npy"));
+    platypus::npy::write_f32_matrix(&qp, &embeddings(&mut rng, m, dim), [m, dim]).unwrap();
+    platypus::npy::write_f32_matrix(&dbp, &embeddings(&mut rng, n, dim), [n, dim]).unwrap();
+    let run = |device: &str| {
+        let out = dir.join(format!("{device}.npy"));
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_platypus"))
+            .args([
+                "cosine-topk",
+                "--k",
+                &k.to_string(),
+                "--chunk-rows",
+                "7",
+                "--device",
+                device,
+            ])
+            .arg("--queries")
+            .arg(&qp)
+            .arg("--database")
+            .arg(&dbp)
+            .arg("--out")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{device}: {status}");
+        platypus::npy::read_u32_matrix(&out).unwrap()
+    };
+    let cpu = run("cpu");
+    assert_eq!(cpu.1, [m, k]);
+    assert_eq!(run("emulated"), cpu);
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_platypus"))
+        .args(["cosine-topk", "--device", "tpu", "--database"])
+        .arg(&dbp)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("`device`"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

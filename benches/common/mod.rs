@@ -172,6 +172,15 @@ impl Target {
         }
     }
 
+    /// Median seconds per call of the last bench run on a GPU (None on the
+    /// CPU, or when a filter skipped it).
+    pub fn last_seconds(&self) -> Option<f64> {
+        match self {
+            Target::Cpu => None,
+            Target::Cuda(gpu) => gpu.results.last().map(|&(_, _, secs)| secs),
+        }
+    }
+
     /// Prints, for a GPU, the achieved GB/s or TFLOP/s of each bench of
     /// `group` against the device's peak, and forgets them; does nothing for
     /// the CPU.

@@ -54,6 +54,14 @@ enum Command {
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Where to search: `cpu`, `cuda` (device 0) or `emulated` (the
+        /// kernels on the host emulator: slow, for checking).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// On `cuda`/`emulated` with --queries: database rows copied to the
+        /// device per chunk (the database stays in host memory).
+        #[arg(long, default_value_t = 1 << 20)]
+        chunk_rows: usize,
     },
 }
 
@@ -69,13 +77,15 @@ fn main() {
             earlier_only,
             out,
             threads,
+            device,
+            chunk_rows,
         } => match cosine_topk(
             queries.as_deref(),
             &database,
-            k,
-            earlier_only,
+            (k, earlier_only),
             out.as_deref(),
             threads,
+            (&device, chunk_rows),
         ) {
             Ok(report) => report,
             Err(e) => {
@@ -249,10 +259,10 @@ fn kernels(json: bool) -> String {
 fn cosine_topk(
     queries: Option<&std::path::Path>,
     database: &std::path::Path,
-    k: usize,
-    earlier_only: bool,
+    (k, earlier_only): (usize, bool),
     out: Option<&std::path::Path>,
     threads: Option<usize>,
+    (device, chunk_rows): (&str, usize),
 ) -> platypus::Result<String> {
     use platypus::ops::cosine_topk::{self, Exclude};
     use platypus::{npy, Device, Tensor};
@@ -270,20 +280,44 @@ fn cosine_topk(
         let (data, shape) = npy::read_f32_matrix(path)?;
         Tensor::from_slice(&data, &shape, &Device::Cpu)
     };
+    let device = match device {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::cuda(0)?,
+        "emulated" => Device::Emulated,
+        other => {
+            return Err(platypus::Error::Invalid {
+                op: "cosine-topk",
+                arg: "device",
+                what: format!("is {other:?}; expected cpu, cuda or emulated"),
+            })
+        }
+    };
     let db = load(database)?;
     let q = queries.map(load).transpose()?;
     let start = std::time::Instant::now();
+    // A copy on the device, or the tensor itself on the CPU.
+    let on_device = |t: &Tensor| -> platypus::Result<Option<Tensor>> {
+        match device {
+            Device::Cpu => Ok(None),
+            _ => t.to_device(&device).map(Some),
+        }
+    };
     let result = match &q {
-        Some(q) => cosine_topk::topk(q, &db, k)?,
+        Some(q) => {
+            let q_dev = on_device(q)?;
+            cosine_topk::topk_streamed(q_dev.as_ref().unwrap_or(q), &db, k, chunk_rows)?
+        }
         None => {
             let exclude = if earlier_only {
                 Exclude::NotEarlier
             } else {
                 Exclude::SameIndex
             };
-            cosine_topk::topk_self(&db, k, exclude)?
+            let db_dev = on_device(&db)?;
+            cosine_topk::topk_self(db_dev.as_ref().unwrap_or(&db), k, exclude)?
         }
     };
+    device.synchronize()?;
     let secs = start.elapsed().as_secs_f64();
     let [m, kk] = [result.indices.shape()[0], result.indices.shape()[1]];
     if let Some(path) = out {
@@ -297,10 +331,13 @@ fn cosine_topk(
     let mut report = String::new();
     say!(
         report,
-        "searched {m} queries x {} rows (dim {}, k {k}) in {secs:.3} s on {} threads",
+        "searched {m} queries x {} rows (dim {}, k {k}) in {secs:.3} s on {}",
         db.shape()[0],
         db.shape()[1],
-        rayon::current_num_threads()
+        match device {
+            Device::Cpu => format!("{} threads", rayon::current_num_threads()),
+            other => other.to_string(),
+        }
     );
     Ok(report)
 }
