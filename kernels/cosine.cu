@@ -9,7 +9,8 @@
 //       [hi | hi | lo] for queries and [hi | lo | hi] for the database, so one
 //       GEMM over K = 3 dim sums hi.hi + hi.lo + lo.hi: about 16 significant
 //       bits (the dropped lo.lo term is ~2^-16 of the product).
-//       Traffic: rows * dim reads, rows * ld 16-bit writes.
+//       Traffic: rows * dim reads, rows * ld 16-bit writes, 128-bit loads
+//       when rows are 16-byte aligned.
 //   cosine_topk_{f16,bf16}  block = 128 queries x one split of the database
 //       (blockIdx.y), 4 warps. Per 64-row database tile: S = Q D^T on tensor
 //       cores (the shared GEMM mainloop, gemm.cuh), times q_inv[i] * db_inv[j]
@@ -346,8 +347,24 @@ __device__ __forceinline__ void threshold(const CosineSearchParams& p) {
     }
 }
 
-template <typename In, typename Out, bool SPLIT>
+/// Stores the N values of run `v` at out[c0..] (c0 + i < dim only, unless VECTOR).
+template <typename Out, int N, bool VECTOR>
+__device__ __forceinline__ void store_prepared(Out* out, int c0, int dim, const float (&v)[N]) {
+    if constexpr (VECTOR) {
+        store_run<Out, N, true>(out + c0, v);
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+            if (c0 + i < dim) out[c0 + i] = from_float<Out>(v[i]);
+    }
+}
+
+/// One warp per row; lane l takes runs of N = 16 bytes of input at columns
+/// l N, l N + 32 N, ...: one 128-bit load per run when VECTOR (rows 16-byte
+/// aligned, dim a multiple of N), else N element loads.
+template <typename In, typename Out, bool SPLIT, bool VECTOR>
 __device__ __forceinline__ void prepare(const CosinePrepareParams& p) {
+    constexpr int N = 16 / static_cast<int>(sizeof(In));
     const int lane = threadIdx.x % 32;
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= p.rows) return;  // whole warps
@@ -355,18 +372,31 @@ __device__ __forceinline__ void prepare(const CosinePrepareParams& p) {
     Out* out = static_cast<Out*>(p.out) + static_cast<size_t>(row) * p.ld;
     float sum = 0.0f;
     bool finite = true;
-    for (int c = lane; c < p.dim; c += 32) {
-        const float v = to_float(x[c]);
-        finite = finite && isfinite(v);
-        sum = fmaf(v, v, sum);
-        if constexpr (SPLIT) {
-            const Out hi = from_float<Out>(v);
-            const Out lo = from_float<Out>(v - to_float(hi));
-            out[c] = hi;
-            out[p.dim + c] = p.database ? lo : hi;
-            out[2 * p.dim + c] = p.database ? hi : lo;
+    for (int c0 = lane * N; c0 < p.dim; c0 += 32 * N) {
+        float v[N];
+        if constexpr (VECTOR) {
+            load_run<In, N, true>(x + c0, v);
         } else {
-            out[c] = x[c];
+#pragma unroll
+            for (int i = 0; i < N; ++i) v[i] = c0 + i < p.dim ? to_float(x[c0 + i]) : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            finite = finite && isfinite(v[i]);
+            sum = fmaf(v[i], v[i], sum);
+        }
+        if constexpr (SPLIT) {
+            float hi[N], lo[N];
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                hi[i] = to_float(from_float<Out>(v[i]));
+                lo[i] = v[i] - hi[i];
+            }
+            store_prepared<Out, N, VECTOR>(out, c0, p.dim, hi);
+            store_prepared<Out, N, VECTOR>(out + p.dim, c0, p.dim, p.database ? lo : hi);
+            store_prepared<Out, N, VECTOR>(out + 2 * p.dim, c0, p.dim, p.database ? hi : lo);
+        } else {
+            store_prepared<Out, N, VECTOR>(out, c0, p.dim, v);
         }
     }
     for (int c = (SPLIT ? 3 : 1) * p.dim + lane; c < p.ld; c += 32) out[c] = from_float<Out>(0.0f);
@@ -414,7 +444,13 @@ __device__ __forceinline__ void merge(const CosineMergeParams& p) {
 // ---- entry points ------------------------------------------------------------------------------
 
 #define COSINE_PREPARE(name, In, Out, split)                                                                            \
-    extern "C" __global__ void __launch_bounds__(256) name(CosinePrepareParams p) { platypus::cosine::prepare<In, Out, split>(p); } \
+    extern "C" __global__ void __launch_bounds__(256) name(CosinePrepareParams p) {                                     \
+        if (p.vectorized) {                                                                                           \
+            platypus::cosine::prepare<In, Out, split, true>(p);                                                       \
+        } else {                                                                                                      \
+            platypus::cosine::prepare<In, Out, split, false>(p);                                                      \
+        }                                                                                                             \
+    }                                                                                                                 \
     PLATYPUS_EXPORT_KERNEL(name)
 
 COSINE_PREPARE(cosine_prepare_f32, float, __nv_bfloat16, true)

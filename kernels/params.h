@@ -173,7 +173,7 @@ typedef struct CosinePrepareParams {
     int32_t ld;          ///< a multiple of 8, at least the operand's K
     int32_t database;    ///< f32 only: 1 lays the bf16 halves out [hi|lo|hi], 0 [hi|hi|lo]
     int32_t row_base;    ///< added to the row reported in bad_row (the chunk's first row)
-    int32_t pad0;
+    int32_t vectorized;  ///< 1 if x's rows are 16-byte aligned (16-byte loads; dim * elem % 16 == 0)
 } CosinePrepareParams;
 
 /// Cosine search, step 2: similarity tiles of prepared queries against

@@ -108,7 +108,7 @@ fn launch_prepare(
         ld: to_i32(op, arg, operand_ld(dtype, dim))?,
         database: database as i32,
         row_base: to_i32(op, arg, row_base)?,
-        pad0: 0,
+        vectorized: i32::from(x_addr % 16 == 0 && (dim * dtype.size()) % 16 == 0),
     };
     let blocks = rows.div_ceil(PREPARE_ROWS_PER_BLOCK);
     let cfg = LaunchConfig::linear(
