@@ -153,3 +153,51 @@ fn lora_matches_cpu_on_the_gpu() {
         }
     }
 }
+
+#[test]
+fn cosine_search_matches_the_emulator_on_the_gpu() {
+    // The same kernels on the GPU and on the emulator: identical lists (the
+    // GPU's mma may sum in another order, so scores within 1e-5 and any
+    // index difference only between near-equal scores), streamed == resident
+    // bit for bit, and the threshold pairs alike.
+    use platypus::ops::cosine_topk::{self, Exclude};
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(21);
+    let (m, n, dim, k) = (300, 5000, 384, 10);
+    let q = rng.normal_vec(m * dim, 1.0);
+    let db = rng.normal_vec(n * dim, 1.0);
+    for dtype in FLOAT_DTYPES {
+        let run = |dev: &Device| {
+            let qt = Tensor::from_f32(&q, &[m, dim], dtype, dev).unwrap();
+            let dbt = Tensor::from_f32(&db, &[n, dim], dtype, dev).unwrap();
+            let top = cosine_topk::topk(&qt, &dbt, k).unwrap();
+            let host_db = dbt.to_device(&Device::Cpu).unwrap();
+            let streamed = cosine_topk::topk_streamed(&qt, &host_db, k, 777).unwrap();
+            assert_eq!(
+                streamed.indices.to_vec::<u32>().unwrap(),
+                top.indices.to_vec::<u32>().unwrap()
+            );
+            let pairs = cosine_topk::above_threshold_self(&dbt, 0.2, 1 << 20, Exclude::NotEarlier)
+                .unwrap()
+                .len();
+            (
+                top.scores.to_vec::<f32>().unwrap(),
+                top.indices.to_vec::<u32>().unwrap(),
+                pairs,
+            )
+        };
+        let (gs, gi, gp) = run(&gpu);
+        let (es, ei, ep) = run(&Device::Emulated);
+        assert_close("scores", &gs, &es, 1e-5, 0.0);
+        for (slot, (a, b)) in gi.iter().zip(&ei).enumerate() {
+            assert!(
+                a == b || (gs[slot] - es[slot]).abs() <= 1e-5,
+                "{dtype} slot {slot}: {a} vs {b}"
+            );
+        }
+        assert!(
+            gp.abs_diff(ep) <= n / 100,
+            "{dtype}: {gp} vs {ep} pairs above 0.2"
+        );
+    }
+}
