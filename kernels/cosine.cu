@@ -14,17 +14,18 @@
 //   cosine_topk_{f16,bf16}  block = 128 queries x one split of the database
 //       (blockIdx.y), 4 warps. Per 64-row database tile: S = Q D^T on tensor
 //       cores (the shared GEMM mainloop, gemm.cuh), times q_inv[i] * db_inv[j]
-//       in the epilogue, into shared memory (over the drained pipeline
-//       buffers). A warp then takes one query row at a time: lanes test 32
-//       scores against the query's current k-th best (its "floor"), a ballot
-//       appends the winners to the query's 32-entry candidate buffer; a full
-//       buffer is sorted (warp bitonic sort) and merged into the query's
-//       sorted list, which lives in global memory (list_scores/list_index,
-//       one per split), raising the floor. After the first tiles almost no
-//       score beats the floor, so the selection is a shared-memory read, a
-//       compare and a ballot per score; the list traffic is that of the rare
-//       merges. The database is read once per 128 queries; blocks of the same
-//       split run side by side and share it through L2.
+//       in the epilogue. Each warp selects for the 32 query rows it computed:
+//       if no score in its registers reaches its row's current k-th best
+//       (the "floor"), the warp is done with the tile after one compare per
+//       score, which is the common case once the lists fill. Otherwise its
+//       rows go to shared memory (over the drained pipeline buffers) and the
+//       warp takes one row at a time: lanes test 32 scores against the
+//       floor, a ballot appends the winners to the row's 32-entry candidate
+//       buffer; a full buffer is sorted (warp bitonic sort) and merged into
+//       the row's sorted list, which lives in global memory (list_scores /
+//       list_index, one per split), raising the floor. List traffic is that
+//       of the rare merges. The database is read once per 128 queries;
+//       blocks of the same split run side by side and share it through L2.
 //   cosine_merge  one warp per query: the best k of several sorted lists (the
 //       splits, or a streamed chunk and the running result).
 //   cosine_threshold_{f16,bf16}  the same similarity tiles; every allowed
@@ -231,6 +232,46 @@ __device__ __forceinline__ int split_end(const CosineSearchParams& p, int m0, in
     return end;
 }
 
+/// Offers this warp's rows of a similarity tile to their lists: the scores
+/// go to shared memory, then per query row the lanes test 32 scores at a
+/// time against its floor and a ballot appends the winners to its buffer
+/// (flushed into the list when full).
+template <typename T, typename ListOf>
+__device__ __forceinline__ void select_tile(const float (&acc)[Tile<T>::MW][Tile<T>::NW][4], const CosineSearchParams& p, TopkState& st, float* scores,
+                                            int m0, int n0, int row0, int row_end, ListOf list_of) {
+    const int lane = threadIdx.x % 32;
+    for_each_score<T>(acc, p, m0, n0, [&](int row, int col, float s) { scores[row * kLds + col] = s; });
+    __syncwarp();  // the warp's rows of the score tile are complete
+    for (int qi = row0; qi < row_end; ++qi) {
+        float* ls;
+        uint32_t* li;
+        list_of(qi, ls, li);
+#pragma unroll
+        for (int half = 0; half < kBN / 32; ++half) {
+            const int col = half * 32 + lane;
+            const float s = scores[qi * kLds + col];
+            const uint32_t j = p.index_base + static_cast<uint32_t>(n0 + col);
+            bool take = s != -INFINITY && better(s, j, st.floor_score[qi], st.floor_index[qi]);
+            unsigned ballot = __ballot_sync(kFullMask, take);
+            if (ballot == 0) continue;
+            if (st.count[qi] + __popc(ballot) > kBuffer) {
+                flush(st, qi, ls, li, p.k);
+                take = take && better(s, j, st.floor_score[qi], st.floor_index[qi]);
+                ballot = __ballot_sync(kFullMask, take);
+            }
+            const int cnt = st.count[qi];
+            if (take) {
+                const int slot = cnt + __popc(ballot & ((1u << lane) - 1u));
+                st.buf_score[qi][slot] = s;
+                st.buf_index[qi][slot] = j;
+            }
+            __syncwarp();
+            if (lane == 0) st.count[qi] = cnt + __popc(ballot);
+            __syncwarp();
+        }
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void topk(const CosineSearchParams& p) {
     PLATYPUS_DYNAMIC_SMEM(T, smem);
@@ -245,8 +286,12 @@ __device__ __forceinline__ void topk(const CosineSearchParams& p) {
         li = p.list_index + list0 + static_cast<size_t>(m0 + qi) * p.k;
     };
 
-    // Empty lists; each query row belongs to warp qi % kWarps throughout.
-    for (int qi = warp; qi < kBM && m0 + qi < p.m; qi += kWarps) {
+    // A warp selects for the 32 query rows it computes: row0 .. row_end.
+    const int row0 = warp * (kBM / kWarps);
+    const int row_end = min(row0 + kBM / kWarps, p.m - m0);
+
+    // Empty lists.
+    for (int qi = row0; qi < row_end; ++qi) {
         float* ls;
         uint32_t* li;
         list_of(qi, ls, li);
@@ -265,39 +310,15 @@ __device__ __forceinline__ void topk(const CosineSearchParams& p) {
     for (int n0 = split_begin; n0 < end; n0 += kBN) {
         float acc[Tile<T>::MW][Tile<T>::NW][4];
         similarity_tile<T>(acc, p, smem, m0, n0);
-        for_each_score<T>(acc, p, m0, n0, [&](int row, int col, float s) { scores[row * kLds + col] = s; });
-        __syncthreads();  // the score tile is complete
-        for (int qi = warp; qi < kBM && m0 + qi < p.m; qi += kWarps) {
-            float* ls;
-            uint32_t* li;
-            list_of(qi, ls, li);
-#pragma unroll
-            for (int half = 0; half < kBN / 32; ++half) {
-                const int col = half * 32 + lane;
-                const float s = scores[qi * kLds + col];
-                const uint32_t j = p.index_base + static_cast<uint32_t>(n0 + col);
-                bool take = s != -INFINITY && better(s, j, st.floor_score[qi], st.floor_index[qi]);
-                unsigned ballot = __ballot_sync(kFullMask, take);
-                if (ballot == 0) continue;
-                if (st.count[qi] + __popc(ballot) > kBuffer) {
-                    flush(st, qi, ls, li, p.k);
-                    take = take && better(s, j, st.floor_score[qi], st.floor_index[qi]);
-                    ballot = __ballot_sync(kFullMask, take);
-                }
-                const int cnt = st.count[qi];
-                if (take) {
-                    const int slot = cnt + __popc(ballot & ((1u << lane) - 1u));
-                    st.buf_score[qi][slot] = s;
-                    st.buf_index[qi][slot] = j;
-                }
-                __syncwarp();
-                if (lane == 0) st.count[qi] = cnt + __popc(ballot);
-                __syncwarp();
-            }
-        }
-        __syncthreads();  // every warp is done with the score tile
+        // Most tiles hold nothing for a warp's rows once their lists fill:
+        // then it skips the tile after one compare per score in registers
+        // (>= the floor's score: ties are settled by index below).
+        bool any = false;
+        for_each_score<T>(acc, p, m0, n0, [&](int row, int, float s) { any = any || (s != -INFINITY && s >= st.floor_score[row]); });
+        if (__any_sync(kFullMask, any)) select_tile<T>(acc, p, st, scores, m0, n0, row0, row_end, list_of);
+        __syncthreads();  // every warp is done with the score tile: the pipeline may refill it
     }
-    for (int qi = warp; qi < kBM && m0 + qi < p.m; qi += kWarps) {
+    for (int qi = row0; qi < row_end; ++qi) {
         float* ls;
         uint32_t* li;
         list_of(qi, ls, li);

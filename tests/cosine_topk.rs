@@ -278,15 +278,16 @@ proptest! {
 }
 
 // Emulated kernel cases are smaller (the emulator runs every GPU thread as
-// a fiber): n up to 700 gives up to 11 database splits, 130+ queries two
-// query blocks.
+// a fiber): n up to 1100 gives up to 5 database splits of 4 or more 64-row
+// tiles, so both the merge of splits and the selection across tiles of one
+// split are exercised; 130+ queries make two query blocks.
 proptest! {
     #![proptest_config(config())]
 
     #[test]
     fn kernel_topk_matches_reference(
         m in prop_oneof![1usize..=40, 120usize..=140],
-        n in prop_oneof![1usize..=70, 200usize..=700],
+        n in prop_oneof![1usize..=70, 200usize..=1100],
         dim in prop_oneof![1usize..=12, Just(64), 90usize..=100, Just(384)],
         k in prop_oneof![Just(1usize), 2usize..=40, 100usize..=300],
         exclude in modes(),
@@ -486,4 +487,21 @@ fn cli_searches_on_the_cpu_and_the_emulated_kernels_alike() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("`device`"));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn kernel_selection_across_tiles_keeps_close_candidates() {
+    // Two-dimensional embeddings: cosines crowd near 1, so later 64-row
+    // tiles of a split keep holding candidates just above the current k-th
+    // best; a tile skipped or a buffer flushed wrongly loses them.
+    for (seed, k) in [(1, 1), (2, 3), (3, 40)] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let sets = Sets::on(seed, 3, 1000, 2, Exclude::Nothing, dtype, &Device::Emulated);
+            let got = sets.topk(k, Exclude::Nothing);
+            let sims = reference::similarities(&sets.q, &sets.db, 2);
+            if let Err(e) = check_topk(&sims, 1000, k, Exclude::Nothing, &got, kernel_tol(dtype)) {
+                panic!("k {k}, {dtype}: {e}");
+            }
+        }
+    }
 }

@@ -27,6 +27,10 @@ const TOPK_SMEM: u32 = PIPELINE_SMEM + 128 * 32 * 8 + 128 * 12;
 /// read from the device, so a search splits the same way everywhere (the
 /// results do not depend on it either way).
 const TARGET_BLOCKS: usize = 216;
+/// Fewest database tiles a split gets: each split costs its lists'
+/// initialisation, final merges and a share of cosine_merge, worth it only
+/// over several tiles.
+const MIN_TILES_PER_SPLIT: usize = 4;
 /// Most bytes of per-split top-k lists; fewer splits beyond it.
 const SPLIT_LIST_BYTES: usize = 1 << 28;
 /// Pair slots of a threshold search's first pass; a second pass gets exactly
@@ -191,7 +195,9 @@ impl Plan {
     fn new(m: usize, n: usize, list_bytes: usize) -> Plan {
         let query_blocks = m.div_ceil(BLOCK_QUERIES);
         let tiles = n.div_ceil(TILE_ROWS).max(1);
-        let mut splits = TARGET_BLOCKS.div_ceil(query_blocks).clamp(1, tiles);
+        let mut splits = TARGET_BLOCKS
+            .div_ceil(query_blocks)
+            .clamp(1, tiles.div_ceil(MIN_TILES_PER_SPLIT));
         if let Some(fit) = SPLIT_LIST_BYTES.checked_div(list_bytes) {
             splits = splits.min(fit.max(1));
         }
