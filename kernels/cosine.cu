@@ -181,15 +181,18 @@ __device__ __forceinline__ void similarity_tile(float (&acc)[Tile<T>::MW][Tile<T
                  gemm::NoStageHook{});
 }
 
-/// Calls `visit(row, col, score)` for every element of this thread's part
+/// Tile row of this thread's accumulator rows: r = 2 mw + h is row
+/// 16 mw + lane/4 + 8 h of the warp's 32 rows.
+__device__ __forceinline__ int thread_row(int r) { return threadIdx.x / 32 * (kBM / kWarps) + 16 * (r / 2) + threadIdx.x % 32 / 4 + 8 * (r % 2); }
+
+/// Calls `visit(r, row, col, score)` for every element of this thread's part
 /// of a similarity tile: score = acc * q_inv[i] * db_inv[j], or -inf where
 /// the pair does not exist (past m or n) or is excluded. row and col are
-/// tile-relative; acc element (mw, nw, 2h + e) is row 16 mw + lane/4 + 8 h
-/// of the warp's rows, column 8 nw + 2 (lane % 4) + e.
+/// tile-relative; acc element (mw, nw, 2h + e) is row thread_row(r), r =
+/// 2 mw + h, column 8 nw + 2 (lane % 4) + e.
 template <typename T, typename Visit>
 __device__ __forceinline__ void for_each_score(const float (&acc)[Tile<T>::MW][Tile<T>::NW][4], const CosineSearchParams& p, int m0, int n0, Visit visit) {
     const int lane = threadIdx.x % 32;
-    const int wm0 = threadIdx.x / 32 * (kBM / kWarps);
     float db_scale[Tile<T>::NW][2];  // this thread's 16 columns, loaded once per tile
 #pragma unroll
     for (int nw = 0; nw < Tile<T>::NW; ++nw)
@@ -202,7 +205,8 @@ __device__ __forceinline__ void for_each_score(const float (&acc)[Tile<T>::MW][T
     for (int mw = 0; mw < Tile<T>::MW; ++mw) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int row = wm0 + 16 * mw + lane / 4 + 8 * h;
+            const int r = 2 * mw + h;
+            const int row = thread_row(r);
             const bool row_ok = m0 + row < p.m;
             const float qs = row_ok ? p.q_inv[m0 + row] : 0.0f;
             const uint32_t qg = p.query_base + static_cast<uint32_t>(m0 + row);
@@ -213,7 +217,7 @@ __device__ __forceinline__ void for_each_score(const float (&acc)[Tile<T>::MW][T
                     const int col = 8 * nw + 2 * (lane % 4) + e;
                     const uint32_t jg = p.index_base + static_cast<uint32_t>(n0 + col);
                     const bool ok = row_ok && n0 + col < p.n && !(p.exclude == kSameIndex && jg == qg) && !(p.exclude == kNotEarlier && jg >= qg);
-                    visit(row, col, ok ? acc[mw][nw][2 * h + e] * qs * db_scale[nw][e] : -INFINITY);
+                    visit(r, row, col, ok ? acc[mw][nw][2 * h + e] * qs * db_scale[nw][e] : -INFINITY);
                 }
             }
         }
@@ -240,7 +244,7 @@ template <typename T, typename ListOf>
 __device__ __forceinline__ void select_tile(const float (&acc)[Tile<T>::MW][Tile<T>::NW][4], const CosineSearchParams& p, TopkState& st, float* scores,
                                             int m0, int n0, int row0, int row_end, ListOf list_of) {
     const int lane = threadIdx.x % 32;
-    for_each_score<T>(acc, p, m0, n0, [&](int row, int col, float s) { scores[row * kLds + col] = s; });
+    for_each_score<T>(acc, p, m0, n0, [&](int, int row, int col, float s) { scores[row * kLds + col] = s; });
     __syncwarp();  // the warp's rows of the score tile are complete
     for (int qi = row0; qi < row_end; ++qi) {
         float* ls;
@@ -313,8 +317,11 @@ __device__ __forceinline__ void topk(const CosineSearchParams& p) {
         // Most tiles hold nothing for a warp's rows once their lists fill:
         // then it skips the tile after one compare per score in registers
         // (>= the floor's score: ties are settled by index below).
+        float floor[2 * Tile<T>::MW];  // the floors of this thread's rows
+#pragma unroll
+        for (int r = 0; r < 2 * Tile<T>::MW; ++r) floor[r] = st.floor_score[thread_row(r)];
         bool any = false;
-        for_each_score<T>(acc, p, m0, n0, [&](int row, int, float s) { any = any || (s != -INFINITY && s >= st.floor_score[row]); });
+        for_each_score<T>(acc, p, m0, n0, [&](int r, int, int, float s) { any = any || (s != -INFINITY && s >= floor[r]); });
         if (__any_sync(kFullMask, any)) select_tile<T>(acc, p, st, scores, m0, n0, row0, row_end, list_of);
         __syncthreads();  // every warp is done with the score tile: the pipeline may refill it
     }
@@ -339,7 +346,7 @@ __device__ __forceinline__ void threshold(const CosineSearchParams& p) {
         float acc[Tile<T>::MW][Tile<T>::NW][4];
         similarity_tile<T>(acc, p, smem, m0, n0);
         int mine = 0;
-        for_each_score<T>(acc, p, m0, n0, [&](int, int, float s) { mine += s >= p.threshold; });
+        for_each_score<T>(acc, p, m0, n0, [&](int, int, int, float s) { mine += s >= p.threshold; });
         int before = mine;  // inclusive prefix sum over the lanes
 #pragma unroll
         for (int d = 1; d < 32; d *= 2) {
@@ -354,7 +361,7 @@ __device__ __forceinline__ void threshold(const CosineSearchParams& p) {
         }
         unsigned long long slot = base + static_cast<unsigned>(before - mine);
         if (mine > 0) {
-            for_each_score<T>(acc, p, m0, n0, [&](int row, int col, float s) {
+            for_each_score<T>(acc, p, m0, n0, [&](int, int row, int col, float s) {
                 if (s >= p.threshold) {
                     if (slot < p.capacity) {
                         p.pair_query[slot] = p.query_base + static_cast<uint32_t>(m0 + row);
