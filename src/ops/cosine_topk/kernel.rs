@@ -180,6 +180,19 @@ fn prepare(op: &'static str, arg: &'static str, x: &Tensor, database: bool) -> R
     Ok(out)
 }
 
+/// The prepared queries, when they can serve as the database too: a
+/// self-search of 16-bit rows (f32 rows are split differently for the two
+/// sides).
+fn reuse_for_database<'a>(
+    q: &'a Prepared,
+    queries: &Tensor,
+    database: &Tensor,
+) -> Option<&'a Prepared> {
+    let same = queries.device_address() == database.device_address()
+        && queries.shape() == database.shape();
+    (same && queries.dtype() != DType::F32).then_some(q)
+}
+
 /// A search's shape: m queries against n database rows split `splits` ways.
 #[derive(Clone, Copy)]
 struct Plan {
@@ -393,11 +406,18 @@ pub(super) fn topk(
     let kk = check_kernel_inputs(op, queries, database, k)?;
     let (q_arg, db_arg) = arg_names(exclude);
     let q = prepare(op, q_arg, queries, false)?;
-    let db = prepare(op, db_arg, database, true)?;
+    let db_own;
+    let db = match reuse_for_database(&q, queries, database) {
+        Some(q) => q,
+        None => {
+            db_own = prepare(op, db_arg, database, true)?;
+            &db_own
+        }
+    };
     let (m, n) = (queries.shape()[0], database.shape()[0]);
     let plan = Plan::new(m, n, m * kk * 8);
     let device = queries.device();
-    let mut p = search_params(op, &q, &db, &plan, exclude, 0)?;
+    let mut p = search_params(op, &q, db, &plan, exclude, 0)?;
     let suffix = q.operand.dtype().kernel_suffix();
     let out = Lists::new(device, 1, m, kk)?;
     if plan.splits == 1 {
@@ -477,7 +497,14 @@ pub(super) fn above_threshold(
     check_kernel_inputs(op, queries, database, 1)?;
     let (q_arg, db_arg) = arg_names(exclude);
     let q = prepare(op, q_arg, queries, false)?;
-    let db = prepare(op, db_arg, database, true)?;
+    let db_own;
+    let db = match reuse_for_database(&q, queries, database) {
+        Some(q) => q,
+        None => {
+            db_own = prepare(op, db_arg, database, true)?;
+            &db_own
+        }
+    };
     let device = queries.device();
     let plan = Plan::new(queries.shape()[0], database.shape()[0], 0);
     let suffix = q.operand.dtype().kernel_suffix();
@@ -488,7 +515,7 @@ pub(super) fn above_threshold(
         let query = Tensor::zeros(&[slots], DType::U32, device)?;
         let item = Tensor::zeros(&[slots], DType::U32, device)?;
         let score = Tensor::zeros(&[slots], DType::F32, device)?;
-        let mut p = search_params(op, &q, &db, &plan, exclude, 0)?;
+        let mut p = search_params(op, &q, db, &plan, exclude, 0)?;
         p.threshold = threshold;
         p.pair_count = count.device_address() as *mut u64;
         p.capacity = capacity as u64;
