@@ -39,9 +39,9 @@ libasan=$(gcc -print-file-name=libasan.so)
 PLATYPUS_EMU_ASAN=1 CARGO_TARGET_DIR="$root/target/asan" \
     CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="env LD_PRELOAD=$libasan ASAN_OPTIONS=detect_leaks=0:abort_on_error=1" \
     PROPTEST_CASES="${PROPTEST_CASES_ASAN:-16}" \
-    cargo test --lib --test emulated --test fixtures
+    cargo test --lib --test emulated --test fixtures --test cosine_topk
 
 echo "== build without nvcc or CUDA headers: CPU and emulated devices only"
 env -u NVCC -u CUDA_HOME -u CUDA_PATH -u PLATYPUS_REQUIRE_CUDA PATH="$path_without_cuda" \
     CARGO_TARGET_DIR="$root/target/nocuda" \
-    cargo test --lib --test emulated --test fixtures --test errors --test ptxas
+    cargo test --lib --test emulated --test fixtures --test cosine_topk --test errors --test ptxas

@@ -396,6 +396,7 @@ fn arg_names(exclude: Exclude) -> (&'static str, &'static str) {
     }
 }
 
+/// [`super::topk`] / [`super::topk_self`] on a kernel device.
 pub(super) fn topk(
     op: &'static str,
     queries: &Tensor,
@@ -430,6 +431,7 @@ pub(super) fn topk(
     out.into_topk()
 }
 
+/// [`super::topk_streamed`]: device queries, a host database in chunks.
 pub(super) fn topk_streamed(
     op: &'static str,
     queries: &Tensor,
@@ -486,6 +488,9 @@ pub(super) fn topk_streamed(
     out.into_topk()
 }
 
+/// [`super::above_threshold`] / [`super::above_threshold_self`] on a kernel
+/// device: a first pass with [`FIRST_PASS_PAIRS`] slots, a second with room
+/// for every pair if the first one overflowed.
 pub(super) fn above_threshold(
     op: &'static str,
     queries: &Tensor,
