@@ -14,10 +14,10 @@
 //!
 //! Two implementations, chosen by the inputs' device; neither ever holds the
 //! m × n score matrix:
-//! - [`Device::Cpu`] ([`host`]): normalised f32 rows, a blocked multi-threaded
+//! - [`Device::Cpu`] (`host.rs`): normalised f32 rows, a blocked multi-threaded
 //!   f32 GEMM with a per-query selection buffer. What the curation CLI runs
 //!   without a GPU.
-//! - [`Device::Cuda`] / [`Device::Emulated`] ([`kernel`], kernels/cosine.cu):
+//! - [`Device::Cuda`] / [`Device::Emulated`] (`kernel.rs`, kernels/cosine.cu):
 //!   tensor-core similarity tiles reduced straight into per-query top-k lists;
 //!   results stay on the device. f32 inputs are split into two bf16 halves so
 //!   the scores keep about 16 significant bits. [`topk_streamed`] streams a
