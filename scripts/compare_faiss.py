@@ -67,7 +67,9 @@ def main():
     faiss_secs = time.perf_counter() - start
 
     subprocess.check_call(["cargo", "build", "--quiet", "--release", "--bin", "platypus"], cwd=ROOT)
-    binary = os.path.join(ROOT, "target", "release", "platypus")
+    # The binary cargo just built: CARGO_TARGET_DIR moves it out of target/.
+    target_dir = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"))
+    binary = os.path.join(target_dir, "release", "platypus")
     with tempfile.TemporaryDirectory() as tmp:
         qp, dbp, out = (os.path.join(tmp, n) for n in ("q.npy", "db.npy", "idx.npy"))
         np.save(qp, q)
