@@ -180,17 +180,24 @@ fn prepare(op: &'static str, arg: &'static str, x: &Tensor, database: bool) -> R
     Ok(out)
 }
 
-/// The prepared queries, when they can serve as the database too: a
-/// self-search of 16-bit rows (f32 rows are split differently for the two
-/// sides).
-fn reuse_for_database<'a>(
-    q: &'a Prepared,
+/// Prepares queries and database; the database is `None` when the
+/// prepared queries serve as it too (a self-search of 16-bit rows: f32 rows
+/// are split differently for the two sides).
+fn prepare_pair(
+    op: &'static str,
     queries: &Tensor,
     database: &Tensor,
-) -> Option<&'a Prepared> {
+    exclude: Exclude,
+) -> Result<(Prepared, Option<Prepared>)> {
+    let (q_arg, db_arg) = arg_names(exclude);
+    let q = prepare(op, q_arg, queries, false)?;
     let same = queries.device_address() == database.device_address()
         && queries.shape() == database.shape();
-    (same && queries.dtype() != DType::F32).then_some(q)
+    if same && queries.dtype() != DType::F32 {
+        return Ok((q, None));
+    }
+    let db = prepare(op, db_arg, database, true)?;
+    Ok((q, Some(db)))
 }
 
 /// A search's shape: m queries against n database rows split `splits` ways.
@@ -405,16 +412,8 @@ pub(super) fn topk(
     exclude: Exclude,
 ) -> Result<TopK> {
     let kk = check_kernel_inputs(op, queries, database, k)?;
-    let (q_arg, db_arg) = arg_names(exclude);
-    let q = prepare(op, q_arg, queries, false)?;
-    let db_own;
-    let db = match reuse_for_database(&q, queries, database) {
-        Some(q) => q,
-        None => {
-            db_own = prepare(op, db_arg, database, true)?;
-            &db_own
-        }
-    };
+    let (q, db) = prepare_pair(op, queries, database, exclude)?;
+    let db = db.as_ref().unwrap_or(&q);
     let (m, n) = (queries.shape()[0], database.shape()[0]);
     let plan = Plan::new(m, n, m * kk * 8);
     let device = queries.device();
@@ -500,16 +499,8 @@ pub(super) fn above_threshold(
     exclude: Exclude,
 ) -> Result<Vec<Pair>> {
     check_kernel_inputs(op, queries, database, 1)?;
-    let (q_arg, db_arg) = arg_names(exclude);
-    let q = prepare(op, q_arg, queries, false)?;
-    let db_own;
-    let db = match reuse_for_database(&q, queries, database) {
-        Some(q) => q,
-        None => {
-            db_own = prepare(op, db_arg, database, true)?;
-            &db_own
-        }
-    };
+    let (q, db) = prepare_pair(op, queries, database, exclude)?;
+    let db = db.as_ref().unwrap_or(&q);
     let device = queries.device();
     let plan = Plan::new(queries.shape()[0], database.shape()[0], 0);
     let suffix = q.operand.dtype().kernel_suffix();
