@@ -205,15 +205,7 @@ fn attn_layout() -> impl Strategy<Value = AttnLayout> {
 }
 
 fn attention_config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(64);
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
+    common::proptest_config(64)
 }
 
 proptest! {

@@ -6,6 +6,20 @@ pub mod lora;
 
 use platypus::{DType, Device, Tensor};
 
+/// Proptest settings: `PROPTEST_CASES` cases if set, else `default_cases`;
+/// no failure files.
+pub fn proptest_config(default_cases: u32) -> proptest::prelude::ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(default_cases);
+    proptest::prelude::ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..Default::default()
+    }
+}
+
 /// The float dtypes every op supports.
 pub const FLOAT_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
