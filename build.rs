@@ -26,6 +26,8 @@ struct PtxasRecord {
     shared_bytes: u32,
     stack_bytes: u32,
     barriers: u32,
+    /// Threads of the kernel's `__launch_bounds__` (`.maxntid` in its PTX), 0 if none.
+    max_threads: u32,
 }
 
 fn main() {
@@ -42,6 +44,7 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo::rustc-check-cfg=cfg(platypus_emu_asan)");
+    println!("cargo::rustc-check-cfg=cfg(platypus_emu_memcheck)");
 
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
@@ -149,6 +152,7 @@ fn bindgen_params(kernels: &Path, out: &Path) {
     bindgen::Builder::default()
         .header(header.to_str().unwrap())
         .allowlist_type(".*Params|PlatypusEmuLaunch")
+        .allowlist_var("PLATYPUS_EMU_.*")
         .derive_default(true)
         .derive_debug(true)
         .layout_tests(true)
@@ -185,14 +189,18 @@ fn build_gpu(
         })
         .unwrap_or_else(|| "unknown".to_string());
 
-    let results: Vec<(String, PathBuf, String)> = std::thread::scope(|scope| {
+    let results: Vec<(String, PathBuf, String, String)> = std::thread::scope(|scope| {
         let handles: Vec<_> = sources
             .iter()
             .map(|src| {
                 scope.spawn(move || {
                     let stem = src.file_stem().unwrap().to_string_lossy().to_string();
                     let fatbin = out.join(format!("{stem}.fatbin"));
+                    // The intermediate PTX carries each kernel's __launch_bounds__.
+                    let keep = out.join(format!("nvcc-{stem}"));
+                    fs::create_dir_all(&keep).expect("creating nvcc's keep directory");
                     let mut cmd = Command::new(nvcc);
+                    cmd.arg("--keep").arg("--keep-dir").arg(&keep);
                     cmd.args([
                         "-fatbin",
                         "-O3",
@@ -219,7 +227,12 @@ fn build_gpu(
                     if !output.status.success() {
                         panic!("nvcc failed on {}:\n{log}", src.display());
                     }
-                    (stem, fatbin, log)
+                    let ptx = fs::read_to_string(keep.join(format!("{stem}.compute_{lowest}.ptx")))
+                        .unwrap_or_else(|e| {
+                            panic!("reading the PTX nvcc kept for {}: {e}", src.display())
+                        });
+                    let _ = fs::remove_dir_all(&keep);
+                    (stem, fatbin, log, ptx)
                 })
             })
             .collect();
@@ -231,8 +244,12 @@ fn build_gpu(
 
     let mut modules = Vec::new();
     let mut records = Vec::new();
-    for (stem, fatbin, log) in results {
-        let recs = parse_ptxas(&log);
+    for (stem, fatbin, log, ptx) in results {
+        let bounds = parse_launch_bounds(&ptx);
+        let mut recs = parse_ptxas(&log);
+        for r in &mut recs {
+            r.max_threads = bounds.iter().find(|(n, _)| *n == r.name).map_or(0, |b| b.1);
+        }
         let mut names: Vec<String> = recs.iter().map(|r| r.name.clone()).collect();
         names.sort();
         names.dedup();
@@ -245,6 +262,33 @@ fn build_gpu(
         records,
         version,
     }
+}
+
+/// (kernel, threads) of every `.entry` with a `.maxntid x, y, z` directive
+/// (what `__launch_bounds__(threads)` becomes) in a PTX file.
+fn parse_launch_bounds(ptx: &str) -> Vec<(String, u32)> {
+    let mut bounds = Vec::new();
+    let mut entry: Option<String> = None;
+    for line in ptx.lines().map(str::trim) {
+        if let Some(rest) = line.split(".entry ").nth(1) {
+            entry = Some(
+                rest.split('(')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            );
+        } else if line.starts_with('{') {
+            entry = None;
+        } else if let (Some(name), Some(dims)) = (&entry, line.strip_prefix(".maxntid")) {
+            let threads = dims
+                .split(',')
+                .map(|d| d.trim().parse::<u32>().unwrap_or(1))
+                .product();
+            bounds.push((name.clone(), threads));
+        }
+    }
+    bounds
 }
 
 /// Parses `ptxas -v` output: a "Compiling entry function 'NAME' for 'sm_XX'"
@@ -341,8 +385,8 @@ fn write_kernel_info(out: &Path, archs: &[u32], gpu: Option<&GpuBuild>) {
     for r in gpu.map(|g| g.records.as_slice()).unwrap_or_default() {
         writeln!(
             s,
-            "    KernelResources {{ name: {:?}, arch: {}, registers: {}, spill_store_bytes: {}, spill_load_bytes: {}, shared_bytes: {}, stack_bytes: {}, barriers: {} }},",
-            r.name, r.arch, r.registers, r.spill_store_bytes, r.spill_load_bytes, r.shared_bytes, r.stack_bytes, r.barriers
+            "    KernelResources {{ name: {:?}, arch: {}, registers: {}, spill_store_bytes: {}, spill_load_bytes: {}, shared_bytes: {}, stack_bytes: {}, barriers: {}, max_threads: {} }},",
+            r.name, r.arch, r.registers, r.spill_store_bytes, r.spill_load_bytes, r.shared_bytes, r.stack_bytes, r.barriers, r.max_threads
         )
         .unwrap();
     }
@@ -352,6 +396,14 @@ fn write_kernel_info(out: &Path, archs: &[u32], gpu: Option<&GpuBuild>) {
 
 /// Compiles the emulator and every kernel for the host; returns the names of
 /// the kernels the emulator can launch.
+///
+/// The kernels are compiled with `-fsanitize=thread`: the compiler calls
+/// `__tsan_read4(p)` and the like before each memory access, and the
+/// emulator's memory checker (kernels/emu/memcheck.cpp) answers those calls;
+/// no ThreadSanitizer runtime is linked. The emulator's own code is not
+/// instrumented. Under `PLATYPUS_EMU_ASAN=1` everything is built with
+/// AddressSanitizer instead (the two cannot be combined), without the memory
+/// checker.
 fn build_emulator(
     kernels: &Path,
     sources: &[PathBuf],
@@ -359,30 +411,45 @@ fn build_emulator(
     out: &Path,
 ) -> Vec<String> {
     let asan = env::var("PLATYPUS_EMU_ASAN").is_ok_and(|v| v == "1");
-    let mut build = cc::Build::new();
-    match include {
-        Some(include) => build.include(include).include(include.join("cccl")),
-        None => build.define("PLATYPUS_EMU_NO_CUDA_HEADERS", None),
-    };
-    build
-        .cpp(true)
-        .std("c++17")
-        .include(kernels)
-        .file(kernels.join("emu/cuda_emu.cpp"))
-        .warnings(true)
-        .flag_if_supported("-Wno-unused-parameter")
-        .flag_if_supported("-Wno-unused-function")
-        .flag_if_supported("-Wno-unknown-pragmas");
-    if asan {
+    let memcheck = !asan;
+    let base = || {
+        let mut build = cc::Build::new();
+        match include {
+            Some(include) => build.include(include).include(include.join("cccl")),
+            None => build.define("PLATYPUS_EMU_NO_CUDA_HEADERS", None),
+        };
         build
-            .flag("-fsanitize=address")
-            .flag("-fno-omit-frame-pointer")
-            .opt_level(1);
+            .cpp(true)
+            .std("c++17")
+            .include(kernels)
+            .warnings(true)
+            .flag_if_supported("-Wno-unused-parameter")
+            .flag_if_supported("-Wno-unused-function")
+            .flag_if_supported("-Wno-unknown-pragmas");
+        if asan {
+            build
+                .flag("-fsanitize=address")
+                .flag("-fno-omit-frame-pointer")
+                .opt_level(1);
+        }
+        build
+    };
+    if asan {
         println!("cargo:rustc-link-lib=dylib=asan");
         println!("cargo:rustc-cfg=platypus_emu_asan");
     }
-    // Emulator self-test kernels (barrier and collective misuse) are built for
-    // the host only.
+    if memcheck {
+        println!("cargo:rustc-cfg=platypus_emu_memcheck");
+    }
+
+    // The kernels, and the emulator's self-test kernels (barrier and
+    // collective misuse, races), built for the host only.
+    let mut build = base();
+    if memcheck {
+        build
+            .flag("-fsanitize=thread")
+            .flag("--param=tsan-instrument-func-entry-exit=0");
+    }
     let selftest = kernels.join("emu/selftest.cu");
     for src in sources.iter().chain(std::iter::once(&selftest)) {
         let stem = src.file_stem().unwrap().to_string_lossy();
@@ -392,6 +459,17 @@ fn build_emulator(
         build.file(wrapper);
     }
     build.compile("platypus_emu");
+
+    // The scheduler and memory checker, uninstrumented; linked after the
+    // kernels that call into them.
+    let mut runtime = base();
+    if memcheck {
+        runtime.define("PLATYPUS_EMU_MEMCHECK_BUILT", None);
+    }
+    runtime
+        .file(kernels.join("emu/cuda_emu.cpp"))
+        .file(kernels.join("emu/memcheck.cpp"))
+        .compile("platypus_emu_runtime");
 
     let archive = out.join("libplatypus_emu.a");
     let nm = Command::new("nm")

@@ -105,12 +105,12 @@ __device__ __forceinline__ void store_tile(T* g, int stride, const T* s, TileRow
         if (r >= rows.out) continue;
         Vec<T, 8> v;
         if (r < rows.valid) {
-            v = *reinterpret_cast<const Vec<T, 8>*>(s + swz<D>(r, c));
+            v = *vector_at<Vec<T, 8>>(s + swz<D>(r, c));
         } else {
 #pragma unroll
             for (int e = 0; e < 8; ++e) v.v[e] = from_float<T>(0.0f);
         }
-        *reinterpret_cast<Vec<T, 8>*>(g + static_cast<size_t>(r) * stride + c * 8) = v;
+        *vector_at<Vec<T, 8>>(g + static_cast<size_t>(r) * stride + c * 8) = v;
     }
 }
 
@@ -122,8 +122,8 @@ __device__ __forceinline__ void stage_accumulator(T* s, int row0, const float (&
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
-        *reinterpret_cast<uint32_t*>(s + swz<D>(row0 + g, dt) + 2 * t) = pack2<T>(acc[dt][0], acc[dt][1]);
-        *reinterpret_cast<uint32_t*>(s + swz<D>(row0 + g + 8, dt) + 2 * t) = pack2<T>(acc[dt][2], acc[dt][3]);
+        *vector_at<uint32_t>(s + swz<D>(row0 + g, dt) + 2 * t) = pack2<T>(acc[dt][0], acc[dt][1]);
+        *vector_at<uint32_t>(s + swz<D>(row0 + g + 8, dt) + 2 * t) = pack2<T>(acc[dt][2], acc[dt][3]);
     }
 }
 

@@ -10,11 +10,22 @@
 #define PLATYPUS_DYNAMIC_SMEM(T, name)                              \
     extern __shared__ __align__(16) unsigned char platypus_smem_[]; \
     T* name = reinterpret_cast<T*>(platypus_smem_)
+/// A static shared variable `T name dims`, 16-byte aligned (the emulator
+/// gives each block its own poisoned copy; plain __shared__ does not build there).
+#define PLATYPUS_SHARED(T, name, dims) __shared__ __align__(16) T name dims
 /// Makes an extern "C" __global__ kernel launchable on the host emulator too
 /// (nothing on the GPU).
 #define PLATYPUS_EXPORT_KERNEL(name)
+/// Extra trailing parameters that capture a device helper's call site for the
+/// emulator's messages (none on the GPU), and the arguments passing them on.
+#define PLATYPUS_CALL_SITE
+#define PLATYPUS_PASS_SITE
+#define PLATYPUS_CHECK_VECTOR(p, bytes)
 #else
 #define PLATYPUS_EXPORT_KERNEL(name) PLATYPUS_EMU_EXPORT(name)
+#define PLATYPUS_CALL_SITE , const char *file = __builtin_FILE(), int line = __builtin_LINE()
+#define PLATYPUS_PASS_SITE , file, line
+#define PLATYPUS_CHECK_VECTOR(p, bytes) platypus_emu::check_vector_access(p, bytes, file, line)
 #include "emu/cuda_emu.h"
 #endif
 
@@ -44,29 +55,44 @@ struct alignas(sizeof(T) * N) Vec {
     T v[N];
 };
 
+/// `p` as the vector type V it is accessed through (a Vec, or uint32_t for
+/// two packed halves): one LD/ST of sizeof(V) bytes on the GPU, which faults
+/// unless p is aligned to that size; the emulator checks it and names the
+/// caller's line.
+template <typename V>
+__device__ __forceinline__ V* vector_at(void* p PLATYPUS_CALL_SITE) {
+    PLATYPUS_CHECK_VECTOR(p, sizeof(V));
+    return static_cast<V*>(p);
+}
+template <typename V>
+__device__ __forceinline__ const V* vector_at(const void* p PLATYPUS_CALL_SITE) {
+    PLATYPUS_CHECK_VECTOR(p, sizeof(V));
+    return static_cast<const V*>(p);
+}
+
 /// Loads N consecutive elements at p into fp32.
 template <typename T, int N>
-__device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
-    const Vec<T, N> v = *reinterpret_cast<const Vec<T, N>*>(p);
+__device__ __forceinline__ void load_floats(const T* p, float (&out)[N] PLATYPUS_CALL_SITE) {
+    const Vec<T, N> v = *vector_at<Vec<T, N>>(p PLATYPUS_PASS_SITE);
 #pragma unroll
     for (int i = 0; i < N; ++i) out[i] = to_float(v.v[i]);
 }
 
 /// Stores N fp32 values as consecutive elements of T at p.
 template <typename T, int N>
-__device__ __forceinline__ void store_floats(T* p, const float (&in)[N]) {
+__device__ __forceinline__ void store_floats(T* p, const float (&in)[N] PLATYPUS_CALL_SITE) {
     Vec<T, N> v;
 #pragma unroll
     for (int i = 0; i < N; ++i) v.v[i] = from_float<T>(in[i]);
-    *reinterpret_cast<Vec<T, N>*>(p) = v;
+    *vector_at<Vec<T, N>>(p PLATYPUS_PASS_SITE) = v;
 }
 
 /// Loads N consecutive elements at p into fp32: one vector access when
 /// VECTOR (p aligned to the whole run), else N element accesses.
 template <typename T, int N, bool VECTOR>
-__device__ __forceinline__ void load_run(const T* p, float (&out)[N]) {
+__device__ __forceinline__ void load_run(const T* p, float (&out)[N] PLATYPUS_CALL_SITE) {
     if constexpr (VECTOR) {
-        load_floats<T, N>(p, out);
+        load_floats<T, N>(p, out PLATYPUS_PASS_SITE);
     } else {
 #pragma unroll
         for (int i = 0; i < N; ++i) out[i] = to_float(p[i]);
@@ -75,9 +101,9 @@ __device__ __forceinline__ void load_run(const T* p, float (&out)[N]) {
 
 /// Stores N fp32 values as consecutive elements at p, like load_run.
 template <typename T, int N, bool VECTOR>
-__device__ __forceinline__ void store_run(T* p, const float (&in)[N]) {
+__device__ __forceinline__ void store_run(T* p, const float (&in)[N] PLATYPUS_CALL_SITE) {
     if constexpr (VECTOR) {
-        store_floats<T, N>(p, in);
+        store_floats<T, N>(p, in PLATYPUS_PASS_SITE);
     } else {
 #pragma unroll
         for (int i = 0; i < N; ++i) p[i] = from_float<T>(in[i]);

@@ -294,14 +294,19 @@ __device__ __forceinline__ void topk(const CosineSearchParams& p) {
     const int row0 = warp * (kBM / kWarps);
     const int row_end = min(row0 + kBM / kWarps, p.m - m0);
 
-    // Empty lists.
-    for (int qi = row0; qi < row_end; ++qi) {
-        float* ls;
-        uint32_t* li;
-        list_of(qi, ls, li);
-        for (int c = lane; c < p.k; c += 32) {
-            ls[c] = -INFINITY;
-            li[c] = kNoIndex;
+    // Empty lists for the warp's rows, and empty buffers and floors for all
+    // 32 of them (the tile-skip test reads the floors of rows past m too,
+    // whose scores are all -inf). The __syncwarp publishes lane 0's counts:
+    // a split with no tile to search goes straight to the final loop.
+    for (int qi = row0; qi < row0 + kBM / kWarps; ++qi) {
+        if (qi < row_end) {
+            float* ls;
+            uint32_t* li;
+            list_of(qi, ls, li);
+            for (int c = lane; c < p.k; c += 32) {
+                ls[c] = -INFINITY;
+                li[c] = kNoIndex;
+            }
         }
         if (lane == 0) {
             st.count[qi] = 0;
@@ -309,6 +314,7 @@ __device__ __forceinline__ void topk(const CosineSearchParams& p) {
             st.floor_index[qi] = kNoIndex;
         }
     }
+    __syncwarp();
 
     const int end = split_end(p, m0, split_begin);
     for (int n0 = split_begin; n0 < end; n0 += kBN) {

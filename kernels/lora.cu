@@ -47,7 +47,7 @@ __device__ __forceinline__ void mask_tile(T* s, const LoraGemmParams& p, int row
         if (r >= rows_valid || c * 8 >= cols_valid) continue;
         const uint64_t first = static_cast<uint64_t>(row0 + r) * p.mask_cols + col0 + c * 8;
         const unsigned keep = dropout_keep8(p.seed, p.offset, first, p.dropout_p);
-        Vec<T, 8>* v = reinterpret_cast<Vec<T, 8>*>(s + swz<COLS>(r, c));
+        Vec<T, 8>* v = vector_at<Vec<T, 8>>(s + swz<COLS>(r, c));
         Vec<T, 8> x = *v;
 #pragma unroll
         for (int e = 0; e < 8; ++e) x.v[e] = (keep >> e & 1u) ? x.v[e] : from_float<T>(0.0f);
@@ -122,9 +122,9 @@ __device__ __forceinline__ void gemm(const LoraGemmParams& p) {
                 const float v0 = acc[mw][nw][e] * p.out_scale, v1 = acc[mw][nw][e + 1] * p.out_scale;
                 if (col + 1 < p.n && p.ldc % 2 == 0) {  // both columns, one aligned store
                     if constexpr (sizeof(OutT) == 4) {
-                        *reinterpret_cast<Vec<float, 2>*>(out) = Vec<float, 2>{{v0, v1}};
+                        *vector_at<Vec<float, 2>>(out) = Vec<float, 2>{{v0, v1}};
                     } else {
-                        *reinterpret_cast<uint32_t*>(out) = pack2<OutT>(v0, v1);
+                        *vector_at<uint32_t>(out) = pack2<OutT>(v0, v1);
                     }
                 } else {
                     out[0] = from_float<OutT>(v0);

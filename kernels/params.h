@@ -225,11 +225,32 @@ typedef struct EmuSelftestParams {
     const float* input;  ///< inputs, where a kernel takes any
 } EmuSelftestParams;
 
-/// Launch configuration handed to the host emulator, as cuLaunchKernel takes it.
+/// Launch configuration handed to the host emulator, as cuLaunchKernel takes
+/// it, plus what the driver would know of the kernel and how to run it.
 typedef struct PlatypusEmuLaunch {
     uint32_t grid[3];
     uint32_t block[3];
-    uint64_t shared_bytes;
+    uint64_t shared_bytes;  ///< dynamic shared memory of each block
+    uint64_t seed;          ///< schedule seed, used when flags has PLATYPUS_EMU_SHUFFLE
+    uint32_t flags;         ///< PLATYPUS_EMU_SHUFFLE | PLATYPUS_EMU_MEMCHECK
+    uint32_t max_threads;   ///< the kernel's __launch_bounds__ threads (0: unknown)
+    uint32_t shared_optin;  ///< its max dynamic shared memory attribute (0: not set, static + dynamic <= 48 KiB)
+    uint32_t shared_limit;  ///< most static + dynamic shared memory a block may have on the emulated arch
 } PlatypusEmuLaunch;
+
+/// PlatypusEmuLaunch::flags: run threads, warps and blocks in a seeded random order.
+#define PLATYPUS_EMU_SHUFFLE 1u
+/// PlatypusEmuLaunch::flags: check shared and global accesses for races and
+/// reads of unwritten shared memory (where the kernels were built for it).
+#define PLATYPUS_EMU_MEMCHECK 2u
+
+/// What stopped an emulated launch (the return value of its entry point).
+#define PLATYPUS_EMU_OK 0
+#define PLATYPUS_EMU_FAIL_LAUNCH 1        ///< invalid configuration or resources
+#define PLATYPUS_EMU_FAIL_SYNC 2          ///< barrier or warp collective misuse, deadlock
+#define PLATYPUS_EMU_FAIL_RACE 3          ///< unsynchronized conflicting accesses
+#define PLATYPUS_EMU_FAIL_MISALIGNED 4    ///< an access not aligned to its size
+#define PLATYPUS_EMU_FAIL_UNINITIALIZED 5 ///< a read of shared memory nothing wrote
+#define PLATYPUS_EMU_FAIL_TRAP 6          ///< __trap() or a device-side check
 
 #endif

@@ -49,7 +49,7 @@ __device__ __forceinline__ void rmsnorm_forward_row(const RmsNormForwardParams& 
 
 template <typename T>
 __device__ __forceinline__ void rmsnorm_forward(const RmsNormForwardParams& p) {
-    __shared__ float scratch[32];
+    PLATYPUS_SHARED(float, scratch, [32]);
     if (p.vectorized) {
         rmsnorm_forward_row<T, kVec16<T>>(p, blockIdx.x, scratch);
     } else {
@@ -118,7 +118,7 @@ __device__ __forceinline__ void rmsnorm_backward_rows(const RmsNormBackwardParam
 
 template <typename T>
 __device__ __forceinline__ void rmsnorm_backward(const RmsNormBackwardParams& p) {
-    __shared__ float scratch[32];
+    PLATYPUS_SHARED(float, scratch, [32]);
     PLATYPUS_DYNAMIC_SMEM(float, dw_acc);  // [hidden] when dw is wanted, else empty
     if (p.vectorized) {
         rmsnorm_backward_rows<T, kVec16<T>>(p, scratch, dw_acc);

@@ -48,10 +48,26 @@ pub enum Error {
     /// No CUDA device can be used; says why and how to get one.
     #[error("CUDA is not available: {0}")]
     CudaUnavailable(String),
-    /// A kernel launch failed (on the emulator: a barrier or collective misuse,
-    /// a trap, an invalid launch configuration).
+    /// A kernel could not be launched at all (not built for this device,
+    /// or a device that runs no kernels).
     #[error("kernel `{kernel}` failed: {message}")]
     Launch { kernel: String, message: String },
+    /// A launch asks for more than its arch allows (threads, registers,
+    /// shared memory, grid): refused before it reaches the driver.
+    #[error("kernel `{kernel}` cannot launch on sm_{arch}: {what}")]
+    LaunchResources {
+        kernel: String,
+        arch: u32,
+        what: String,
+    },
+    /// The host emulator stopped a launch: `check` says which of its checks
+    /// failed, `message` names the block, threads and source line.
+    #[error("kernel `{kernel}` failed on the emulator ({check}): {message}")]
+    Emulator {
+        kernel: String,
+        check: crate::emu::EmuCheck,
+        message: String,
+    },
     /// A file could not be read or written, or its contents are not what was
     /// expected (`what` says which, with expected vs got).
     #[error("{}: {what}", path.display())]

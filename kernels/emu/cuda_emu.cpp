@@ -1,33 +1,34 @@
 // Scheduler of the host CUDA emulator (see cuda_emu.h).
 //
-// A launch runs its blocks one after another. Each thread of a block is a
-// fiber with its own stack; a fiber runs until it reaches a barrier
-// or a warp collective, or returns. When no fiber can run, the scheduler
-// resolves what is complete: a warp collective whose named lanes have all
-// arrived with the same operation and mask, a warp exchange (mma, ldmatrix)
-// all 32 lanes of the warp reached at one call site, or a __syncthreads that every
-// thread of the block reached at the same call site. If nothing is complete,
-// the block is deadlocked and the launch fails with a message naming the
-// kernel, block, thread and call site.
-#include "cuda_emu.h"
+// A launch runs its blocks one after another (in a seeded random order with
+// PLATYPUS_EMU_SHUFFLE). Each thread of a block is a fiber with its own
+// stack; a fiber runs until it reaches a barrier or a warp collective, or
+// returns. When no fiber can run, the scheduler resolves what is complete: a
+// warp collective whose named lanes have all arrived with the same operation
+// and mask, a warp exchange (mma, ldmatrix) all 32 lanes of the warp reached
+// at one call site, or a __syncthreads that every thread of the block reached
+// at the same call site. If nothing is complete, the block is deadlocked and
+// the launch fails with a message naming the kernel, block, thread and call
+// site.
+//
+// Shuffled, each round runs the runnable fibers in a random order and
+// releases the collectives of a random subset of the ready warps only, so
+// warps drift apart between barriers and a lower-numbered thread does not
+// always run first.
+#include "scheduler.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
-#if !defined(__x86_64__)
-#include <ucontext.h>
-#endif
 
+#include <algorithm>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <new>
-#include <string>
-#include <vector>
 
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(PLATYPUS_EMU_ASAN)
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
-#define PLATYPUS_EMU_ASAN 1
 #endif
 
 namespace platypus_emu {
@@ -42,8 +43,8 @@ namespace {
 // a fault instead of silent corruption.
 constexpr size_t kStackBytes = 512 * 1024;
 constexpr unsigned kMaxThreadsPerBlock = 1024;
-constexpr size_t kMaxSharedBytes = 227 * 1024;  // sm_90's opt-in limit per block
-constexpr size_t kSharedAlign = 128;            // alignment of the dynamic shared memory
+constexpr size_t kDefaultSharedBytes = 48 * 1024;  // static + dynamic without the opt-in attribute
+constexpr size_t kSharedAlign = 128;               // alignment of the dynamic shared memory
 
 // ---- execution contexts ------------------------------------------------------------------------
 //
@@ -53,10 +54,6 @@ constexpr size_t kSharedAlign = 128;            // alignment of the dynamic shar
 // emulator spend most of its time in the kernel). Elsewhere: ucontext.
 
 #if defined(__x86_64__)
-struct Context {
-    void* sp = nullptr;
-};
-
 extern "C" void platypus_emu_switch(void** save_sp, void* load_sp);
 asm(R"(
     .text
@@ -106,9 +103,6 @@ void context_init(Context& c, unsigned char* base, size_t bytes, void (*entry)()
 
 void context_switch(Context& from, Context& to) { platypus_emu_switch(&from.sp, to.sp); }
 #else
-struct Context {
-    ucontext_t uc{};
-};
 
 void context_init(Context& c, unsigned char* base, size_t bytes, void (*entry)()) {
     getcontext(&c.uc);
@@ -121,93 +115,23 @@ void context_init(Context& c, unsigned char* base, size_t bytes, void (*entry)()
 void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 #endif
 
-enum class State { Runnable, AtBarrier, AtWarpOp, Done };
-
-/// One cp.async in flight: its 16 bytes, read at issue, land at `dst` when
-/// its group retires.
-struct AsyncCopy {
-    static constexpr uint64_t kUncommitted = ~uint64_t(0);
-    unsigned char* dst;
-    uint64_t group;  // index of the commit that closed it, or kUncommitted
-    unsigned char bytes[16];
-};
-
-struct Fiber {
-    ThreadState pub{};
-    Context ctx{};
-    State state = State::Runnable;
-    unsigned linear = 0;
-    // Where it waits, and what it brought to a warp collective.
-    const char* file = nullptr;
-    int line = 0;
-    WarpOp op = WarpOp::Sync;
-    unsigned mask = 0;
-    uint64_t value = 0;
-    int arg = 0;
-    int width = 32;
-    uint64_t result = 0;
-    // A warp exchange: the instruction's name, the function computing the
-    // warp's results, and this lane's data (on the fiber's stack).
-    const char* exchange_name = nullptr;
-    WarpExchangeFn exchange_fn = nullptr;
-    void* exchange_data = nullptr;
-    // This thread's cp.async in flight (issue order), and how many groups it
-    // has committed: group i is the i-th commit.
-    std::vector<AsyncCopy> async_copies;
-    uint64_t async_groups = 0;
-#ifdef PLATYPUS_EMU_ASAN
-    void* fake_stack = nullptr;
-#endif
-};
-
-struct Stack {
-    unsigned char* base = nullptr;  // lowest address, including the guard page
-    size_t bytes = 0;
-};
-
-/// Everything one OS thread needs to run blocks; reused across launches.
-struct Scheduler {
-    std::vector<Stack> stacks;
-    std::vector<Fiber> fibers;
-    Context home{};
-    Fiber* running = nullptr;
-    BlockState block{};
-    const char* kernel = nullptr;
-    BlockBody body = nullptr;
-    void* body_ctx = nullptr;
-    std::string error;
-#ifdef PLATYPUS_EMU_ASAN
-    void* home_fake_stack = nullptr;
-    const void* home_stack_bottom = nullptr;
-    size_t home_stack_size = 0;
-#endif
-
-    ~Scheduler() {
-        for (auto& s : stacks) munmap(s.base, s.bytes);
-    }
-};
-
 thread_local Scheduler sched;
 
-std::string basename_of(const char* path) {
-    std::string p = path ? path : "?";
-    auto slash = p.find_last_of('/');
-    return slash == std::string::npos ? p : p.substr(slash + 1);
+// ---- a small seeded generator (splitmix64) -----------------------------------------------------
+
+uint64_t next_random() {
+    uint64_t z = (sched.rng += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
 }
 
-std::string format(const char* fmt, ...) {
-    char buf[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    return buf;
-}
+/// Uniform in [0, n).
+size_t random_below(size_t n) { return static_cast<size_t>(next_random() % n); }
 
-std::string where(const Fiber& f) {
-    const BlockState& b = sched.block;
-    return format("kernel `%s`, block (%u,%u,%u), thread (%u,%u,%u)", sched.kernel, b.block_idx.x, b.block_idx.y, b.block_idx.z,
-                  f.pub.thread_idx.x, f.pub.thread_idx.y, f.pub.thread_idx.z);
+template <typename T>
+void shuffle(std::vector<T>& v) {
+    for (size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[random_below(i)]);
 }
 
 const char* op_name(WarpOp op) {
@@ -234,11 +158,19 @@ std::string wait_site(const Fiber& f) {
     return format("%s(mask 0x%08x) at %s:%d", op_name(f.op), f.mask, basename_of(f.file).c_str(), f.line);
 }
 
+/// Records the first failure of the launch (later ones are consequences).
+void set_error(EmuFailure kind, const std::string& msg) {
+    if (!sched.error.empty()) return;
+    sched.error = msg;
+    sched.failure = kind;
+}
+
 // ---- fiber switching ---------------------------------------------------------------------------
 
 void switch_to_fiber(Fiber& f, const Stack& stack) {
     sched.running = &f;
     current_thread = &f.pub;
+    memcheck_enter(&f);
 #ifdef PLATYPUS_EMU_ASAN
     __sanitizer_start_switch_fiber(&sched.home_fake_stack, stack.base, stack.bytes);
 #else
@@ -248,6 +180,7 @@ void switch_to_fiber(Fiber& f, const Stack& stack) {
 #ifdef PLATYPUS_EMU_ASAN
     __sanitizer_finish_switch_fiber(sched.home_fake_stack, nullptr, nullptr);
 #endif
+    memcheck_enter(nullptr);
     sched.running = nullptr;
     current_thread = nullptr;
 }
@@ -275,6 +208,7 @@ void land_async_copies(Fiber& f, Pred retire) {
         AsyncCopy& c = f.async_copies[i];
         if (retire(c)) {
             std::memcpy(c.dst, c.bytes, sizeof c.bytes);
+            memcheck_async_land(c.dst);
         } else {
             f.async_copies[kept++] = c;
         }
@@ -348,29 +282,42 @@ unsigned shuffle_source(const Fiber& f, unsigned lane) {
     }
 }
 
-/// Tries to complete the collective `f` (lane `lane` of the warp starting at
-/// `base`) waits at. Returns true if it released the lanes; sets
-/// sched.error if the collective can never complete.
-bool try_resolve(size_t base, unsigned lane) {
-    Fiber& f = sched.fibers[base + lane];
-    const unsigned mask = f.mask;
+/// Whether the collective a lane waits at can complete now.
+enum class Readiness { NotYet, Ready, Broken };
+
+/// Can the collective that lane `lane` of the warp at `base` waits at (not a
+/// warp exchange) complete? Broken (with sched.error set) if it never can. A
+/// named lane waiting at another collective is NotYet, with the mismatch in
+/// `mismatch`: an error only if nothing else can make progress (its
+/// collective may complete first, then it comes here).
+Readiness collective_readiness(size_t base, unsigned lane, std::string& mismatch) {
+    const Fiber& f = sched.fibers[base + lane];
     for (unsigned l = 0; l < 32; ++l) {
-        if (!((mask >> l) & 1u)) continue;
+        if (!((f.mask >> l) & 1u)) continue;
         if (!lane_exists(base, l)) {
-            sched.error = format("%s: %s names lane %u, which is not part of the block", where(f).c_str(), wait_site(f).c_str(), l);
-            return false;
+            set_error(EmuFailure::Sync, format("%s: %s names lane %u, which is not part of the block", where(f).c_str(), wait_site(f).c_str(), l));
+            return Readiness::Broken;
         }
         const Fiber& o = sched.fibers[base + l];
         if (o.state == State::Done) {
-            sched.error = format("%s: %s waits for lane %u, which exited without reaching it", where(f).c_str(), wait_site(f).c_str(), l);
-            return false;
+            set_error(EmuFailure::Sync, format("%s: %s waits for lane %u, which exited without reaching it", where(f).c_str(), wait_site(f).c_str(), l));
+            return Readiness::Broken;
         }
-        if (o.state != State::AtWarpOp) return false;  // may still come (or deadlock, reported later)
+        if (o.state != State::AtWarpOp) return Readiness::NotYet;  // may still come (or deadlock, reported later)
         if (o.op != f.op || o.mask != f.mask) {
-            sched.error = format("%s: %s, but lane %u named in its mask is at %s", where(f).c_str(), wait_site(f).c_str(), l, wait_site(o).c_str());
-            return false;
+            if (mismatch.empty())
+                mismatch = format("%s: %s, but lane %u named in its mask is at %s", where(f).c_str(), wait_site(f).c_str(), l, wait_site(o).c_str());
+            return Readiness::NotYet;
         }
     }
+    return Readiness::Ready;
+}
+
+/// Completes the ready collective of lane `lane` of the warp at `base`:
+/// computes every named lane's result and releases them.
+void complete_collective(size_t base, unsigned lane) {
+    const Fiber& f = sched.fibers[base + lane];
+    const unsigned mask = f.mask;
     uint64_t vote = 0;
     uint64_t acc = 0;
     bool first = true;
@@ -395,63 +342,110 @@ bool try_resolve(size_t base, unsigned lane) {
             default: {
                 const unsigned src = shuffle_source(o, l);
                 if (src != l && !((mask >> src) & 1u)) {
-                    sched.error = format("%s: %s reads lane %u, which is not named in the mask", where(o).c_str(), wait_site(o).c_str(), src);
-                    return false;
+                    set_error(EmuFailure::Sync,
+                              format("%s: %s reads lane %u, which is not named in the mask", where(o).c_str(), wait_site(o).c_str(), src));
+                    return;
                 }
                 o.result = sched.fibers[base + src].value;
             }
         }
     }
+    if (f.op == WarpOp::Sync) memcheck_syncwarp(base, mask);
     for (unsigned l = 0; l < 32; ++l)
         if ((mask >> l) & 1u) sched.fibers[base + l].state = State::Runnable;
-    return true;
 }
 
-/// Tries to complete the warp exchange lane `lane` of the warp starting at
-/// `base` waits at (warp_exchange checked that the warp is full): every lane
-/// must wait at the same call site with the same resolver. Returns true if
-/// it ran the resolver and released the lanes. A lane that exited is an
-/// error at once; a lane waiting elsewhere is written to `mismatch`, an error
-/// only if nothing else can make progress (that lane may be at a collective
-/// that completes first, then come here).
-bool try_resolve_exchange(size_t base, unsigned lane, std::string& mismatch) {
+/// Can the warp exchange lane `lane` of the warp at `base` waits at complete
+/// (warp_exchange checked that the warp is full)? Every lane must wait at the
+/// same call site with the same resolver. A lane that exited is Broken at
+/// once; a lane waiting elsewhere is NotYet, with the mismatch written to
+/// `mismatch`, an error only if nothing else can make progress (that lane
+/// may be at a collective that completes first, then come here).
+Readiness exchange_readiness(size_t base, unsigned lane, std::string& mismatch) {
     const Fiber& f = sched.fibers[base + lane];
-    void* lanes[32];
     for (unsigned l = 0; l < 32; ++l) {
         const Fiber& o = sched.fibers[base + l];
         if (o.state == State::Done) {
-            sched.error = format("%s: %s waits for lane %u, which exited without reaching it", where(f).c_str(), wait_site(f).c_str(), l);
-            return false;
+            set_error(EmuFailure::Sync, format("%s: %s waits for lane %u, which exited without reaching it", where(f).c_str(), wait_site(f).c_str(), l));
+            return Readiness::Broken;
         }
-        if (o.state != State::AtWarpOp) return false;  // may still come (or deadlock, reported later)
+        if (o.state != State::AtWarpOp) return Readiness::NotYet;  // may still come (or deadlock, reported later)
         if (o.op != WarpOp::Exchange || o.exchange_fn != f.exchange_fn || o.line != f.line || std::strcmp(o.file, f.file) != 0) {
             if (mismatch.empty())
                 mismatch = format("%s: %s, but lane %u of its warp is at %s (every lane of the warp must execute the same .sync.aligned instruction)",
                                   where(f).c_str(), wait_site(f).c_str(), l, wait_site(o).c_str());
-            return false;
+            return Readiness::NotYet;
         }
-        lanes[l] = o.exchange_data;
     }
-    f.exchange_fn(lanes);
-    for (unsigned l = 0; l < 32; ++l) sched.fibers[base + l].state = State::Runnable;
-    return true;
+    return Readiness::Ready;
 }
 
+/// Runs the ready warp exchange of the warp at `base` and releases its lanes.
+/// An ldmatrix row that changed since its lane arrived was written while the
+/// warp gathered: a race.
+void complete_exchange(size_t base) {
+    void* lanes[32];
+    for (unsigned l = 0; l < 32; ++l) {
+        Fiber& o = sched.fibers[base + l];
+        if (o.watch && std::memcmp(o.watch, o.watch_bytes, sizeof o.watch_bytes) != 0) {
+            set_error(EmuFailure::Race, format("%s: the 16-byte shared row it gave %s changed before the last lane of its warp arrived: "
+                                               "another thread wrote it without a barrier in between (shared-memory race)",
+                                               where(o).c_str(), wait_site(o).c_str()));
+            return;
+        }
+        o.watch = nullptr;
+        lanes[l] = o.exchange_data;
+    }
+    sched.fibers[base].exchange_fn(lanes);
+    for (unsigned l = 0; l < 32; ++l) sched.fibers[base + l].state = State::Runnable;
+}
+
+/// A collective some lanes wait at that can complete: its warp and a lane of it.
+struct ReadyCollective {
+    size_t base;
+    unsigned lane;
+    bool exchange;
+};
+
+/// Releases complete warp collectives: all of them in order, or shuffled a
+/// random nonempty subset (the others wait for a later round, so warps drift
+/// apart). Returns true if any was released.
 bool resolve_warp_collectives() {
-    bool released = false;
+    std::vector<ReadyCollective> ready;
     std::string mismatch;
-    for (size_t base = 0; base < sched.fibers.size() && sched.error.empty(); base += 32) {
+    for (size_t base = 0; base < sched.fibers.size(); base += 32) {
+        unsigned claimed = 0;  // lanes of a collective already found ready
         for (unsigned lane = 0; lane < 32 && lane_exists(base, lane); ++lane) {
             const Fiber& f = sched.fibers[base + lane];
-            if (f.state != State::AtWarpOp) continue;
-            released |= f.op == WarpOp::Exchange ? try_resolve_exchange(base, lane, mismatch) : try_resolve(base, lane);
-            if (!sched.error.empty()) break;
+            if (f.state != State::AtWarpOp || ((claimed >> lane) & 1u)) continue;
+            const bool exchange = f.op == WarpOp::Exchange;
+            const Readiness r = exchange ? exchange_readiness(base, lane, mismatch) : collective_readiness(base, lane, mismatch);
+            if (r == Readiness::Broken) return false;
+            if (r == Readiness::NotYet) continue;
+            ready.push_back({base, lane, exchange});
+            claimed |= exchange ? 0xffffffffu : f.mask;
         }
     }
-    // Lanes of an exchange at different call sites: nothing released means no
-    // lane can move on, so they never meet.
-    if (!released && sched.error.empty() && !mismatch.empty()) sched.error = mismatch;
-    return released;
+    if (ready.empty()) {
+        // Lanes at different collectives (or an exchange at different call
+        // sites): nothing can be released, so no lane moves on and they
+        // never meet.
+        if (!mismatch.empty()) set_error(EmuFailure::Sync, mismatch);
+        return false;
+    }
+    if (sched.shuffle) {
+        shuffle(ready);
+        ready.resize(1 + random_below(ready.size()));
+    }
+    for (const ReadyCollective& c : ready) {
+        if (c.exchange) {
+            complete_exchange(c.base);
+        } else {
+            complete_collective(c.base, c.lane);
+        }
+        if (!sched.error.empty()) return false;
+    }
+    return true;
 }
 
 /// Releases a block-wide barrier if every thread reached it at one call site.
@@ -466,16 +460,18 @@ bool resolve_barrier() {
     if (!waiting) return false;
     for (const Fiber& f : sched.fibers) {
         if (f.state == State::Done) {
-            sched.error = format("%s: %s, but thread (%u,%u,%u) exited without reaching it", where(*waiting).c_str(), wait_site(*waiting).c_str(),
-                                 f.pub.thread_idx.x, f.pub.thread_idx.y, f.pub.thread_idx.z);
+            set_error(EmuFailure::Sync, format("%s: %s, but thread (%u,%u,%u) exited without reaching it", where(*waiting).c_str(),
+                                               wait_site(*waiting).c_str(), f.pub.thread_idx.x, f.pub.thread_idx.y, f.pub.thread_idx.z));
             return false;
         }
         if (f.state != State::AtBarrier) return false;
         if (f.line != waiting->line || std::strcmp(f.file, waiting->file) != 0) {
-            sched.error = format("%s: %s, but %s waits at %s", where(*waiting).c_str(), wait_site(*waiting).c_str(), where(f).c_str(), wait_site(f).c_str());
+            set_error(EmuFailure::Sync,
+                      format("%s: %s, but %s waits at %s", where(*waiting).c_str(), wait_site(*waiting).c_str(), where(f).c_str(), wait_site(f).c_str()));
             return false;
         }
     }
+    memcheck_barrier();
     for (Fiber& f : sched.fibers) f.state = State::Runnable;
     return true;
 }
@@ -491,7 +487,7 @@ void report_deadlock() {
         }
         msg += format(" [%s waits at %s]", where(f).c_str(), wait_site(f).c_str());
     }
-    sched.error = msg;
+    set_error(EmuFailure::Sync, msg);
 }
 
 void run_block() {
@@ -503,6 +499,8 @@ void run_block() {
         f.linear = static_cast<unsigned>(i);
         f.pub.thread_idx = make_uint3(static_cast<unsigned>(i % bd.x), static_cast<unsigned>((i / bd.x) % bd.y), static_cast<unsigned>(i / (size_t(bd.x) * bd.y)));
         Stack& s = stack_for(i);
+        f.stack_lo = reinterpret_cast<uintptr_t>(s.base);
+        f.stack_bytes = s.bytes;
 #ifdef PLATYPUS_EMU_ASAN
         // Frames of fibers that ended (or were abandoned) on this stack leave
         // poisoned redzones behind.
@@ -510,8 +508,14 @@ void run_block() {
 #endif
         context_init(f.ctx, s.base, s.bytes, fiber_entry);
     }
+    memcheck_begin_block();
+    std::vector<size_t> order;
     for (;;) {
-        for (size_t i = 0; i < n; ++i) {
+        order.clear();
+        for (size_t i = 0; i < n; ++i)
+            if (sched.fibers[i].state == State::Runnable) order.push_back(i);
+        if (sched.shuffle) shuffle(order);
+        for (size_t i : order) {
             while (sched.fibers[i].state == State::Runnable) {
                 switch_to_fiber(sched.fibers[i], sched.stacks[i]);
                 if (!sched.error.empty()) return;
@@ -519,7 +523,7 @@ void run_block() {
         }
         bool all_done = true;
         for (const Fiber& f : sched.fibers) all_done &= f.state == State::Done;
-        if (all_done) return;
+        if (all_done) break;
         if (resolve_warp_collectives()) continue;
         if (!sched.error.empty()) return;
         if (resolve_barrier()) continue;
@@ -527,9 +531,77 @@ void run_block() {
         report_deadlock();
         return;
     }
+    memcheck_end_block();
 }
 
+/// The blocks of the grid as linear indices, in the order they run: in
+/// order, or shuffled (a random permutation, or for grids too large to list
+/// a random affine one, i -> a i + b mod n with a coprime to n).
+class BlockOrder {
+  public:
+    explicit BlockOrder(uint64_t n) : n_(n) {
+        if (!sched.shuffle || n < 2) return;
+        if (n <= (uint64_t(1) << 22)) {
+            perm_.resize(n);
+            for (uint64_t i = 0; i < n; ++i) perm_[i] = static_cast<uint32_t>(i);
+            shuffle(perm_);
+        } else {
+            do a_ = 1 + next_random() % (n - 1);
+            while (gcd(a_, n) != 1);
+            b_ = next_random() % n;
+        }
+    }
+    uint64_t operator[](uint64_t i) const {
+        if (!perm_.empty()) return perm_[i];
+        return static_cast<uint64_t>((static_cast<unsigned __int128>(a_) * i + b_) % n_);
+    }
+
+  private:
+    static uint64_t gcd(uint64_t a, uint64_t b) { return b == 0 ? a : gcd(b, a % b); }
+    uint64_t n_;
+    uint64_t a_ = 1, b_ = 0;
+    std::vector<uint32_t> perm_;
+};
+
 }  // namespace
+
+// ---- shared with memcheck.cpp ------------------------------------------------------------------
+
+Scheduler::~Scheduler() {
+    for (auto& s : stacks) munmap(s.base, s.bytes);
+    ::operator delete(static_shared, std::align_val_t(kSharedAlign));
+}
+
+Scheduler& scheduler() { return sched; }
+
+std::string basename_of(const char* path) {
+    std::string p = path ? path : "?";
+    auto slash = p.find_last_of('/');
+    return slash == std::string::npos ? p : p.substr(slash + 1);
+}
+
+std::string format(const char* fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    return buf;
+}
+
+std::string where(const Fiber& f) {
+    const BlockState& b = sched.block;
+    return format("kernel `%s`, block (%u,%u,%u), thread (%u,%u,%u)", sched.kernel, b.block_idx.x, b.block_idx.y, b.block_idx.z,
+                  f.pub.thread_idx.x, f.pub.thread_idx.y, f.pub.thread_idx.z);
+}
+
+void fail_running(EmuFailure kind, const std::string& msg) {
+    Fiber& f = *sched.running;
+    set_error(kind, msg);
+    f.state = State::Done;
+    yield_to_scheduler(true);
+    std::abort();
+}
 
 // ---- built-ins called from kernels -------------------------------------------------------------
 
@@ -549,7 +621,8 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int 
     f.line = line;
     f.op = op;
     f.mask = mask;
-    if (width < 1 || width > 32 || (width & (width - 1)) != 0) trap(format("%s with width %d (must be a power of two up to 32)", op_name(op), width).c_str(), file, line);
+    if (width < 1 || width > 32 || (width & (width - 1)) != 0)
+        trap(format("%s with width %d (must be a power of two up to 32)", op_name(op), width).c_str(), file, line);
     if (!((mask >> (f.linear % 32)) & 1u)) trap(format("%s(mask 0x%08x) called by a lane not named in its mask", op_name(op), mask).c_str(), file, line);
     f.value = value;
     f.arg = arg;
@@ -578,15 +651,23 @@ void warp_exchange(const char* what, WarpExchangeFn fn, void* lane_data, const c
     yield_to_scheduler(false);
 }
 
+void watch_ldmatrix_row(const void* row, const char* what, const char* file, int line) {
+    Fiber& f = *sched.running;
+    memcheck_read(row, 16, what, file, line);
+    f.watch = static_cast<const unsigned char*>(row);
+    std::memcpy(f.watch_bytes, row, sizeof f.watch_bytes);
+}
+
 void cp_async_issue(void* smem, const void* gmem, bool valid, const char* file, int line) {
     Fiber& f = *sched.running;
     if (reinterpret_cast<uintptr_t>(smem) % 16 != 0)
-        trap(format("cp_async_16: shared address %p is not 16-byte aligned", smem).c_str(), file, line);
+        fail_at(EmuFailure::Misaligned, format("cp_async_16: shared address %p is not 16-byte aligned", smem).c_str(), file, line);
     if (reinterpret_cast<uintptr_t>(gmem) % 16 != 0)
-        trap(format("cp_async_16: global address %p is not 16-byte aligned", gmem).c_str(), file, line);
+        fail_at(EmuFailure::Misaligned, format("cp_async_16: global address %p is not 16-byte aligned", gmem).c_str(), file, line);
+    memcheck_async_issue(smem, valid ? gmem : nullptr, file, line);
     AsyncCopy c{static_cast<unsigned char*>(smem), AsyncCopy::kUncommitted, {}};
     if (valid) std::memcpy(c.bytes, gmem, sizeof c.bytes);  // else 16 zero bytes, and gmem is not read
-    std::memset(smem, 0xff, sizeof c.bytes);                 // not arrived yet: NaN for every float type
+    poison(smem, sizeof c.bytes);                           // not arrived yet
     f.async_copies.push_back(c);
 }
 
@@ -604,30 +685,79 @@ void cp_async_wait_group(int newest_pending) {
     land_async_copies(f, [&](const AsyncCopy& c) { return c.group != AsyncCopy::kUncommitted && c.group + n < f.async_groups; });
 }
 
-void trap(const char* what, const char* file, int line) {
+void fail_at(EmuFailure kind, const char* what, const char* file, int line) {
+    fail_running(kind, format("%s: %s at %s:%d", where(*sched.running).c_str(), what, basename_of(file).c_str(), line));
+}
+
+void trap(const char* what, const char* file, int line) { fail_at(EmuFailure::Trap, what, file, line); }
+
+void check_vector_access(const void* p, size_t bytes, const char* file, int line) {
+    if (reinterpret_cast<uintptr_t>(p) % bytes == 0) return;
+    fail_at(EmuFailure::Misaligned,
+            format("%zu-byte vector access at %p, which is not %zu-byte aligned (the GPU faults: misaligned address)", bytes, p, bytes).c_str(), file, line);
+}
+
+void poison(void* p, size_t n) {
+    auto* b = static_cast<unsigned char*>(p);
+    for (size_t i = 0; i < n; ++i) b[i] = ((reinterpret_cast<uintptr_t>(b + i) & 1) ? kPoison16 >> 8 : kPoison16) & 0xff;
+}
+
+/// Checks static + dynamic shared memory against what the launch may have:
+/// 48 KiB without the opt-in attribute, else dynamic up to the attribute and
+/// the total up to the arch's limit. Empty if it fits.
+std::string shared_memory_overflow(const PlatypusEmuLaunch& cfg, size_t static_bytes) {
+    const size_t dynamic = cfg.shared_bytes, total = static_bytes + dynamic;
+    if (cfg.shared_optin == 0 && total > kDefaultSharedBytes)
+        return format("%zu bytes of static + %zu of dynamic shared memory, more than the 48 KiB a block may have without the "
+                      "max-dynamic-shared-memory attribute (the launch did not opt in)",
+                      static_bytes, dynamic);
+    if (cfg.shared_optin != 0 && dynamic > cfg.shared_optin)
+        return format("%zu bytes of dynamic shared memory, more than the %u its max-dynamic-shared-memory attribute allows", dynamic, cfg.shared_optin);
+    if (cfg.shared_limit != 0 && total > cfg.shared_limit)
+        return format("%zu bytes of static + %zu of dynamic shared memory, more than the %u a block may have on this arch", static_bytes, dynamic,
+                      cfg.shared_limit);
+    return {};
+}
+
+void* static_shared(const void* site, size_t bytes, const char* name, const char* file, int line) {
+    for (const StaticShared& v : sched.static_vars)
+        if (v.site == site) return sched.static_shared + v.offset;
+    const size_t offset = (sched.static_used + 15) & ~size_t(15);
     Fiber& f = *sched.running;
-    sched.error = format("%s: %s at %s:%d", where(f).c_str(), what, basename_of(file).c_str(), line);
-    f.state = State::Done;
-    yield_to_scheduler(true);
-    std::abort();
+    if (offset + bytes > kStaticSharedBytes)
+        fail_running(EmuFailure::Launch, format("%s: static shared variable `%s` (%zu bytes) at %s:%d takes the kernel past the 48 KiB of static "
+                                                "shared memory a kernel may declare",
+                                                where(f).c_str(), name, bytes, basename_of(file).c_str(), line));
+    const std::string overflow = shared_memory_overflow(*sched.launch, offset + bytes);
+    if (!overflow.empty())
+        fail_running(EmuFailure::Launch, format("kernel `%s` (static shared variable `%s` at %s:%d): %s", sched.kernel, name, basename_of(file).c_str(), line,
+                                                overflow.c_str()));
+    sched.static_vars.push_back({site, offset, bytes});
+    poison(sched.static_shared + sched.static_used, offset + bytes - sched.static_used);
+    memcheck_static_shared_grew(sched.static_used, offset + bytes);
+    sched.static_used = offset + bytes;
+    return sched.static_shared + offset;
 }
 
 int run_grid(const char* kernel, const PlatypusEmuLaunch* cfg, BlockBody body, void* ctx, char* err, size_t err_len) {
-    auto fail = [&](const std::string& msg) {
+    auto fail = [&](EmuFailure kind, const std::string& msg) {
         if (err_len) std::snprintf(err, err_len, "%s", msg.c_str());
-        return 1;
+        return static_cast<int>(kind);
     };
     const unsigned* g = cfg->grid;
     const unsigned* b = cfg->block;
     const size_t threads = size_t(b[0]) * b[1] * b[2];
-    if (threads == 0 || threads > kMaxThreadsPerBlock || b[2] > 64)
-        return fail(format("kernel `%s`: invalid block (%u,%u,%u): 1 to %u threads, z at most 64", kernel, b[0], b[1], b[2], kMaxThreadsPerBlock));
+    if (threads == 0 || threads > kMaxThreadsPerBlock || b[0] > 1024 || b[1] > 1024 || b[2] > 64)
+        return fail(EmuFailure::Launch, format("kernel `%s`: invalid block (%u,%u,%u): 1 to %u threads, x and y at most 1024, z at most 64", kernel, b[0],
+                                               b[1], b[2], kMaxThreadsPerBlock));
+    if (cfg->max_threads != 0 && threads > cfg->max_threads)
+        return fail(EmuFailure::Launch, format("kernel `%s`: block (%u,%u,%u) has %zu threads, more than its __launch_bounds__ (%u)", kernel, b[0], b[1],
+                                               b[2], threads, cfg->max_threads));
     if (g[0] == 0 || g[1] == 0 || g[2] == 0 || g[0] > 0x7fffffffu || g[1] > 65535 || g[2] > 65535)
-        return fail(format("kernel `%s`: invalid grid (%u,%u,%u)", kernel, g[0], g[1], g[2]));
-    if (cfg->shared_bytes > kMaxSharedBytes)
-        return fail(format("kernel `%s`: %llu bytes of dynamic shared memory, more than the %zu a block can have", kernel,
-                           static_cast<unsigned long long>(cfg->shared_bytes), kMaxSharedBytes));
-    if (sched.running) return fail(format("kernel `%s`: launched from inside a kernel (dynamic parallelism is not emulated)", kernel));
+        return fail(EmuFailure::Launch, format("kernel `%s`: invalid grid (%u,%u,%u): x 1 to 2^31 - 1, y and z 1 to 65535", kernel, g[0], g[1], g[2]));
+    const std::string overflow = shared_memory_overflow(*cfg, 0);
+    if (!overflow.empty()) return fail(EmuFailure::Launch, format("kernel `%s`: %s", kernel, overflow.c_str()));
+    if (sched.running) return fail(EmuFailure::Launch, format("kernel `%s`: launched from inside a kernel (dynamic parallelism is not emulated)", kernel));
 
     // Exactly the requested bytes, so AddressSanitizer sees overruns, aligned
     // like the GPU's (`extern __shared__ __align__(16)`; cp.async and
@@ -642,29 +772,39 @@ int run_grid(const char* kernel, const PlatypusEmuLaunch* cfg, BlockBody body, v
         SharedMemory& operator=(const SharedMemory&) = delete;
         unsigned char* get() const { return p; }
     } smem(smem_bytes);
+    if (!sched.static_shared) sched.static_shared = static_cast<unsigned char*>(::operator new(kStaticSharedBytes, std::align_val_t(kSharedAlign)));
     sched.kernel = kernel;
+    sched.launch = cfg;
     sched.body = body;
     sched.body_ctx = ctx;
     sched.error.clear();
+    sched.failure = EmuFailure::None;
+    sched.shuffle = (cfg->flags & PLATYPUS_EMU_SHUFFLE) != 0;
+    sched.rng = cfg->seed;
+    sched.static_used = 0;
+    sched.static_vars.clear();
     sched.block.grid_dim = dim3(g[0], g[1], g[2]);
     sched.block.block_dim = dim3(b[0], b[1], b[2]);
     sched.block.dynamic_smem = smem.get();
     current_block = &sched.block;
-    for (unsigned z = 0; z < g[2]; ++z) {
-        for (unsigned y = 0; y < g[1]; ++y) {
-            for (unsigned x = 0; x < g[0]; ++x) {
-                std::memset(smem.get(), 0xff, smem_bytes);
-                sched.block.block_idx = make_uint3(x, y, z);
-                run_block();
-                if (!sched.error.empty()) {
-                    current_block = nullptr;
-                    return fail(sched.error);
-                }
-            }
+    const uint64_t blocks = uint64_t(g[0]) * g[1] * g[2];
+    const BlockOrder order(blocks);
+    for (uint64_t i = 0; i < blocks; ++i) {
+        const uint64_t linear = order[i];
+        poison(smem.get(), smem_bytes);
+        poison(sched.static_shared, sched.static_used);
+        sched.block.block_idx = make_uint3(static_cast<unsigned>(linear % g[0]), static_cast<unsigned>(linear / g[0] % g[1]),
+                                           static_cast<unsigned>(linear / (uint64_t(g[0]) * g[1])));
+        run_block();
+        if (!sched.error.empty()) {
+            current_block = nullptr;
+            sched.launch = nullptr;
+            return fail(sched.failure, sched.error);
         }
     }
     current_block = nullptr;
-    return 0;
+    sched.launch = nullptr;
+    return PLATYPUS_EMU_OK;
 }
 
 }  // namespace platypus_emu

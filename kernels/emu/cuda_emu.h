@@ -4,17 +4,18 @@
 // every CUDA thread of a block becomes a fiber on one OS thread, and the
 // scheduler in cuda_emu.cpp switches fibers only at barriers and warp
 // collectives. So __syncthreads, __shfl_*_sync and __ballot_sync have CUDA's
-// semantics, runs are deterministic, and a barrier or collective that not every
-// required thread reaches is reported as an error naming the kernel, block and
-// thread instead of hanging.
+// semantics, and a barrier or collective that not every required thread
+// reaches is reported as an error naming the kernel, block and thread
+// instead of hanging.
 //
-// What is emulated: thread/block indices, static (__shared__) and dynamic
-// (PLATYPUS_DYNAMIC_SMEM) shared memory per block, __syncthreads, __syncwarp,
-// warp shuffles, votes and integer reductions, atomics, the fast-math
-// intrinsics, and the f16/bf16 types (the real cuda_fp16.h / cuda_bf16.h,
-// which compile as host C++; cuda_types_fallback.h where the CUDA headers
-// are missing). Also the sm_80 matrix primitives of tensor_core.cuh (their
-// host side is emu/tensor_core_emu.h):
+// What is emulated: thread/block indices, static (PLATYPUS_SHARED) and dynamic
+// (PLATYPUS_DYNAMIC_SMEM) shared memory per block, poisoned at block start,
+// __syncthreads, __syncwarp, warp shuffles, votes and integer reductions,
+// atomics, the fast-math intrinsics, and the f16/bf16 types (the real
+// cuda_fp16.h / cuda_bf16.h, which compile as host C++;
+// cuda_types_fallback.h where the CUDA headers are missing). Also the sm_80
+// matrix primitives of tensor_core.cuh (their host side is
+// emu/tensor_core_emu.h):
 //   - mma.sync m16n8k16 (bf16, f16; fp32 accumulate) and ldmatrix .x1/.x2/.x4
 //     (.trans) are warp-collective: one warp_exchange each, resolved once all
 //     32 lanes of the warp wait at the same call site; a lane that exits, a
@@ -24,13 +25,21 @@
 //     with a tolerance);
 //   - cp.async (16 bytes, per thread) models the asynchrony: at issue the
 //     source is read (not at all when the copy zero-fills) and the 16
-//     destination bytes are set to 0xFF (NaN in every float type); the data
-//     lands only when cp_async_wait<N> retires the copy's group (every group
-//     but the newest N committed ones; copies not yet committed belong to no
-//     group and stay in flight). Copies still in flight when a thread exits
-//     land at its exit. Misaligned (not 16-byte) addresses trap.
-// Not emulated: memory-model races between blocks
-// (blocks run one after another), texture/surface memory, clusters.
+//     destination bytes are poisoned; the data lands only when
+//     cp_async_wait<N> retires the copy's group (every group but the newest
+//     N committed ones; copies not yet committed belong to no group and stay
+//     in flight). Copies still in flight when a thread exits land at its
+//     exit. Misaligned (not 16-byte) addresses trap.
+//
+// What is checked (memcheck.cpp; README "The host emulator"): with
+// PLATYPUS_EMU_SHUFFLE a seeded random order of threads, warps and blocks;
+// with PLATYPUS_EMU_MEMCHECK every shared and global access of the kernel
+// code (g++ -fsanitize=thread instrumentation, answered by the emulator
+// instead of ThreadSanitizer) against the accesses of the block's other
+// threads since their last common barrier or __syncwarp, and reads of shared
+// memory nothing wrote; the alignment of every vector access.
+// Not emulated: memory-model races between blocks (blocks run one after
+// another), texture/surface memory, clusters.
 #pragma once
 #ifdef __CUDACC__
 #error "cuda_emu.h is the host emulation of CUDA; nvcc must not include it"
@@ -69,9 +78,10 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
-// One copy per block: blocks of a launch run one after another on an OS
-// thread, and concurrent launches run on different OS threads.
-#define __shared__ static thread_local
+// Static shared memory is declared with PLATYPUS_SHARED (below), which the
+// emulator gives each block afresh and poisoned; a plain __shared__ would be a
+// host static that keeps its contents from block to block.
+#define __shared__ _Pragma("GCC error \"declare static shared memory with PLATYPUS_SHARED(T, name, dims), not __shared__\"")
 #ifndef __align__
 // A GNU attribute, not alignas: CUDA code writes `__shared__ __align__(16) T x[]`,
 // where a standard attribute may not stand between decl-specifiers.
@@ -79,6 +89,17 @@
 #endif
 
 namespace platypus_emu {
+
+/// What stopped a launch (params.h: PLATYPUS_EMU_FAIL_*).
+enum class EmuFailure : int {
+    None = PLATYPUS_EMU_OK,
+    Launch = PLATYPUS_EMU_FAIL_LAUNCH,
+    Sync = PLATYPUS_EMU_FAIL_SYNC,
+    Race = PLATYPUS_EMU_FAIL_RACE,
+    Misaligned = PLATYPUS_EMU_FAIL_MISALIGNED,
+    Uninitialized = PLATYPUS_EMU_FAIL_UNINITIALIZED,
+    Trap = PLATYPUS_EMU_FAIL_TRAP,
+};
 
 /// Kinds of warp collective; lanes meeting at one collective must agree on it.
 /// Exchange is warp_exchange (the .sync.aligned matrix instructions).
@@ -129,8 +150,30 @@ void cp_async_wait_group(int newest_pending);
 /// never returns. Not declared [[noreturn]]: AddressSanitizer's no-return
 /// hook cannot tell a fiber's stack from a thread's.
 void trap(const char* what, const char* file, int line);
+/// As trap, for a check of kind `kind` (a misaligned address, a resource
+/// limit) with `what` naming it.
+void fail_at(EmuFailure kind, const char* what, const char* file, int line);
 /// Lane id of the calling thread within its warp.
 unsigned lane_id();
+/// The block's copy of the static shared variable declared at `site`
+/// (`bytes`, 16-byte aligned), laid out when the launch first reaches it and
+/// poisoned at every block start. Traps past the 48 KiB of static shared
+/// memory a kernel may have, or past the launch's shared-memory limits.
+void* static_shared(const void* site, size_t bytes, const char* name, const char* file, int line);
+/// Traps unless `p` is aligned to `bytes`, the size of a vector access (the
+/// GPU faults on a misaligned LD/ST.{32,64,128}).
+void check_vector_access(const void* p, size_t bytes, const char* file, int line);
+/// An ldmatrix lane's row read: checked like any shared read, and the 16
+/// bytes are kept to compare when the warp's exchange resolves (a row that
+/// changes while the warp gathers is a race).
+void watch_ldmatrix_row(const void* row, const char* what, const char* file, int line);
+/// The 16-bit pattern that fills unwritten shared memory and cp.async
+/// destinations in flight: NaN as f16, bf16, f32 and f64, and a large
+/// positive integer (0x7fff7fff as int32), never a plausible count or -1.
+constexpr uint16_t kPoison16 = 0x7fff;
+/// Fills [p, p + n) with kPoison16 (by address parity, so every aligned
+/// element reads the pattern).
+void poison(void* p, size_t n);
 
 template <typename T>
 inline uint64_t to_bits(T v) {
@@ -276,18 +319,29 @@ inline T __ldg(const T* p) { return *p; }
 
 // ---- dynamic shared memory ---------------------------------------------------------------------
 
-/// The block's dynamic shared memory (cuLaunchKernel's sharedMemBytes), filled
-/// with 0xFF bytes (NaN for every float type) at block start so reads of
-/// never-written shared memory show up in results.
+/// The block's dynamic shared memory (cuLaunchKernel's sharedMemBytes),
+/// poisoned (kPoison16) at block start so reads of never-written shared
+/// memory show up in results, and reported under PLATYPUS_EMU_MEMCHECK.
 #define PLATYPUS_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(platypus_emu::current_block->dynamic_smem)
+
+/// A static shared variable `T name dims` (e.g. PLATYPUS_SHARED(float,
+/// scratch, [32])), 16-byte aligned: on the GPU `__shared__ __align__(16)`,
+/// here the block's own poisoned copy (one per declaration site and template
+/// instantiation).
+#define PLATYPUS_SHARED(T, name, dims)                                                                   \
+    static char platypus_shared_site_##name;                                                            \
+    using platypus_shared_type_##name = T dims;                                                         \
+    platypus_shared_type_##name& name = *static_cast<platypus_shared_type_##name*>(platypus_emu::static_shared( \
+        &platypus_shared_site_##name, sizeof(platypus_shared_type_##name), #name, __FILE__, __LINE__))
 
 // ---- launching (used by the generated per-kernel entry points) ---------------------------------
 
 namespace platypus_emu {
 
 using BlockBody = void (*)(void* ctx);
-/// Runs `body` once per thread of every block of the grid; 0 on success, else
-/// writes a message naming `kernel`, block and thread into `err`.
+/// Runs `body` once per thread of every block of the grid; PLATYPUS_EMU_OK on
+/// success, else a PLATYPUS_EMU_FAIL_* code and a message naming `kernel`,
+/// block and thread in `err`.
 int run_grid(const char* kernel, const PlatypusEmuLaunch* launch, BlockBody body, void* ctx, char* err, size_t err_len);
 
 template <typename... A>

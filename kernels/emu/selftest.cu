@@ -1,7 +1,8 @@
 // Kernels that exercise the host emulator itself (built for the host only):
 // warp collectives with known answers, the sm_80 matrix primitives of
-// tensor_core.cuh one by one, and the misuse the emulator must report
-// (divergent barriers, collectives a named lane never reaches).
+// tensor_core.cuh one by one, the misuse the emulator must report (divergent
+// barriers, collectives a named lane never reaches, races, misaligned and
+// uninitialized accesses), and its schedules.
 #include "../common.cuh"
 #include "../tensor_core.cuh"
 
@@ -132,7 +133,7 @@ PLATYPUS_EXPORT_KERNEL(emu_selftest_mma)
 // instruction ignores pass a misaligned one. out[4 * thread + i] = r[i] for
 // i < count (the rest untouched).
 extern "C" __global__ void emu_selftest_ldmatrix(EmuSelftestParams p) {
-    __shared__ __align__(16) unsigned short tile[4 * 8 * 16];
+    PLATYPUS_SHARED(unsigned short, tile, [4 * 8 * 16]);
     for (unsigned e = threadIdx.x; e < 4 * 8 * 16; e += blockDim.x) {
         const unsigned m = e / 128, r = (e / 16) % 8, c = e % 16;
         tile[e] = c < 8 ? static_cast<unsigned short>(0x1000 | m << 8 | r << 4 | c) : 0xdead;
@@ -180,8 +181,8 @@ PLATYPUS_EXPORT_KERNEL(emu_selftest_ldmatrix)
 // with ldmatrix_x2. out: D [16][16] fp32 bit patterns. One warp.
 template <typename T, bool B_NK>
 __device__ void mma_pipeline(const EmuSelftestParams& p) {
-    __shared__ __align__(16) unsigned short sA[16 * 16];
-    __shared__ __align__(16) unsigned short sB[16 * 16];
+    PLATYPUS_SHARED(unsigned short, sA, [16 * 16]);
+    PLATYPUS_SHARED(unsigned short, sB, [16 * 16]);
     const auto* gA = reinterpret_cast<const unsigned short*>(p.input);
     const auto* gB = gA + 16 * 16;
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -270,7 +271,9 @@ PLATYPUS_EXPORT_KERNEL(emu_selftest_cp_async)
 // 5: cp_async_16 to a shared address 8 bytes off alignment;
 // 6: cp_async_16 from a global address 8 bytes off alignment (input 16-byte aligned).
 extern "C" __global__ void emu_selftest_tensor_core_misuse(EmuSelftestParams p) {
-    __shared__ __align__(16) unsigned short tile[8 * 4 * 8];
+    PLATYPUS_SHARED(unsigned short, tile, [8 * 4 * 8]);
+    for (unsigned e = threadIdx.x; e < 8 * 4 * 8; e += blockDim.x) tile[e] = static_cast<unsigned short>(e);
+    __syncthreads();
     const int lane = threadIdx.x % 32;
     const unsigned short* row = tile + 8 * lane;
     uint32_t r[4];
@@ -302,3 +305,137 @@ extern "C" __global__ void emu_selftest_tensor_core_misuse(EmuSelftestParams p) 
     (void)r;
 }
 PLATYPUS_EXPORT_KERNEL(emu_selftest_tensor_core_misuse)
+
+// ---- the memory checker and the schedules ------------------------------------------------------
+
+// Two threads touching the same bytes, chosen by mode = 2 * case + ordered:
+// with ordered = 1 the barrier or __syncwarp that makes the kernel correct is
+// there, with 0 it is missing (a race the emulator must report). 64 threads
+// (two warps), 64 ints of dynamic shared memory, input 16-byte aligned.
+//   0: read after write across warps: thread t reads what thread t ^ 32 wrote;
+//   1: write after read across warps: every thread reads s[0], thread 40 writes it;
+//   2: within a warp: lane 0 writes, lane 5 reads (__syncwarp orders them);
+//   3: a shuffle between them does not order memory (__syncwarp after it does);
+//   4: global memory: thread 0 writes out[0], thread 33 reads it;
+//   5: cp.async: thread 1 reads the 16 bytes thread 0 copied, after thread 0's wait;
+//   6: __syncwarp(0x3) orders lanes 0 and 1 only: lane 1 (ordered) or 2 reads lane 0's write;
+//   7: transitively: __syncwarp(0x3) then __syncwarp(0x6) orders lane 0's write
+//      before lane 2's read; with __syncwarp(0xc) instead it does not.
+extern "C" __global__ void emu_selftest_hazards(EmuSelftestParams p) {
+    PLATYPUS_DYNAMIC_SMEM(int, s);
+    const int t = threadIdx.x, lane = t % 32, base = t - lane;
+    const int which = p.mode / 2;
+    const bool ordered = p.mode % 2 != 0;
+    s[t] = t;  // every thread writes its own word first
+    __syncthreads();
+    if (which == 0) {
+        s[t] = 100 + t;
+        if (ordered) __syncthreads();
+        p.out[t] = s[t ^ 32];
+    } else if (which == 1) {
+        p.out[t] = s[0];
+        if (ordered) __syncthreads();
+        if (t == 40) s[0] = 7;
+    } else if (which == 2) {
+        if (lane == 0) s[base] = 9;
+        if (ordered) __syncwarp();
+        if (lane == 5) p.out[t] = s[base];
+    } else if (which == 3) {
+        if (lane == 0) s[base] = 9;
+        p.out[t] = __shfl_sync(platypus::kFullMask, t, 0);
+        if (ordered) __syncwarp();
+        if (lane == 5) p.out[t] = s[base];
+    } else if (which == 4) {
+        if (t == 0) p.out[0] = 5;
+        if (ordered) __syncthreads();
+        if (t == 33) p.out[1] = p.out[0];
+    } else if (which == 5) {
+        if (t == 0) {
+            platypus::cp_async_16(s + 16, p.input, true);
+            platypus::cp_async_commit();
+            platypus::cp_async_wait<0>();
+        }
+        if (ordered) __syncthreads();
+        if (t == 1) p.out[1] = s[16];
+    } else if (which == 6) {
+        if (lane == 0) s[base] = 9;
+        if (lane < 2) __syncwarp(0x3u);
+        if (lane == (ordered ? 1 : 2)) p.out[t] = s[base];
+    } else if (which == 7) {
+        if (lane == 0) s[base] = 9;
+        if (lane < 2) __syncwarp(0x3u);
+        const unsigned second = ordered ? 0x6u : 0xcu;
+        if ((second >> lane) & 1u) __syncwarp(second);
+        if (lane == 2) p.out[t] = s[base];
+    }
+}
+PLATYPUS_EXPORT_KERNEL(emu_selftest_hazards)
+
+// Accesses the GPU faults on or reads garbage from, chosen by mode; where the
+// error must name the line, thread 0 first stores it in out[0]. 64 threads,
+// 64 ints of dynamic shared memory, input 16-byte aligned.
+//   1: reads a cp.async destination before the copy landed (no wait);
+//   2: reads dynamic shared memory no thread wrote;
+//   3: static shared memory is the block's own: thread 0 stores what its
+//      counter holds before anything wrote it into out[blockIdx.x], then
+//      writes it (run without the memory checker, which would report the read);
+//   4: a 4-byte vector store (vector_at<uint32_t>) 2 bytes off alignment;
+//   5: a plain 4-byte load 2 bytes off alignment;
+//   6: warp 1 rewrites the shared rows warp 0 gives ldmatrix_x4, with no barrier.
+extern "C" __global__ void emu_selftest_memory(EmuSelftestParams p) {
+    PLATYPUS_DYNAMIC_SMEM(int, s);
+    PLATYPUS_SHARED(int, counter, );
+    const int t = threadIdx.x;
+    if (p.mode == 1) {
+        if (t == 0) {
+            platypus::cp_async_16(s, p.input, true);
+            platypus::cp_async_commit();
+            p.out[1] = s[0];
+            platypus::cp_async_wait<0>();
+        }
+    } else if (p.mode == 2) {
+        if (t == 0) p.out[1] = s[5];
+    } else if (p.mode == 3) {
+        if (t == 0) {
+            p.out[blockIdx.x] = counter;
+            counter = static_cast<int>(blockIdx.x);
+        }
+    } else if (p.mode == 4) {
+        if (t == 0) p.out[0] = __LINE__ + 1;  // the line of the store below
+        if (t == 0) *platypus::vector_at<uint32_t>(reinterpret_cast<char*>(s) + 2) = 1u;
+    } else if (p.mode == 5) {
+        const float* misaligned = reinterpret_cast<const float*>(reinterpret_cast<const char*>(p.input) + 2);
+        if (t == 0) p.out[0] = __LINE__ + 1;  // the line of the load below
+        if (t == 0) p.out[1] = static_cast<int>(*misaligned);
+    } else if (p.mode == 6) {
+        s[t] = t;
+        __syncthreads();
+        const int lane = t % 32;
+        if (t < 32) {
+            uint32_t r[4];
+            platypus::ldmatrix_x4(r, s + 4 * (lane % 16));
+            p.out[t] = static_cast<int>(r[0]);
+        } else {
+            s[lane % 16 * 4] = -t;
+        }
+    }
+}
+PLATYPUS_EXPORT_KERNEL(emu_selftest_memory)
+
+// The order things run in (launch with 128 threads, 4 warps, any grid).
+// out[0..3) are counters; out[8 + k] = the block that ran k-th (thread 0 of
+// each block), then for block 0 out[8 + blocks + k] = the thread that ran
+// k-th, then out[8 + blocks + 128 + 8 w + step] = the ticket warp w's lane 0
+// drew at each of 8 __syncwarp-separated steps.
+extern "C" __global__ void emu_selftest_schedule(EmuSelftestParams p) {
+    const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+    const int blocks = static_cast<int>(gridDim.x);
+    if (t == 0) p.out[8 + atomicAdd(&p.out[0], 1)] = static_cast<int>(blockIdx.x);
+    if (blockIdx.x != 0) return;
+    p.out[8 + blocks + atomicAdd(&p.out[1], 1)] = t;
+    for (int step = 0; step < 8; ++step) {
+        __syncwarp();
+        if (lane == 0) p.out[8 + blocks + 128 + 8 * warp + step] = atomicAdd(&p.out[2], 1);
+    }
+}
+PLATYPUS_EXPORT_KERNEL(emu_selftest_schedule)

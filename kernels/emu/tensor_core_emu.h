@@ -123,16 +123,21 @@ void ldmatrix_resolve(void* const* lanes) {
 }
 
 /// The emulated ldmatrix: checks this lane's row address if the instruction
-/// uses it (lanes 0 .. 8N-1), then joins the warp's exchange.
+/// uses it (lanes 0 .. 8N-1) and records the row's read (a shared read whose
+/// 16 bytes must not change before the warp's exchange resolves), then joins
+/// the warp's exchange.
 template <int N, bool TRANS>
 inline void ldmatrix(uint32_t* r, const void* row, const char* name, const char* file, int line) {
     const unsigned lane = platypus_emu::lane_id();
-    if (lane < 8u * N && reinterpret_cast<uintptr_t>(row) % 16 != 0) {
-        char what[160];
-        std::snprintf(what, sizeof what, "%s: row address %p of lane %u is not 16-byte aligned", name, row, lane);
-        platypus_emu::trap(what, file, line);
+    if (lane < 8u * N) {
+        if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+            char what[160];
+            std::snprintf(what, sizeof what, "%s: row address %p of lane %u is not 16-byte aligned", name, row, lane);
+            platypus_emu::fail_at(platypus_emu::EmuFailure::Misaligned, what, file, line);
+        }
+        if (row == nullptr) platypus_emu::trap("ldmatrix: null row address", file, line);
+        platypus_emu::watch_ldmatrix_row(row, name, file, line);
     }
-    if (lane < 8u * N && row == nullptr) platypus_emu::trap("ldmatrix: null row address", file, line);
     LdmatrixLane me{row, {0, 0, 0, 0}};
     platypus_emu::warp_exchange(name, &ldmatrix_resolve<N, TRANS>, &me, file, line);
     for (int i = 0; i < N; ++i) r[i] = me.r[i];
@@ -181,8 +186,8 @@ inline void ldmatrix_x1_trans(uint32_t& r, const void* row, const char* file = _
     tc_emu::ldmatrix<1, true>(&r, row, "ldmatrix_x1_trans", file, line);
 }
 
-/// cp.async of 16 bytes global -> shared. The destination reads as 0xFF bytes
-/// until cp_async_wait retires the copy's group; when `valid` is false,
+/// cp.async of 16 bytes global -> shared. The destination reads as poison
+/// (kPoison16) until cp_async_wait retires the copy's group; when `valid` is false,
 /// `gmem` is not read and the data is 16 zero bytes.
 inline void cp_async_16(void* smem, const void* gmem, bool valid, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     platypus_emu::cp_async_issue(smem, gmem, valid, file, line);

@@ -17,7 +17,8 @@ use cudarc::driver::{
 };
 
 use crate::error::{Error, Result};
-use crate::kernels::{LaunchConfig, MODULES};
+use crate::kernels::{KernelResources, MODULES};
+use crate::launch::{self, ArchLimits, LaunchConfig};
 
 /// True if the NVIDIA driver library (libcuda) can be loaded.
 pub fn driver_present() -> bool {
@@ -41,11 +42,19 @@ fn check_available() -> Result<()> {
     Ok(())
 }
 
+/// A kernel loaded into a context: its function, its resources as the driver
+/// reports them, and the largest max-dynamic-shared-memory attribute set so far.
+#[derive(Clone)]
+struct Loaded {
+    function: CudaFunction,
+    resources: KernelResources,
+    shared_optin: u32,
+}
+
 /// Kernels loaded so far, per context: (CUcontext address, kernel name) ->
 /// function. A function holds its module and the module its context, so a
 /// cached context stays alive (and its address unique) for the process.
-static LOADED: Lazy<Mutex<HashMap<(usize, &'static str), CudaFunction>>> =
-    Lazy::new(Mutex::default);
+static LOADED: Lazy<Mutex<HashMap<(usize, &'static str), Loaded>>> = Lazy::new(Mutex::default);
 
 /// A CUDA device as platypus uses it: a context and the stream ops run on.
 /// Kernel modules are loaded into the context on first use and shared by
@@ -53,6 +62,7 @@ static LOADED: Lazy<Mutex<HashMap<(usize, &'static str), CudaFunction>>> =
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    limits: once_cell::sync::OnceCell<ArchLimits>,
 }
 
 impl CudaBackend {
@@ -69,7 +79,43 @@ impl CudaBackend {
     }
 
     fn with(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> CudaBackend {
-        CudaBackend { ctx, stream }
+        CudaBackend {
+            ctx,
+            stream,
+            limits: once_cell::sync::OnceCell::new(),
+        }
+    }
+
+    /// What this device allows a launch, from its driver's attributes.
+    pub(crate) fn arch_limits(&self) -> Result<ArchLimits> {
+        self.limits
+            .get_or_try_init(|| {
+                use sys::CUdevice_attribute::*;
+                let get = |a| -> Result<u32> { Ok(self.ctx.attribute(a)?.max(0) as u32) };
+                let (major, minor) = self.ctx.compute_capability()?;
+                Ok(ArchLimits {
+                    arch: (major * 10 + minor) as u32,
+                    threads_per_block: get(CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?,
+                    block_dims: [
+                        get(CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_X)?,
+                        get(CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Y)?,
+                        get(CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Z)?,
+                    ],
+                    grid_dims: [
+                        get(CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X)?,
+                        get(CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y)?,
+                        get(CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z)?,
+                    ],
+                    registers_per_block: get(CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_BLOCK)?,
+                    shared_default: get(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK)?,
+                    shared_optin: get(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
+                    registers_per_sm: get(CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR)?,
+                    shared_per_sm: get(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?,
+                    warps_per_sm: get(CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR)? / 32,
+                    blocks_per_sm: get(CU_DEVICE_ATTRIBUTE_MAX_BLOCKS_PER_MULTIPROCESSOR)?,
+                })
+            })
+            .copied()
     }
 
     /// The device ordinal.
@@ -110,7 +156,7 @@ impl CudaBackend {
         })
     }
 
-    fn function(&self, kernel: &str) -> Result<CudaFunction> {
+    fn function(&self, kernel: &str) -> Result<Loaded> {
         let (index, name) = MODULES
             .iter()
             .enumerate()
@@ -124,18 +170,45 @@ impl CudaBackend {
         if let Some(f) = loaded.get(&(ctx_key, name)) {
             return Ok(f.clone());
         }
-        // Load the kernel's whole module and cache all of its functions.
+        // Load the kernel's whole module and cache all of its functions, with
+        // the resources the driver reports for this device's arch.
+        let arch = self.arch_limits()?.arch;
         let image = MODULES[index].1.to_vec();
         let module: Arc<CudaModule> = self
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(image))?;
         for n in MODULES[index].2 {
-            loaded.insert((ctx_key, n), module.load_function(n)?);
+            let function = module.load_function(n)?;
+            let attr = |a| -> Result<u32> { Ok(function.get_attribute(a)?.max(0) as u32) };
+            use sys::CUfunction_attribute::*;
+            let resources = KernelResources {
+                name: n,
+                arch,
+                registers: attr(CU_FUNC_ATTRIBUTE_NUM_REGS)?,
+                spill_store_bytes: 0,
+                spill_load_bytes: 0,
+                shared_bytes: attr(CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?,
+                stack_bytes: attr(CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)?,
+                barriers: 0,
+                // The driver's bound covers __launch_bounds__ and the register file.
+                max_threads: attr(CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?,
+            };
+            loaded.insert(
+                (ctx_key, n),
+                Loaded {
+                    function,
+                    resources,
+                    shared_optin: 0,
+                },
+            );
         }
         Ok(loaded[&(ctx_key, name)].clone())
     }
 
-    /// Launches `kernel` with the cuLaunchKernel argument array `args`.
+    /// Launches `kernel` with the cuLaunchKernel argument array `args`, after
+    /// checking it against the device's limits and the kernel's resources;
+    /// opts into more than 48 KiB of shared memory (static + dynamic) when
+    /// the launch needs it.
     pub(crate) fn launch(
         &self,
         kernel: &str,
@@ -143,11 +216,16 @@ impl CudaBackend {
         args: &mut [*mut c_void],
     ) -> Result<()> {
         let f = self.function(kernel)?;
-        if cfg.shared_bytes > 48 * 1024 {
-            f.set_attribute(
+        let checked = launch::check(kernel, cfg, Some(&f.resources), &self.arch_limits()?)?;
+        if checked.shared_optin > f.shared_optin {
+            f.function.set_attribute(
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                cfg.shared_bytes as i32,
+                checked.shared_optin as i32,
             )?;
+            let key = (self.ctx.cu_ctx() as usize, f.resources.name);
+            if let Some(l) = LOADED.lock().unwrap().get_mut(&key) {
+                l.shared_optin = checked.shared_optin;
+            }
         }
         self.ctx.bind_to_thread()?;
         let [gx, gy, gz] = cfg.grid;
@@ -156,7 +234,7 @@ impl CudaBackend {
         // by the op from the parameter struct the kernel declares.
         unsafe {
             result::launch_kernel(
-                f.cu_function(),
+                f.function.cu_function(),
                 (gx, gy, gz),
                 (bx, by, bz),
                 cfg.shared_bytes,

@@ -22,7 +22,7 @@ use crate::cpu::attention::{AttentionDims, SeqSpan};
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
 use crate::kernels::params::AttentionParams;
-use crate::kernels::LaunchConfig;
+use crate::launch::LaunchConfig;
 use crate::tensor::Tensor;
 
 /// Head dims with a kernel.

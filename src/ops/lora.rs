@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::kernels::params::{
     LoraAddParams, LoraGemmParams, LoraMergeParams, LoraPackParams, LoraReduceParams,
 };
-use crate::kernels::LaunchConfig;
+use crate::launch::LaunchConfig;
 use crate::tensor::Tensor;
 
 /// Hyper-parameters of one adapter.

@@ -11,7 +11,7 @@ use crate::cpu;
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
 use crate::kernels::params::{RmsNormBackwardParams, RmsNormDwReduceParams, RmsNormForwardParams};
-use crate::kernels::LaunchConfig;
+use crate::launch::LaunchConfig;
 use crate::tensor::Tensor;
 
 /// Threads per block of the kernels (their `__launch_bounds__`).
@@ -19,8 +19,6 @@ const THREADS: u32 = 256;
 /// Blocks of the backward kernel, and so rows of fp32 dw partial sums. Fixed,
 /// so dw is summed in the same order on every device: deterministic.
 const BACKWARD_BLOCKS: usize = 512;
-/// Largest dynamic shared memory a block may ask for (sm_90; sm_80 allows 163 KiB).
-const MAX_SHARED_BYTES: usize = 163 * 1024;
 
 /// Gradients of [`backward`].
 #[derive(Debug)]
@@ -120,13 +118,24 @@ pub fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f32, want_dw: bool) ->
         };
         return Ok(Grads { dx, dw });
     }
+    let suffix = x.dtype().kernel_suffix();
+    let kernel = format!("rmsnorm_backward_{suffix}");
+    // dw accumulates in shared memory, a row of fp32 per block, next to the
+    // kernel's static shared memory: both must fit the device's arch.
     let shared = if want_dw { hidden * 4 } else { 0 };
-    if shared > MAX_SHARED_BYTES {
-        return Err(Error::Invalid {
-            op: OP,
-            arg: "x",
-            what: format!("hidden size {hidden} needs {shared} bytes of shared memory for dw, more than {MAX_SHARED_BYTES}"),
-        });
+    if let Some(limits) = device.arch_limits()? {
+        let static_bytes =
+            crate::kernels::resources(&kernel, limits.arch).map_or(0, |r| r.shared_bytes as usize);
+        if static_bytes + shared > limits.shared_optin as usize {
+            return Err(Error::Invalid {
+                op: OP,
+                arg: "x",
+                what: format!(
+                    "hidden size {hidden} needs {shared} bytes of shared memory for dw (plus {static_bytes} static), more than the {} a block may have on sm_{}",
+                    limits.shared_optin, limits.arch
+                ),
+            });
+        }
     }
     let dx = Tensor::zeros(x.shape(), x.dtype(), device)?;
     let blocks = rows.min(BACKWARD_BLOCKS);
@@ -137,7 +146,6 @@ pub fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f32, want_dw: bool) ->
     };
     let vectorized = vectorizable(&[x, w, dy, &dx], hidden * x.dtype().size());
     let per_access = if vectorized { 16 / x.dtype().size() } else { 1 };
-    let suffix = x.dtype().kernel_suffix();
     let mut params = RmsNormBackwardParams {
         x: x.device_address() as *const _,
         w: w.device_address() as *const _,
@@ -156,7 +164,7 @@ pub fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f32, want_dw: bool) ->
         threads_for_row(hidden, per_access, THREADS),
         shared as u32,
     );
-    device.launch(&format!("rmsnorm_backward_{suffix}"), cfg, &mut params)?;
+    device.launch(&kernel, cfg, &mut params)?;
 
     let dw = match partial {
         None => None,

@@ -14,7 +14,7 @@ pub use crate::cpu::rope::RopeStyle;
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
 use crate::kernels::params::RopeParams;
-use crate::kernels::LaunchConfig;
+use crate::launch::LaunchConfig;
 use crate::tensor::Tensor;
 
 /// Threads per block of the kernel (its `__launch_bounds__`).

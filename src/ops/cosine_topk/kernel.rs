@@ -7,7 +7,7 @@ use super::{Exclude, Pair, TopK, MAX_K};
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
 use crate::kernels::params::{CosineMergeParams, CosinePrepareParams, CosineSearchParams};
-use crate::kernels::LaunchConfig;
+use crate::launch::LaunchConfig;
 use crate::ops::to_i32;
 use crate::tensor::Tensor;
 
