@@ -109,7 +109,9 @@ struct Gemm {
             cp_async_commit();
             multiply(acc, stage, wm0, wn0);
         }
-        cp_async_wait<0>();
+        // No copy is in flight here (the last kStages - 1 groups are empty:
+        // no tile is loaded past `tiles`), but other warps may still read
+        // the last tile.
         __syncthreads();  // the shared tiles are free for the next segment
     }
 };
