@@ -108,8 +108,13 @@ def main():
         return 0
     seeds = [int(s) for s in args.seeds.split(",") if s]
     env = env_without_cuda(args.target)
-    work = tempfile.mkdtemp(prefix="platypus-mutants-")
+    scratch = tempfile.mkdtemp(prefix="platypus-mutants-")
+    work = os.path.join(scratch, "repo")
     tracked_copy(work)
+    # The fixtures sit beside the repository, as ../shared.
+    shared = os.path.join(os.path.dirname(ROOT), "shared")
+    if os.path.isdir(shared):
+        os.symlink(shared, os.path.join(scratch, "shared"))
     start = time.time()
     survivors, broken = [], []
     try:
@@ -146,7 +151,7 @@ def main():
                 survivors.append((name, n, call))
             print(f"[{i}/{len(found)}] {name}:{n} {call}: {verdict} ({time.time() - t0:.0f} s)", flush=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     caught = len(found) - len(survivors) - len(broken)
     print(f"{caught} of {len(found)} sites caught, {len(survivors)} survived, {len(broken)} did not build; {time.time() - start:.0f} s")
     for name, n, call in survivors:

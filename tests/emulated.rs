@@ -157,6 +157,26 @@ proptest! {
     }
 }
 
+/// From hidden 12,257 the backward's fp32 dw row (dynamic shared memory) and
+/// its 128 bytes of static shared memory pass 48 KiB: the launch must opt in,
+/// or the emulator refuses it as the driver would. 12,288 is a real model
+/// width (GPT-3 175B).
+#[test]
+fn rmsnorm_backward_with_dw_runs_across_the_48_kib_boundary() {
+    for (hidden, dtype) in [(12_256, DType::F32), (12_257, DType::F32), (12_288, DType::BF16)] {
+        let inputs = rmsnorm_inputs(2, hidden, dtype, hidden as u64);
+        let run = |device: &Device| {
+            let [x, w, dy] = [0, 1, 2].map(|i| on(device, &inputs[i], dtype));
+            let g = rmsnorm::backward(&x, &w, &dy, 1e-5, true).unwrap_or_else(|e| panic!("hidden {hidden}: {e}"));
+            (g.dx.to_f32_vec().unwrap(), g.dw.unwrap().to_f32_vec().unwrap())
+        };
+        let ((emu_dx, emu_dw), (cpu_dx, cpu_dw)) = (run(&Device::Emulated), run(&Device::Cpu));
+        let (atol, rtol) = tolerance(dtype);
+        assert_close("dx", &emu_dx, &cpu_dx, atol, rtol);
+        assert_close("dw", &emu_dw, &cpu_dw, 2.0 * atol, rtol);
+    }
+}
+
 #[test]
 fn rope_backward_undoes_forward_on_the_emulator() {
     let dev = Device::Emulated;

@@ -206,6 +206,8 @@ pub struct PlannedLaunch {
     pub kernel: String,
     /// Its configuration.
     pub cfg: LaunchConfig,
+    /// The max-dynamic-shared-memory attribute the launch sets (0: none).
+    pub shared_optin: u32,
 }
 
 /// Runs `f` with the emulated launches of this thread checked against `arch`
@@ -252,6 +254,7 @@ pub(crate) fn launch(kernel: &str, cfg: &LaunchConfig, args: &mut [*mut c_void])
             list.push(PlannedLaunch {
                 kernel: kernel.to_string(),
                 cfg: *cfg,
+                shared_optin: checked.shared_optin,
             })
         })
     });

@@ -1,0 +1,214 @@
+//! Every kernel's launch shapes against every arch nvcc built for. Each op is
+//! planned ([`emu::plan`]: its launches checked against the arch's limits and
+//! the kernel's ptxas report for that arch, recorded, not run) at small
+//! shapes and at the shapes of Llama 2 7B/13B fine-tuning and of the
+//! curation searches; on every arch the plans must launch every GPU kernel.
+//! The rmsnorm backward's shared memory is checked at the widths where its
+//! limits sit.
+
+use std::collections::BTreeSet;
+
+use platypus::emu::{self, PlannedLaunch};
+use platypus::kernels::{self, PTXAS};
+use platypus::ops::attention::{self, AttentionConfig, Batch};
+use platypus::ops::cosine_topk::{self, Exclude};
+use platypus::ops::lora::{self, LoraConfig, LoraWeights};
+use platypus::ops::rmsnorm;
+use platypus::ops::rope::{self, RopeConfig, RopeStyle};
+use platypus::{DType, Device, Error, Result, Tensor};
+
+/// False (with the reason printed) when this build has no ptxas report.
+fn built_with_nvcc() -> bool {
+    if !PTXAS.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var("PLATYPUS_REQUIRE_CUDA").map_or(true, |v| v != "1"),
+        "PLATYPUS_REQUIRE_CUDA=1 but this build has no ptxas report"
+    );
+    eprintln!("SKIPPED: built without nvcc, no ptxas report to check launches against");
+    false
+}
+
+/// A zeroed emulated tensor (host pages stay untouched: planning reads nothing).
+fn zeros(shape: &[usize], dtype: DType) -> Tensor {
+    Tensor::zeros(shape, dtype, &Device::Emulated).unwrap()
+}
+
+fn rmsnorm_plans(hidden: usize, rows: usize, dtype: DType) -> Result<()> {
+    let x = zeros(&[rows, hidden], dtype);
+    let w = zeros(&[hidden], dtype);
+    rmsnorm::forward(&x, &w, 1e-5)?;
+    for want_dw in [false, true] {
+        rmsnorm::backward(&x, &w, &x, 1e-5, want_dw)?;
+    }
+    Ok(())
+}
+
+fn rope_plans(dtype: DType) -> Result<()> {
+    // (batch, seq, q heads, k heads, head dim)
+    for (batch, seq, q_heads, k_heads, head_dim) in [(1, 3, 2, 1, 6), (1, 4096, 32, 32, 128), (2, 4096, 40, 8, 128), (3, 17, 4, 2, 64)] {
+        let mut q = zeros(&[batch, seq, q_heads, head_dim], dtype);
+        let mut k = zeros(&[batch, seq, k_heads, head_dim], dtype);
+        let positions = zeros(&[batch, seq], DType::I32);
+        for style in [RopeStyle::RotateHalf, RopeStyle::Interleaved] {
+            let cfg = RopeConfig { theta: 10000.0, style };
+            rope::forward(&mut q, &mut k, &positions, &cfg)?;
+            rope::backward(&mut q, &mut k, &positions, &cfg)?;
+        }
+    }
+    Ok(())
+}
+
+fn attention_plans(dtype: DType) -> Result<()> {
+    // (batch, seq, q heads, kv heads): Llama 2 7B and 13B at 4096 tokens, GQA, short.
+    for (batch, seq, heads, kv_heads) in [(1, 4096, 32, 32), (1, 4096, 40, 40), (2, 1000, 8, 2), (3, 17, 4, 4)] {
+        for d in [32, 64, 128] {
+            let q = zeros(&[batch, seq, heads, d], dtype);
+            let kv = zeros(&[batch, seq, kv_heads, d], dtype);
+            let lens: Vec<u32> = (0..batch as u32).map(|b| (seq as u32).saturating_sub(7 * b)).collect();
+            for batching in [Batch::Dense, Batch::Padded(&lens)] {
+                for causal in [false, true] {
+                    let cfg = AttentionConfig { causal, scale: None };
+                    let fwd = attention::forward(&q, &kv, &kv, batching, &cfg)?;
+                    attention::backward(&q, &kv, &kv, &fwd, &q, batching, &cfg)?;
+                }
+            }
+        }
+    }
+    let (tokens, d) = (4096 + 517, 128);
+    let cu = [0u32, 4096, 4096 + 517];
+    let q = zeros(&[tokens, 32, d], dtype);
+    let fwd = attention::forward(&q, &q, &q, Batch::Packed(&cu), &AttentionConfig { causal: true, scale: None })?;
+    attention::backward(&q, &q, &q, &fwd, &q, Batch::Packed(&cu), &AttentionConfig { causal: true, scale: None })?;
+    Ok(())
+}
+
+fn lora_plans(dtype: DType) -> Result<()> {
+    // (tokens, in, out, r): Llama 2 7B/13B projections and MLP at 4096 tokens, and small odd shapes.
+    for (tokens, d_in, d_out, r) in [
+        (4096, 4096, 4096, 16),
+        (4096, 4096, 11008, 16),
+        (4096, 11008, 4096, 16),
+        (4096, 5120, 5120, 16),
+        (4096, 5120, 13824, 64),
+        (37, 24, 40, 3),
+    ] {
+        let x = zeros(&[tokens, d_in], dtype);
+        let mut w = zeros(&[d_out, d_in], dtype);
+        let a = zeros(&[r, d_in], DType::F32);
+        let b = zeros(&[d_out, r], DType::F32);
+        for dropout in [0.0, 0.1] {
+            let cfg = LoraConfig { dropout, ..LoraConfig::default() };
+            let weights = LoraWeights { w: &w, a: &a, b: &b };
+            let out = lora::forward(&x, weights, &cfg)?;
+            let dy = zeros(out.y.shape(), dtype);
+            lora::backward(&x, &dy, weights, &out.u, &cfg)?;
+            lora::forward_unfused(&x, weights, &cfg)?;
+        }
+        lora::linear(&x, &w)?;
+        lora::linear_backward(&zeros(&[tokens, d_out], dtype), &w)?;
+        lora::merge(&mut w, &a, &b, 1.0)?;
+        lora::unmerge(&mut w, &a, &b, 1.0)?;
+    }
+    Ok(())
+}
+
+fn cosine_plans(dtype: DType) -> Result<()> {
+    // (queries, database, dim, k): a curation search at scale, and small odd shapes.
+    for (m, n, dim, k) in [(10_000, 50_000, 384, 10), (130, 1100, 37, 300), (5, 3, 8, 1024)] {
+        let q = zeros(&[m, dim], dtype);
+        let db = zeros(&[n, dim], dtype);
+        cosine_topk::topk(&q, &db, k)?;
+        cosine_topk::topk_self(&db, k, Exclude::NotEarlier)?;
+        cosine_topk::above_threshold(&q, &db, 0.9, 1 << 20)?;
+        cosine_topk::above_threshold_self(&db, 0.9, 1 << 20, Exclude::SameIndex)?;
+        let host_db = Tensor::zeros(&[n, dim], dtype, &Device::Cpu)?;
+        cosine_topk::topk_streamed(&q, &host_db, k, n.div_ceil(3))?;
+    }
+    Ok(())
+}
+
+/// The launches `plans` makes on `arch`; each must be an error-free plan.
+fn plan_all(arch: u32, what: &str, plans: impl FnOnce() -> Result<()>) -> Vec<PlannedLaunch> {
+    let (result, launches) = emu::plan(arch, plans);
+    result.unwrap_or_else(|e| panic!("sm_{arch}, {what}: {e}"));
+    launches
+}
+
+#[test]
+fn every_kernel_launches_within_every_archs_limits() {
+    if !built_with_nvcc() {
+        return;
+    }
+    let expected: BTreeSet<&str> = kernels::gpu_kernel_names().collect();
+    for &arch in kernels::CUDA_ARCHS {
+        let mut launched = BTreeSet::new();
+        let mut count = 0;
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let mut launches = plan_all(arch, &format!("rmsnorm {dtype}"), || {
+                for hidden in [8, 37, 4096, 5120, 8192, 12288, 16384] {
+                    rmsnorm_plans(hidden, 5, dtype)?;
+                }
+                rmsnorm_plans(4096, 4096, dtype)
+            });
+            launches.extend(plan_all(arch, &format!("rope {dtype}"), || rope_plans(dtype)));
+            launches.extend(plan_all(arch, &format!("cosine {dtype}"), || cosine_plans(dtype)));
+            if dtype != DType::F32 {
+                launches.extend(plan_all(arch, &format!("attention {dtype}"), || attention_plans(dtype)));
+                launches.extend(plan_all(arch, &format!("lora {dtype}"), || lora_plans(dtype)));
+            }
+            for l in &launches {
+                assert!(
+                    kernels::resources(&l.kernel, arch).is_some(),
+                    "{} has no sm_{arch} ptxas report, so its launch went unchecked",
+                    l.kernel
+                );
+            }
+            count += launches.len();
+            launched.extend(launches.into_iter().map(|l| l.kernel));
+        }
+        let missing: Vec<_> = expected.iter().filter(|k| !launched.contains(**k)).collect();
+        assert!(missing.is_empty(), "sm_{arch}: no planned launch of {missing:?}");
+        eprintln!("sm_{arch}: {count} launches of {} kernels within limits", launched.len());
+    }
+}
+
+/// The backward's dw row (4 bytes per column) sits in dynamic shared memory
+/// beside 128 bytes of static: past 48 KiB in all (hidden 12,257 and up) the
+/// launch opts in, and no arch is asked for more than it has.
+#[test]
+fn rmsnorm_backward_shared_memory_opts_in_and_stays_within_each_arch() {
+    if !built_with_nvcc() {
+        return;
+    }
+    for &arch in kernels::CUDA_ARCHS {
+        let limits = platypus::launch::arch_limits(arch).unwrap();
+        let static_bytes = kernels::resources("rmsnorm_backward_f32", arch).unwrap().shared_bytes;
+        assert_eq!(static_bytes, 128, "sm_{arch}: the kernel's static shared memory changed; update the boundary widths");
+        let optin_of = |hidden: usize| {
+            let launches = plan_all(arch, &format!("rmsnorm dw at {hidden}"), || {
+                let x = zeros(&[2, hidden], DType::F32);
+                rmsnorm::backward(&x, &zeros(&[hidden], DType::F32), &x, 1e-5, true).map(|_| ())
+            });
+            launches.iter().find(|l| l.kernel == "rmsnorm_backward_f32").unwrap().shared_optin
+        };
+        assert_eq!(optin_of(12_256), 0, "sm_{arch}: 128 + 49024 bytes fit without opting in");
+        assert_eq!(optin_of(12_257), 12_257 * 4, "sm_{arch}");
+        assert_eq!(optin_of(12_288), 12_288 * 4, "sm_{arch}");
+        // The widest dw row that fits, and one column more.
+        let widest = (limits.shared_optin as usize - static_bytes as usize) / 4;
+        assert_eq!(optin_of(widest), widest as u32 * 4, "sm_{arch}");
+        let (r, _) = emu::plan(arch, || {
+            let x = zeros(&[2, widest + 1], DType::F32);
+            rmsnorm::backward(&x, &zeros(&[widest + 1], DType::F32), &x, 1e-5, true).map(|_| ())
+        });
+        match r {
+            Err(e @ Error::Invalid { .. }) => {
+                let e = e.to_string();
+                assert!(e.contains(&format!("sm_{arch}")) && e.contains(&format!("hidden size {}", widest + 1)), "{e}");
+            }
+            other => panic!("sm_{arch}: hidden {} with dw: {other:?}", widest + 1),
+        }
+    }
+}
