@@ -163,12 +163,20 @@ proptest! {
 /// width (GPT-3 175B).
 #[test]
 fn rmsnorm_backward_with_dw_runs_across_the_48_kib_boundary() {
-    for (hidden, dtype) in [(12_256, DType::F32), (12_257, DType::F32), (12_288, DType::BF16)] {
+    for (hidden, dtype) in [
+        (12_256, DType::F32),
+        (12_257, DType::F32),
+        (12_288, DType::BF16),
+    ] {
         let inputs = rmsnorm_inputs(2, hidden, dtype, hidden as u64);
         let run = |device: &Device| {
             let [x, w, dy] = [0, 1, 2].map(|i| on(device, &inputs[i], dtype));
-            let g = rmsnorm::backward(&x, &w, &dy, 1e-5, true).unwrap_or_else(|e| panic!("hidden {hidden}: {e}"));
-            (g.dx.to_f32_vec().unwrap(), g.dw.unwrap().to_f32_vec().unwrap())
+            let g = rmsnorm::backward(&x, &w, &dy, 1e-5, true)
+                .unwrap_or_else(|e| panic!("hidden {hidden}: {e}"));
+            (
+                g.dx.to_f32_vec().unwrap(),
+                g.dw.unwrap().to_f32_vec().unwrap(),
+            )
         };
         let ((emu_dx, emu_dw), (cpu_dx, cpu_dw)) = (run(&Device::Emulated), run(&Device::Cpu));
         let (atol, rtol) = tolerance(dtype);

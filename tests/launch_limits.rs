@@ -6,29 +6,19 @@
 //! The rmsnorm backward's shared memory is checked at the widths where its
 //! limits sit.
 
+mod common;
+
 use std::collections::BTreeSet;
 
+use common::built_with_nvcc;
 use platypus::emu::{self, PlannedLaunch};
-use platypus::kernels::{self, PTXAS};
+use platypus::kernels;
 use platypus::ops::attention::{self, AttentionConfig, Batch};
 use platypus::ops::cosine_topk::{self, Exclude};
 use platypus::ops::lora::{self, LoraConfig, LoraWeights};
 use platypus::ops::rmsnorm;
 use platypus::ops::rope::{self, RopeConfig, RopeStyle};
 use platypus::{DType, Device, Error, Result, Tensor};
-
-/// False (with the reason printed) when this build has no ptxas report.
-fn built_with_nvcc() -> bool {
-    if !PTXAS.is_empty() {
-        return true;
-    }
-    assert!(
-        std::env::var("PLATYPUS_REQUIRE_CUDA").map_or(true, |v| v != "1"),
-        "PLATYPUS_REQUIRE_CUDA=1 but this build has no ptxas report"
-    );
-    eprintln!("SKIPPED: built without nvcc, no ptxas report to check launches against");
-    false
-}
 
 /// A zeroed emulated tensor (host pages stay untouched: planning reads nothing).
 fn zeros(shape: &[usize], dtype: DType) -> Tensor {
@@ -47,12 +37,20 @@ fn rmsnorm_plans(hidden: usize, rows: usize, dtype: DType) -> Result<()> {
 
 fn rope_plans(dtype: DType) -> Result<()> {
     // (batch, seq, q heads, k heads, head dim)
-    for (batch, seq, q_heads, k_heads, head_dim) in [(1, 3, 2, 1, 6), (1, 4096, 32, 32, 128), (2, 4096, 40, 8, 128), (3, 17, 4, 2, 64)] {
+    for (batch, seq, q_heads, k_heads, head_dim) in [
+        (1, 3, 2, 1, 6),
+        (1, 4096, 32, 32, 128),
+        (2, 4096, 40, 8, 128),
+        (3, 17, 4, 2, 64),
+    ] {
         let mut q = zeros(&[batch, seq, q_heads, head_dim], dtype);
         let mut k = zeros(&[batch, seq, k_heads, head_dim], dtype);
         let positions = zeros(&[batch, seq], DType::I32);
         for style in [RopeStyle::RotateHalf, RopeStyle::Interleaved] {
-            let cfg = RopeConfig { theta: 10000.0, style };
+            let cfg = RopeConfig {
+                theta: 10000.0,
+                style,
+            };
             rope::forward(&mut q, &mut k, &positions, &cfg)?;
             rope::backward(&mut q, &mut k, &positions, &cfg)?;
         }
@@ -62,14 +60,24 @@ fn rope_plans(dtype: DType) -> Result<()> {
 
 fn attention_plans(dtype: DType) -> Result<()> {
     // (batch, seq, q heads, kv heads): Llama 2 7B and 13B at 4096 tokens, GQA, short.
-    for (batch, seq, heads, kv_heads) in [(1, 4096, 32, 32), (1, 4096, 40, 40), (2, 1000, 8, 2), (3, 17, 4, 4)] {
+    for (batch, seq, heads, kv_heads) in [
+        (1, 4096, 32, 32),
+        (1, 4096, 40, 40),
+        (2, 1000, 8, 2),
+        (3, 17, 4, 4),
+    ] {
         for d in [32, 64, 128] {
             let q = zeros(&[batch, seq, heads, d], dtype);
             let kv = zeros(&[batch, seq, kv_heads, d], dtype);
-            let lens: Vec<u32> = (0..batch as u32).map(|b| (seq as u32).saturating_sub(7 * b)).collect();
+            let lens: Vec<u32> = (0..batch as u32)
+                .map(|b| (seq as u32).saturating_sub(7 * b))
+                .collect();
             for batching in [Batch::Dense, Batch::Padded(&lens)] {
                 for causal in [false, true] {
-                    let cfg = AttentionConfig { causal, scale: None };
+                    let cfg = AttentionConfig {
+                        causal,
+                        scale: None,
+                    };
                     let fwd = attention::forward(&q, &kv, &kv, batching, &cfg)?;
                     attention::backward(&q, &kv, &kv, &fwd, &q, batching, &cfg)?;
                 }
@@ -79,8 +87,28 @@ fn attention_plans(dtype: DType) -> Result<()> {
     let (tokens, d) = (4096 + 517, 128);
     let cu = [0u32, 4096, 4096 + 517];
     let q = zeros(&[tokens, 32, d], dtype);
-    let fwd = attention::forward(&q, &q, &q, Batch::Packed(&cu), &AttentionConfig { causal: true, scale: None })?;
-    attention::backward(&q, &q, &q, &fwd, &q, Batch::Packed(&cu), &AttentionConfig { causal: true, scale: None })?;
+    let fwd = attention::forward(
+        &q,
+        &q,
+        &q,
+        Batch::Packed(&cu),
+        &AttentionConfig {
+            causal: true,
+            scale: None,
+        },
+    )?;
+    attention::backward(
+        &q,
+        &q,
+        &q,
+        &fwd,
+        &q,
+        Batch::Packed(&cu),
+        &AttentionConfig {
+            causal: true,
+            scale: None,
+        },
+    )?;
     Ok(())
 }
 
@@ -99,8 +127,15 @@ fn lora_plans(dtype: DType) -> Result<()> {
         let a = zeros(&[r, d_in], DType::F32);
         let b = zeros(&[d_out, r], DType::F32);
         for dropout in [0.0, 0.1] {
-            let cfg = LoraConfig { dropout, ..LoraConfig::default() };
-            let weights = LoraWeights { w: &w, a: &a, b: &b };
+            let cfg = LoraConfig {
+                dropout,
+                ..LoraConfig::default()
+            };
+            let weights = LoraWeights {
+                w: &w,
+                a: &a,
+                b: &b,
+            };
             let out = lora::forward(&x, weights, &cfg)?;
             let dy = zeros(out.y.shape(), dtype);
             lora::backward(&x, &dy, weights, &out.u, &cfg)?;
@@ -116,7 +151,11 @@ fn lora_plans(dtype: DType) -> Result<()> {
 
 fn cosine_plans(dtype: DType) -> Result<()> {
     // (queries, database, dim, k): a curation search at scale, and small odd shapes.
-    for (m, n, dim, k) in [(10_000, 50_000, 384, 10), (130, 1100, 37, 300), (5, 3, 8, 1024)] {
+    for (m, n, dim, k) in [
+        (10_000, 50_000, 384, 10),
+        (130, 1100, 37, 300),
+        (5, 3, 8, 1024),
+    ] {
         let q = zeros(&[m, dim], dtype);
         let db = zeros(&[n, dim], dtype);
         cosine_topk::topk(&q, &db, k)?;
@@ -152,11 +191,19 @@ fn every_kernel_launches_within_every_archs_limits() {
                 }
                 rmsnorm_plans(4096, 4096, dtype)
             });
-            launches.extend(plan_all(arch, &format!("rope {dtype}"), || rope_plans(dtype)));
-            launches.extend(plan_all(arch, &format!("cosine {dtype}"), || cosine_plans(dtype)));
+            launches.extend(plan_all(arch, &format!("rope {dtype}"), || {
+                rope_plans(dtype)
+            }));
+            launches.extend(plan_all(arch, &format!("cosine {dtype}"), || {
+                cosine_plans(dtype)
+            }));
             if dtype != DType::F32 {
-                launches.extend(plan_all(arch, &format!("attention {dtype}"), || attention_plans(dtype)));
-                launches.extend(plan_all(arch, &format!("lora {dtype}"), || lora_plans(dtype)));
+                launches.extend(plan_all(arch, &format!("attention {dtype}"), || {
+                    attention_plans(dtype)
+                }));
+                launches.extend(plan_all(arch, &format!("lora {dtype}"), || {
+                    lora_plans(dtype)
+                }));
             }
             for l in &launches {
                 assert!(
@@ -168,9 +215,18 @@ fn every_kernel_launches_within_every_archs_limits() {
             count += launches.len();
             launched.extend(launches.into_iter().map(|l| l.kernel));
         }
-        let missing: Vec<_> = expected.iter().filter(|k| !launched.contains(**k)).collect();
-        assert!(missing.is_empty(), "sm_{arch}: no planned launch of {missing:?}");
-        eprintln!("sm_{arch}: {count} launches of {} kernels within limits", launched.len());
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|k| !launched.contains(**k))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "sm_{arch}: no planned launch of {missing:?}"
+        );
+        eprintln!(
+            "sm_{arch}: {count} launches of {} kernels within limits",
+            launched.len()
+        );
     }
 }
 
@@ -184,16 +240,29 @@ fn rmsnorm_backward_shared_memory_opts_in_and_stays_within_each_arch() {
     }
     for &arch in kernels::CUDA_ARCHS {
         let limits = platypus::launch::arch_limits(arch).unwrap();
-        let static_bytes = kernels::resources("rmsnorm_backward_f32", arch).unwrap().shared_bytes;
-        assert_eq!(static_bytes, 128, "sm_{arch}: the kernel's static shared memory changed; update the boundary widths");
+        let static_bytes = kernels::resources("rmsnorm_backward_f32", arch)
+            .unwrap()
+            .shared_bytes;
+        assert_eq!(
+            static_bytes, 128,
+            "sm_{arch}: the kernel's static shared memory changed; update the boundary widths"
+        );
         let optin_of = |hidden: usize| {
             let launches = plan_all(arch, &format!("rmsnorm dw at {hidden}"), || {
                 let x = zeros(&[2, hidden], DType::F32);
                 rmsnorm::backward(&x, &zeros(&[hidden], DType::F32), &x, 1e-5, true).map(|_| ())
             });
-            launches.iter().find(|l| l.kernel == "rmsnorm_backward_f32").unwrap().shared_optin
+            launches
+                .iter()
+                .find(|l| l.kernel == "rmsnorm_backward_f32")
+                .unwrap()
+                .shared_optin
         };
-        assert_eq!(optin_of(12_256), 0, "sm_{arch}: 128 + 49024 bytes fit without opting in");
+        assert_eq!(
+            optin_of(12_256),
+            0,
+            "sm_{arch}: 128 + 49024 bytes fit without opting in"
+        );
         assert_eq!(optin_of(12_257), 12_257 * 4, "sm_{arch}");
         assert_eq!(optin_of(12_288), 12_288 * 4, "sm_{arch}");
         // The widest dw row that fits, and one column more.
@@ -206,7 +275,11 @@ fn rmsnorm_backward_shared_memory_opts_in_and_stays_within_each_arch() {
         match r {
             Err(e @ Error::Invalid { .. }) => {
                 let e = e.to_string();
-                assert!(e.contains(&format!("sm_{arch}")) && e.contains(&format!("hidden size {}", widest + 1)), "{e}");
+                assert!(
+                    e.contains(&format!("sm_{arch}"))
+                        && e.contains(&format!("hidden size {}", widest + 1)),
+                    "{e}"
+                );
             }
             other => panic!("sm_{arch}: hidden {} with dw: {other:?}", widest + 1),
         }

@@ -1,21 +1,10 @@
 //! What nvcc built: every kernel for sm_80 and sm_90 without register
 //! spills, and every GPU kernel also runnable on the host emulator.
 
-use platypus::kernels::{self, PTXAS};
+mod common;
 
-/// False (with the reason printed) when this build has no GPU kernels;
-/// a failure when PLATYPUS_REQUIRE_CUDA=1 said it must have them.
-fn built_with_nvcc() -> bool {
-    if !PTXAS.is_empty() {
-        return true;
-    }
-    assert!(
-        std::env::var("PLATYPUS_REQUIRE_CUDA").map_or(true, |v| v != "1"),
-        "PLATYPUS_REQUIRE_CUDA=1 but this build has no ptxas report"
-    );
-    eprintln!("SKIPPED: built without nvcc, no ptxas report to check");
-    false
-}
+use common::built_with_nvcc;
+use platypus::kernels::{self, PTXAS};
 
 #[test]
 fn no_kernel_spills_on_sm80_or_sm90() {

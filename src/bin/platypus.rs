@@ -179,6 +179,8 @@ struct Row {
     shared_bytes: u32,
     stack_bytes: u32,
     barriers: u32,
+    /// Threads of the kernel's __launch_bounds__ (0: none).
+    max_threads: u32,
     /// Dynamic shared memory per block at launch, where the launch shape is fixed.
     dynamic_shared_bytes: Option<u32>,
     /// Theoretical occupancy at that launch shape.
@@ -204,6 +206,7 @@ fn kernels(json: bool) -> String {
             shared_bytes: r.shared_bytes,
             stack_bytes: r.stack_bytes,
             barriers: r.barriers,
+            max_threads: r.max_threads,
             dynamic_shared_bytes: shape.map(|(_, smem)| smem),
             occupancy: shape
                 .and_then(|(threads, smem)| platypus::kernels::occupancy(r, threads, smem)),
@@ -217,7 +220,7 @@ fn kernels(json: bool) -> String {
     }
     say!(
         out,
-        "{:<40} {:>6} {:>5} {:>7} {:>7} {:>6} {:>5} {:>9}  occupancy",
+        "{:<40} {:>6} {:>5} {:>7} {:>7} {:>6} {:>5} {:>7} {:>9}  occupancy",
         "kernel",
         "arch",
         "regs",
@@ -225,6 +228,7 @@ fn kernels(json: bool) -> String {
         "smem B",
         "stack",
         "bars",
+        "bounds",
         "dyn smem"
     );
     for r in rows {
@@ -239,7 +243,7 @@ fn kernels(json: bool) -> String {
         });
         say!(
             out,
-            "{:<40} {:>6} {:>5} {:>7} {:>7} {:>6} {:>5} {:>9}  {}",
+            "{:<40} {:>6} {:>5} {:>7} {:>7} {:>6} {:>5} {:>7} {:>9}  {}",
             r.name,
             format!("sm_{}", r.arch),
             r.registers,
@@ -247,6 +251,7 @@ fn kernels(json: bool) -> String {
             r.shared_bytes,
             r.stack_bytes,
             r.barriers,
+            r.max_threads,
             dynamic,
             occupancy
         );

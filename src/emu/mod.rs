@@ -694,6 +694,18 @@ mod tests {
 
     // ---- the memory checker --------------------------------------------------------------------
 
+    /// Asserts that `e` is the emulator's `check` failure and mentions every needle.
+    fn assert_emu_error(e: &Error, check: EmuCheck, needles: &[&str]) {
+        assert!(
+            matches!(e, Error::Emulator { check: c, .. } if *c == check),
+            "expected a {check} failure: {e}"
+        );
+        let text = e.to_string();
+        for n in needles {
+            assert!(text.contains(n), "`{n}` missing from: {text}");
+        }
+    }
+
     /// Runs emu_selftest_hazards case `which`, with the barrier that orders
     /// it or without; returns the launch's result.
     fn hazard(which: i32, ordered: bool) -> Result<Vec<i32>> {
@@ -777,24 +789,12 @@ mod tests {
         for (which, needles) in cases {
             let e =
                 hazard(which, false).expect_err(&format!("case {which}: the race went unreported"));
-            assert!(
-                matches!(
-                    e,
-                    Error::Emulator {
-                        check: EmuCheck::Race,
-                        ..
-                    }
-                ),
-                "case {which}: {e}"
+            assert_emu_error(&e, EmuCheck::Race, needles);
+            assert_emu_error(
+                &e,
+                EmuCheck::Race,
+                &["kernel `emu_selftest_hazards`, block (0,0,0)"],
             );
-            let e = e.to_string();
-            assert!(
-                e.contains("kernel `emu_selftest_hazards`, block (0,0,0)"),
-                "case {which}: {e}"
-            );
-            for n in needles {
-                assert!(e.contains(n), "case {which}: `{n}` missing from: {e}");
-            }
             let out = hazard(which, true)
                 .unwrap_or_else(|e| panic!("case {which} with its barrier: {e}"));
             if which == 0 {
@@ -848,20 +848,10 @@ mod tests {
             return;
         }
         let e = memory_misuse(1, true).0.unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::Emulator {
-                    check: EmuCheck::Race,
-                    ..
-                }
-            ),
-            "{e}"
-        );
-        assert!(
-            e.to_string()
-                .contains("before the cp.async that this thread issued into it has landed"),
-            "{e}"
+        assert_emu_error(
+            &e,
+            EmuCheck::Race,
+            &["before the cp.async that this thread issued into it has landed"],
         );
     }
 
@@ -871,20 +861,10 @@ mod tests {
             return;
         }
         let e = memory_misuse(2, true).0.unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::Emulator {
-                    check: EmuCheck::Uninitialized,
-                    ..
-                }
-            ),
-            "{e}"
-        );
-        assert!(
-            e.to_string()
-                .contains("reads 4 byte(s) of dynamic shared memory at offset 20"),
-            "{e}"
+        assert_emu_error(
+            &e,
+            EmuCheck::Uninitialized,
+            &["reads 4 byte(s) of dynamic shared memory at offset 20"],
         );
     }
 
@@ -913,38 +893,18 @@ mod tests {
     #[test]
     fn misaligned_vector_and_scalar_accesses_are_reported() {
         let (r, out) = memory_misuse(4, false);
-        let e = r.unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::Emulator {
-                    check: EmuCheck::Misaligned,
-                    ..
-                }
-            ),
-            "{e}"
-        );
-        assert!(
-            e.to_string().contains("4-byte vector access")
-                && e.to_string().contains(&format!("selftest.cu:{}", out[0])),
-            "{e}"
+        let line = format!("selftest.cu:{}", out[0]);
+        assert_emu_error(
+            &r.unwrap_err(),
+            EmuCheck::Misaligned,
+            &["4-byte vector access", &line],
         );
         if memcheck_built() {
             let e = memory_misuse(5, true).0.unwrap_err();
-            assert!(
-                matches!(
-                    e,
-                    Error::Emulator {
-                        check: EmuCheck::Misaligned,
-                        ..
-                    }
-                ),
-                "{e}"
-            );
-            assert!(
-                e.to_string().contains("4-byte load")
-                    && e.to_string().contains("not 4-byte aligned"),
-                "{e}"
+            assert_emu_error(
+                &e,
+                EmuCheck::Misaligned,
+                &["4-byte load", "not 4-byte aligned"],
             );
         }
     }
@@ -955,17 +915,7 @@ mod tests {
     #[test]
     fn an_ldmatrix_row_changed_while_the_warp_gathers_is_a_race() {
         if memcheck_built() {
-            let e = memory_misuse(6, true).0.unwrap_err();
-            assert!(
-                matches!(
-                    e,
-                    Error::Emulator {
-                        check: EmuCheck::Race,
-                        ..
-                    }
-                ),
-                "{e}"
-            );
+            assert_emu_error(&memory_misuse(6, true).0.unwrap_err(), EmuCheck::Race, &[]);
         }
         let caught = (1..=64u64).find_map(|seed| {
             let input = aligned16(&[0u8; 16]);

@@ -6,6 +6,20 @@ pub mod lora;
 
 use platypus::{DType, Device, Tensor};
 
+/// False (with the reason printed) when this build has no GPU kernels and so
+/// no ptxas report; a failure when PLATYPUS_REQUIRE_CUDA=1 said it must have them.
+pub fn built_with_nvcc() -> bool {
+    if !platypus::kernels::PTXAS.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var("PLATYPUS_REQUIRE_CUDA").map_or(true, |v| v != "1"),
+        "PLATYPUS_REQUIRE_CUDA=1 but this build has no ptxas report"
+    );
+    eprintln!("SKIPPED: built without nvcc, no ptxas report to check");
+    false
+}
+
 /// Proptest settings: `PROPTEST_CASES` cases if set, else `default_cases`;
 /// no failure files.
 pub fn proptest_config(default_cases: u32) -> proptest::prelude::ProptestConfig {
