@@ -92,6 +92,13 @@ __device__ __forceinline__ void warp_sort(float& s, uint32_t& i) {
 /// slots keep their order). List entries only move down, so the list is
 /// walked in 32-entry blocks from its end, each block read before any lane
 /// writes into it; the chunk's positions are found before anything moves.
+///
+/// One __syncwarp per block, between its reads and its writes, is all the
+/// ordering this needs: the binary search's reads come before the first
+/// block's; a block's writes land at or past its base, where later blocks
+/// never read; the chunk's writes come after the last block's. The caller
+/// must have ordered its own writes to the list before the call; the
+/// __syncwarp at the end publishes the merged list.
 __device__ __forceinline__ void merge_chunk(float* ls, uint32_t* li, int k, float cs, uint32_t ci, int lb) {
     const int lane = threadIdx.x % 32;
     int chunk_pos = k;
@@ -107,7 +114,6 @@ __device__ __forceinline__ void merge_chunk(float* ls, uint32_t* li, int k, floa
         }
         chunk_pos = lane + lo;
     }
-    __syncwarp();
     for (int base = (k - 1) / 32 * 32; base >= 0; base -= 32) {
         const int p = base + lane;
         float s = -INFINITY;
@@ -130,7 +136,6 @@ __device__ __forceinline__ void merge_chunk(float* ls, uint32_t* li, int k, floa
             ls[p + before] = s;
             li[p + before] = i;
         }
-        __syncwarp();
     }
     if (chunk_pos < k) {
         ls[chunk_pos] = cs;
@@ -149,10 +154,12 @@ struct TopkState {
 };
 
 /// Merges query row `qi`'s candidate buffer into its list and raises its
-/// floor to the list's last entry. One warp.
+/// floor to the list's last entry. One warp; every caller has ordered the
+/// buffer and count writes before the call (select_tile ends each append
+/// with a __syncwarp, the final flushes follow the tile loop's
+/// __syncthreads), and the __syncwarp at the end publishes count and floor.
 __device__ __forceinline__ void flush(TopkState& st, int qi, float* ls, uint32_t* li, int k) {
     const int lane = threadIdx.x % 32;
-    __syncwarp();
     const int cnt = st.count[qi];
     float s = lane < cnt ? st.buf_score[qi][lane] : -INFINITY;
     uint32_t i = lane < cnt ? st.buf_index[qi][lane] : kNoIndex;

@@ -732,7 +732,7 @@ void* static_shared(const void* site, size_t bytes, const char* name, const char
     if (!overflow.empty())
         fail_running(EmuFailure::Launch, format("kernel `%s` (static shared variable `%s` at %s:%d): %s", sched.kernel, name, basename_of(file).c_str(), line,
                                                 overflow.c_str()));
-    sched.static_vars.push_back({site, offset, bytes});
+    sched.static_vars.push_back({site, name, offset, bytes});
     poison(sched.static_shared + sched.static_used, offset + bytes - sched.static_used);
     memcheck_static_shared_grew(sched.static_used, offset + bytes);
     sched.static_used = offset + bytes;

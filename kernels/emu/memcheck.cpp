@@ -37,7 +37,6 @@
 // touches through memcpy/memset calls.
 #include "scheduler.h"
 
-#include <dlfcn.h>
 #include <link.h>
 #include <unistd.h>
 
@@ -165,7 +164,7 @@ std::string describe_bytes(Space space, uintptr_t a, size_t n) {
         const size_t off = a - reinterpret_cast<uintptr_t>(s.static_shared);
         for (const StaticShared& v : s.static_vars)
             if (off >= v.offset && off < v.offset + v.bytes)
-                return format("%zu byte(s) of static shared memory at offset %zu (byte %zu of its variable)", n, off, off - v.offset);
+                return format("%zu byte(s) of static shared memory at offset %zu (byte %zu of `%s`)", n, off, off - v.offset, v.name);
         return format("%zu byte(s) of static shared memory at offset %zu", n, off);
     }
     return format("%zu byte(s) of global memory at %p", n, reinterpret_cast<void*>(a));

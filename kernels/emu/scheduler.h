@@ -98,6 +98,7 @@ constexpr size_t kStaticSharedBytes = 48 * 1024;
 /// and its offset in the block's static shared memory.
 struct StaticShared {
     const void* site;
+    const char* name;
     size_t offset;
     size_t bytes;
 };
