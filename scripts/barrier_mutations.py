@@ -89,7 +89,9 @@ def run_suites(work, env, seed):
     env = dict(env, PLATYPUS_EMU_SEED=str(seed))
     r = subprocess.run(["cargo", "test", "--quiet"] + SUITES, cwd=work, env=env, capture_output=True, text=True)
     out = r.stdout + r.stderr
-    caught = [l.strip() for l in out.splitlines() if "failed on the emulator" in l or l.startswith("test result: FAILED")]
+    # The emulator's report (Display, or Debug where a test unwrapped it), else the failing test count.
+    caught = [l.strip() for l in out.splitlines() if "failed on the emulator" in l or "Emulator {" in l]
+    caught += [l.strip() for l in out.splitlines() if l.startswith("test result: FAILED")]
     return r.returncode, caught[:1], out
 
 
