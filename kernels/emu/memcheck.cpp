@@ -317,6 +317,9 @@ bool memcheck_enabled() {
 }
 
 void memcheck_begin_block() {
+    // A block of an earlier launch that failed never reached its end: its
+    // global-memory shadow must not outlive it.
+    memcheck_end_block();
     if (!memcheck_enabled()) return;
     Scheduler& s = scheduler();
     Shadow& sh = shadow;

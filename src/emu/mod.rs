@@ -803,6 +803,36 @@ mod tests {
         }
     }
 
+    /// A launch that stopped at a race leaves no shadow behind: the next one
+    /// on the thread, writing the same bytes from other threads, is clean.
+    #[test]
+    fn a_failed_launch_leaves_no_stale_shadow() {
+        if !memcheck_built() {
+            return;
+        }
+        let input = aligned16(&[0x11u8; 16]);
+        let mut out = vec![0i32; 65];
+        // Case 1 without its barrier: threads 0..39 write out[t], thread 40 races.
+        let e = run_raw(
+            "emu_selftest_hazards",
+            (1, 64, 256),
+            &mut out,
+            2,
+            input.as_ptr().cast(),
+        )
+        .unwrap_err();
+        assert_emu_error(&e, EmuCheck::Race, &["thread (40,0,0)"]);
+        // Now thread t writes the word thread t + 1 wrote before.
+        run_raw(
+            "emu_selftest_hazards",
+            (1, 64, 256),
+            &mut out[1..],
+            3,
+            input.as_ptr().cast(),
+        )
+        .unwrap();
+    }
+
     /// The emulator reports the line of the racing access where the kernel
     /// code has line tables (and addr2line is installed).
     #[test]
