@@ -262,33 +262,37 @@ void access_cells(Fiber& f, Cell* cells, Space space, uintptr_t a, size_t n, Kin
     }
 }
 
-/// Checks and records an access of [p, p + n) by the running fiber.
-void access(const void* p, size_t n, Kind kind, const Site& site) {
-    Fiber* f = memcheck_running;
-    if (!f) return;
-    uintptr_t a = reinterpret_cast<uintptr_t>(p);
-    if (a - f->stack_lo < f->stack_bytes) return;  // its own stack: private
+/// Checks and records an access of [a, a + n) by `f`, not on its stack.
+void access_by(Fiber& f, uintptr_t a, size_t n, Kind kind, const Site& site) {
     const Scheduler& s = scheduler();
     const uintptr_t dyn = reinterpret_cast<uintptr_t>(s.block.dynamic_smem);
     if (a - dyn < s.launch->shared_bytes) {
         const size_t inside = std::min<size_t>(n, dyn + s.launch->shared_bytes - a);
-        access_cells(*f, &shadow.dynamic_cells[a - dyn], Space::Dynamic, a, inside, kind, site);
-        if (inside < n) access(static_cast<const unsigned char*>(p) + inside, n - inside, kind, site);
+        access_cells(f, &shadow.dynamic_cells[a - dyn], Space::Dynamic, a, inside, kind, site);
+        if (inside < n) access_by(f, a + inside, n - inside, kind, site);
         return;
     }
     const uintptr_t st = reinterpret_cast<uintptr_t>(s.static_shared);
     if (a - st < s.static_used) {
         const size_t inside = std::min<size_t>(n, st + s.static_used - a);
-        access_cells(*f, &shadow.static_cells[a - st], Space::Static, a, inside, kind, site);
-        if (inside < n) access(static_cast<const unsigned char*>(p) + inside, n - inside, kind, site);
+        access_cells(f, &shadow.static_cells[a - st], Space::Static, a, inside, kind, site);
+        if (inside < n) access_by(f, a + inside, n - inside, kind, site);
         return;
     }
     while (n > 0) {
         const size_t in_page = std::min<size_t>(n, kPageBytes - a % kPageBytes);
-        access_cells(*f, global_cells(a), Space::Global, a, in_page, kind, site);
+        access_cells(f, global_cells(a), Space::Global, a, in_page, kind, site);
         a += in_page;
         n -= in_page;
     }
+}
+
+/// Checks and records an access of [p, p + n) by the running fiber, if the
+/// launch checks memory and the bytes are not on the fiber's own stack.
+void access(const void* p, size_t n, Kind kind, const Site& site) {
+    Fiber* f = memcheck_running;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (f && a - f->stack_lo >= f->stack_bytes) access_by(*f, a, n, kind, site);
 }
 
 /// A hook: the access the compiler instrumented, at return address `pc`.
@@ -302,7 +306,7 @@ inline void hook(const void* p, size_t n, bool write, bool aligned, const void* 
         fail_running(EmuFailure::Misaligned,
                      format("%s: %zu-byte %s at %p, which is not %zu-byte aligned (the GPU faults: misaligned address) at %s", where(*f).c_str(), n,
                             write ? "store" : "load", p, n, source_of(pc).c_str()));
-    access(p, n, write ? Kind::Write : Kind::Read, Site{pc, nullptr, nullptr, 0});
+    access_by(*f, a, n, write ? Kind::Write : Kind::Read, Site{pc, nullptr, nullptr, 0});
 }
 
 }  // namespace
