@@ -123,7 +123,7 @@ fn gpu_benches(c: &mut Criterion) {
     .unwrap();
     let db = host_db.to_device(&dev).unwrap();
     let name = "cosine_topk/cuda";
-    let mut group = c.benchmark_group(name);
+    let mut group = target.group(c, name);
     group.sample_size(10);
     let id = format!("bf16/m{GPU_M}_n{GPU_N}_d{D}_k{K}");
     let flops = Work::Flops((2 * GPU_M * GPU_N * D) as u64);

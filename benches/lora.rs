@@ -55,7 +55,7 @@ const CPU_SHAPES: &[Shape] = &[proj("7b_q", 16, 4096, 4096, DType::F32)];
 
 fn bench_target(c: &mut Criterion, mut target: Target, shapes: &[Shape]) {
     let name = format!("lora/{}", target.name());
-    let mut group = c.benchmark_group(&name);
+    let mut group = target.group(c, &name);
     let cfg = LoraConfig::default(); // alpha 16, dropout 0.05
     for s in shapes {
         let dev = target.device().clone();

@@ -1,5 +1,7 @@
 //! RMSNorm forward and backward: achieved memory bandwidth on the CPU
-//! reference path and, when there is a GPU, on Llama-sized shapes on it.
+//! reference path and, when there is a GPU, on Llama-sized shapes on it,
+//! beside the GPU's device-to-device copy bandwidth (the ceiling of a
+//! memory-bound kernel, measured the same way).
 
 mod common;
 
@@ -21,7 +23,7 @@ const GPU_SHAPES: &[(usize, usize, DType)] =
 /// Benches forward and backward (without dw, as LoRA runs it) of each shape on `target`.
 fn bench_target(c: &mut Criterion, mut target: Target, shapes: &[(usize, usize, DType)]) {
     let name = format!("rmsnorm/{}", target.name());
-    let mut group = c.benchmark_group(&name);
+    let mut group = target.group(c, &name);
     for &(rows, hidden, dtype) in shapes {
         let dev = target.device().clone();
         let tensor = |seed, shape: &[usize]| {
@@ -53,9 +55,32 @@ fn benches(c: &mut Criterion) {
     common::cpu_then_gpu(c, bench_target, CPU_SHAPES, GPU_SHAPES);
 }
 
+/// Device-to-device copy of a 16k × 8192 bf16 tensor (256 MiB read, 256 MiB
+/// written) on the GPU, if there is one.
+fn copy_bandwidth(c: &mut Criterion) {
+    let Some(mut target) = Target::cuda() else {
+        return;
+    };
+    let (rows, hidden, dtype) = (16384, 8192, DType::BF16);
+    let dev = target.device().clone();
+    let src =
+        Tensor::from_f32(&random_f32(rows * hidden, 4), &[rows, hidden], dtype, &dev).unwrap();
+    let mut dst = Tensor::zeros(&[rows, hidden], dtype, &dev).unwrap();
+    let mut group = target.group(c, "copy/cuda");
+    let moved = bytes(dtype, 2 * rows * hidden, 0);
+    target.bench(
+        &mut group,
+        &format!("{dtype}/{rows}x{hidden}"),
+        moved,
+        || dst.copy_from(&src).unwrap(),
+    );
+    group.finish();
+    target.report("copy/cuda");
+}
+
 criterion_group! {
     name = group;
     config = common::config();
-    targets = benches
+    targets = benches, copy_bandwidth
 }
 criterion_main!(group);

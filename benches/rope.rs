@@ -48,7 +48,7 @@ const GPU_SHAPES: &[Shape] = &[gqa(4, 4096, DType::BF16)];
 /// Benches forward and backward of each shape on `target`.
 fn bench_target(c: &mut Criterion, mut target: Target, shapes: &[Shape]) {
     let name = format!("rope/{}", target.name());
-    let mut group = c.benchmark_group(&name);
+    let mut group = target.group(c, &name);
     let cfg = RopeConfig::default();
     for s in shapes {
         let dev = target.device().clone();

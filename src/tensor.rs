@@ -183,19 +183,39 @@ impl Tensor {
     /// A copy of this tensor on `device`.
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         let mut t = Tensor::zeros(&self.shape, self.dtype, device)?;
-        match (&self.storage, &mut t.storage) {
+        t.copy_from(self)?;
+        Ok(t)
+    }
+
+    /// Overwrites this tensor with `src` (same shape and dtype, any devices).
+    /// Between buffers of one CUDA device the copy is device to device, in
+    /// stream order like a kernel; every other copy has finished on return.
+    pub fn copy_from(&mut self, src: &Tensor) -> Result<()> {
+        if src.shape != self.shape {
+            return Err(Error::Shape {
+                op: "Tensor::copy_from",
+                arg: "src",
+                got: src.shape.clone(),
+                expected: format!("{:?}", self.shape),
+            });
+        }
+        if src.dtype != self.dtype {
+            return Err(Error::DType {
+                op: "Tensor::copy_from",
+                arg: "src",
+                expected: self.dtype.to_string(),
+                got: src.dtype,
+            });
+        }
+        match (&src.storage, &mut self.storage) {
             (Storage::Host(src), Storage::Host(dst)) => {
                 dst.as_bytes_mut().copy_from_slice(src.as_bytes())
             }
             (Storage::Host(src), Storage::Cuda(dst)) => dst.copy_from_host(src.as_bytes())?,
             (Storage::Cuda(src), Storage::Host(dst)) => src.copy_to_host(dst.as_bytes_mut())?,
-            (Storage::Cuda(src), Storage::Cuda(dst)) => {
-                let mut staging = vec![0u8; src.bytes()];
-                src.copy_to_host(&mut staging)?;
-                dst.copy_from_host(&staging)?;
-            }
+            (Storage::Cuda(src), Storage::Cuda(dst)) => dst.copy_from_device(src)?,
         }
-        Ok(t)
+        Ok(())
     }
 
     /// The same data with another shape of the same element count.

@@ -422,3 +422,26 @@ fn lora_rejects_bad_input() {
         "f16 or bf16",
     );
 }
+
+#[test]
+fn copy_from_rejects_another_shape_or_dtype_and_leaves_the_target() {
+    for (src_dev, dst_dev) in [
+        (Device::Cpu, Device::Emulated),
+        (Device::Emulated, Device::Emulated),
+    ] {
+        let mut dst = zeros(&[2, 3], DType::F32, &dst_dev);
+        expect_err(
+            dst.copy_from(&ones(&[3, 2], DType::F32, &src_dev)),
+            "src",
+            "[3, 2]",
+        );
+        expect_err(
+            dst.copy_from(&ones(&[2, 3], DType::BF16, &src_dev)),
+            "src",
+            "bf16",
+        );
+        assert_eq!(dst.to_vec::<f32>().unwrap(), [0.0; 6]);
+        dst.copy_from(&ones(&[2, 3], DType::F32, &src_dev)).unwrap();
+        assert_eq!(dst.to_vec::<f32>().unwrap(), [1.0; 6]);
+    }
+}

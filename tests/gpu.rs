@@ -1,18 +1,44 @@
-//! The kernels on a real GPU against the CPU references. Skipped, with the
-//! reason printed, when no CUDA device can be used; PLATYPUS_REQUIRE_GPU=1
-//! turns the skip into a failure.
+//! The kernels on a real GPU against the CPU references (and, for cosine
+//! top-k, the same kernels on the emulator), at the emulated suites' shapes
+//! and at Llama 2 7B/13B shapes. Skipped, with the reason printed, when no
+//! CUDA device can be used; PLATYPUS_REQUIRE_GPU=1 turns the skip into a
+//! failure.
+//!
+//! - `PLATYPUS_GPU_REPORT=FILE` appends each checked tensor's max error as a
+//!   JSON line (the GPU bundle's summary reads them).
+//! - `PLATYPUS_GPU_QUICK=1` runs only small shapes (the bundle's
+//!   compute-sanitizer pass).
+//! - `PLATYPUS_GPU_TEST_DEVICE=emulated` runs these tests on the emulator in
+//!   place of a GPU (with quick shapes), to try the bundle's plumbing on a
+//!   machine without one.
+//!
+//! The `*_checks_hold_on_the_emulator` tests run the model-shape checks at
+//! small shapes on the emulator on every machine, so the checks themselves
+//! are tested before a GPU runs them.
 
 mod common;
 
-use common::{assert_close, round_to, tolerance, Rng, FLOAT_DTYPES};
+use common::attention::{AttnCase, AttnLayout, AttnModelCase};
+use common::lora::LoraCase;
+use common::{assert_close, report, round_to, tolerance, Measured, Rng, FLOAT_DTYPES};
+use platypus::ops::lora::LoraConfig;
 use platypus::ops::rmsnorm;
 use platypus::ops::rope::{self, RopeConfig, RopeStyle};
 use platypus::{DType, Device, Tensor};
 
+fn env_is(name: &str, value: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == value)
+}
+
+/// The device under test: CUDA device 0 (or the emulator when
+/// `PLATYPUS_GPU_TEST_DEVICE=emulated`), or `None` after printing why not.
 fn gpu() -> Option<Device> {
+    if env_is("PLATYPUS_GPU_TEST_DEVICE", "emulated") {
+        return Some(Device::Emulated);
+    }
     match Device::cuda(0) {
         Ok(d) => Some(d),
-        Err(e) if std::env::var("PLATYPUS_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+        Err(e) if env_is("PLATYPUS_REQUIRE_GPU", "1") => {
             panic!("PLATYPUS_REQUIRE_GPU=1 but no CUDA device: {e}")
         }
         Err(e) => {
@@ -22,13 +48,51 @@ fn gpu() -> Option<Device> {
     }
 }
 
+/// Small shapes only: under compute-sanitizer, or on the emulator.
+fn quick() -> bool {
+    env_is("PLATYPUS_GPU_QUICK", "1") || env_is("PLATYPUS_GPU_TEST_DEVICE", "emulated")
+}
+
+/// The first `n` of `all` when quick, else all of them.
+fn shapes<T: Clone>(all: &[T], n: usize) -> Vec<T> {
+    all[..if quick() { n } else { all.len() }].to_vec()
+}
+
+/// Asserts `got` is within atol + rtol·|want| of `want` and reports its max
+/// absolute error (against atol + rtol·max|want|).
+fn check_close(kernel: &str, case: &str, what: &str, got: &[f32], want: &[f32], tol: (f32, f32)) {
+    let (atol, rtol) = tol;
+    let max_error = got
+        .iter()
+        .zip(want)
+        .fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
+    let scale = want.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+    assert_close(&format!("{case} {what}"), got, want, atol, rtol);
+    let measured = Measured {
+        name: what.to_string(),
+        max_error,
+        allowed: atol + rtol * scale,
+    };
+    report(kernel, case, &[measured]);
+}
+
 #[test]
-fn kernels_match_cpu_on_the_gpu() {
+fn rmsnorm_matches_cpu_on_the_gpu() {
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng::new(11);
+    // Odd sizes, then Llama 2 7B, 13B and 70B rows of a 4096-token batch.
+    let all = [
+        (7, 130),
+        (1, 1),
+        (64, 4096),
+        (3, 5120),
+        (4096, 4096),
+        (4096, 5120),
+        (4096, 8192),
+    ];
     for dtype in FLOAT_DTYPES {
         let (atol, rtol) = tolerance(dtype);
-        for (rows, hidden) in [(1, 1), (7, 130), (64, 4096), (3, 5120)] {
+        for (rows, hidden) in shapes(&all, 1) {
             let x = round_to(&rng.normal_vec(rows * hidden, 1.0), dtype);
             let w = round_to(&rng.normal_vec(hidden, 1.0), dtype);
             let dy = round_to(&rng.normal_vec(rows * hidden, 1.0), dtype);
@@ -52,56 +116,85 @@ fn kernels_match_cpu_on_the_gpu() {
             };
             let (gy, gdx, gdw) = run(&gpu);
             let (cy, cdx, cdw) = run(&Device::Cpu);
-            assert_close("y", &gy, &cy, atol, rtol);
-            assert_close("dx", &gdx, &cdx, atol, rtol);
-            assert_close("dw", &gdw, &cdw, atol * rows as f32, rtol);
-        }
-        for style in [RopeStyle::RotateHalf, RopeStyle::Interleaved] {
-            let (b, t, h, kh, d) = (2, 33, 8, 2, 128);
-            let q = round_to(&rng.normal_vec(b * t * h * d, 1.0), dtype);
-            let k = round_to(&rng.normal_vec(b * t * kh * d, 1.0), dtype);
-            let positions: Vec<i32> = (0..(b * t) as i32).map(|i| i * 37 % 4096).collect();
-            let run = |dev: &Device| {
-                let mut qt = Tensor::from_f32(&q, &[b, t, h, d], dtype, dev).unwrap();
-                let mut kt = Tensor::from_f32(&k, &[b, t, kh, d], dtype, dev).unwrap();
-                let pos = Tensor::from_slice(&positions, &[b, t], dev).unwrap();
-                rope::forward(
-                    &mut qt,
-                    &mut kt,
-                    &pos,
-                    &RopeConfig {
-                        theta: 10000.0,
-                        style,
-                    },
-                )
-                .unwrap();
-                (qt.to_f32_vec().unwrap(), kt.to_f32_vec().unwrap())
-            };
-            let (gq, gk) = run(&gpu);
-            let (cq, ck) = run(&Device::Cpu);
-            assert_close("q", &gq, &cq, atol.max(2e-4), rtol);
-            assert_close("k", &gk, &ck, atol.max(2e-4), rtol);
+            let case = format!("{dtype} rows {rows} hidden {hidden}");
+            check_close("rmsnorm", &case, "y", &gy, &cy, (atol, rtol));
+            check_close("rmsnorm", &case, "dx", &gdx, &cdx, (atol, rtol));
+            check_close(
+                "rmsnorm",
+                &case,
+                "dw",
+                &gdw,
+                &cdw,
+                (atol * rows as f32, rtol),
+            );
         }
     }
 }
 
 #[test]
+fn rope_matches_cpu_on_the_gpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(12);
+    // (batch, seq, q heads, k heads, head dim): small GQA, then 7B and 13B at seq 4096.
+    let all = [
+        (2, 33, 8, 2, 128),
+        (1, 4096, 32, 32, 128),
+        (1, 4096, 40, 40, 128),
+    ];
+    for dtype in FLOAT_DTYPES {
+        let (atol, rtol) = tolerance(dtype);
+        for style in [RopeStyle::RotateHalf, RopeStyle::Interleaved] {
+            for (b, t, h, kh, d) in shapes(&all, 1) {
+                let q = round_to(&rng.normal_vec(b * t * h * d, 1.0), dtype);
+                let k = round_to(&rng.normal_vec(b * t * kh * d, 1.0), dtype);
+                let positions: Vec<i32> = (0..(b * t) as i32).map(|i| i * 37 % 4096).collect();
+                let run = |dev: &Device| {
+                    let mut qt = Tensor::from_f32(&q, &[b, t, h, d], dtype, dev).unwrap();
+                    let mut kt = Tensor::from_f32(&k, &[b, t, kh, d], dtype, dev).unwrap();
+                    let pos = Tensor::from_slice(&positions, &[b, t], dev).unwrap();
+                    let cfg = RopeConfig {
+                        theta: 10000.0,
+                        style,
+                    };
+                    rope::forward(&mut qt, &mut kt, &pos, &cfg).unwrap();
+                    (qt.to_f32_vec().unwrap(), kt.to_f32_vec().unwrap())
+                };
+                let (gq, gk) = run(&gpu);
+                let (cq, ck) = run(&Device::Cpu);
+                let case = format!("{dtype} {style:?} [{b}, {t}, {h}/{kh}, {d}]");
+                check_close("rope", &case, "q", &gq, &cq, (atol.max(2e-4), rtol));
+                check_close("rope", &case, "k", &gk, &ck, (atol.max(2e-4), rtol));
+            }
+        }
+    }
+}
+
+/// Runs `check` and reports its errors under `kernel`, or panics naming the case.
+fn checked<C: std::fmt::Debug>(
+    kernel: &str,
+    case: &C,
+    check: impl FnOnce(&C) -> Result<Vec<Measured>, String>,
+) {
+    match check(case) {
+        Ok(measured) => report(kernel, &format!("{case:?}"), &measured),
+        Err(e) => panic!("{kernel} {case:?}: {e}"),
+    }
+}
+
+#[test]
 fn attention_matches_cpu_on_the_gpu() {
-    use common::attention::{AttnCase, AttnLayout};
     let Some(gpu) = gpu() else { return };
     let layouts = [
-        AttnLayout::Dense {
-            batch: 2,
-            seq: 1000,
-        },
+        AttnLayout::packed(&[1, 64, 0, 517]),
+        AttnLayout::Dense { batch: 2, seq: 600 },
         AttnLayout::Padded {
             seq: 300,
             lens: vec![300, 0, 129],
         },
-        AttnLayout::packed(&[1, 64, 0, 517]),
     ];
-    for (i, layout) in layouts.into_iter().enumerate() {
-        for head_dim in platypus::ops::attention::HEAD_DIMS {
+    let head_dims = platypus::ops::attention::HEAD_DIMS;
+    for (i, layout) in shapes(&layouts, 1).into_iter().enumerate() {
+        for head_dim in shapes(&head_dims, 1) {
             for (dtype, causal) in [(DType::BF16, true), (DType::F16, false)] {
                 // 8 query heads over 2 kv heads, as Llama 2 70B groups them.
                 let case = AttnCase {
@@ -112,45 +205,91 @@ fn attention_matches_cpu_on_the_gpu() {
                     dtype,
                     causal,
                 };
-                if let Err(e) = case.check_against_cpu(&gpu, i as u64) {
-                    panic!("{case:?}: {e}");
-                }
+                checked("attention", &case, |c| c.check_against_cpu(&gpu, i as u64));
             }
         }
     }
+    if quick() {
+        return;
+    }
+    // Llama 2 7B attention at seq 4096 (causal, as in training), and a 70B-like
+    // 64-over-8 grouping at seq 2048 without the mask.
+    let model = [
+        AttnModelCase {
+            batch: 1,
+            seq: 4096,
+            q_heads: 32,
+            kv_heads: 32,
+            head_dim: 128,
+            dtype: DType::BF16,
+            causal: true,
+        },
+        AttnModelCase {
+            batch: 1,
+            seq: 2048,
+            q_heads: 64,
+            kv_heads: 8,
+            head_dim: 128,
+            dtype: DType::BF16,
+            causal: false,
+        },
+    ];
+    for case in &model {
+        checked("attention", case, |c| c.check_against_reference(&gpu, 5));
+    }
 }
+
+/// Platypus' LoRA setting: alpha 16, dropout 0.05 (a seed and offset that are not 0).
+const LORA_CFG: LoraConfig = LoraConfig {
+    alpha: 16.0,
+    rslora: false,
+    dropout: 0.05,
+    seed: 7,
+    offset: 3,
+};
 
 #[test]
 fn lora_matches_cpu_on_the_gpu() {
-    use common::lora::LoraCase;
-    use platypus::ops::lora::LoraConfig;
     let Some(gpu) = gpu() else { return };
-    // Llama-like widths (not multiples of the 128-wide tiles), Platypus' r 16 and dropout 0.05, and r 64.
-    for (tokens, in_features, out_features, rank) in [
+    // Llama-like widths (not multiples of the 128-wide tiles), r 16 and r 64.
+    let small = [
+        (1, 4096, 8, 1),
         (257, 1024, 2816, 16),
         (1000, 520, 1032, 64),
-        (1, 4096, 8, 1),
-    ] {
+    ];
+    for (tokens, in_features, out_features, rank) in shapes(&small, 1) {
         for dtype in [DType::BF16, DType::F16] {
-            let cfg = LoraConfig {
-                alpha: 16.0,
-                rslora: false,
-                dropout: 0.05,
-                seed: 7,
-                offset: 3,
-            };
             let case = LoraCase {
                 tokens,
                 in_features,
                 out_features,
                 rank,
                 dtype,
-                cfg,
+                cfg: LORA_CFG,
             };
-            if let Err(e) = case.check_against_cpu(&gpu, tokens as u64) {
-                panic!("{case:?}: {e}");
-            }
+            checked("lora", &case, |c| c.check_against_cpu(&gpu, tokens as u64));
         }
+    }
+    if quick() {
+        return;
+    }
+    // Llama 2 7B q, up, down and 13B up, down projections, 4096 tokens, r 16.
+    for (in_features, out_features) in [
+        (4096, 4096),
+        (4096, 11008),
+        (11008, 4096),
+        (5120, 13824),
+        (13824, 5120),
+    ] {
+        let case = LoraCase {
+            tokens: 4096,
+            in_features,
+            out_features,
+            rank: 16,
+            dtype: DType::BF16,
+            cfg: LORA_CFG,
+        };
+        checked("lora", &case, |c| c.check_rows_against_cpu(&gpu, 9, 16));
     }
 }
 
@@ -163,7 +302,11 @@ fn cosine_search_matches_the_emulator_on_the_gpu() {
     use platypus::ops::cosine_topk::{self, Exclude};
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng::new(21);
-    let (m, n, dim, k) = (300, 5000, 384, 10);
+    let (m, n, dim, k) = if quick() {
+        (20, 700, 64, 10)
+    } else {
+        (300, 5000, 384, 10)
+    };
     let q = rng.normal_vec(m * dim, 1.0);
     let db = rng.normal_vec(n * dim, 1.0);
     for dtype in FLOAT_DTYPES {
@@ -188,7 +331,8 @@ fn cosine_search_matches_the_emulator_on_the_gpu() {
         };
         let (gs, gi, gp) = run(&gpu);
         let (es, ei, ep) = run(&Device::Emulated);
-        assert_close("scores", &gs, &es, 1e-5, 0.0);
+        let case = format!("{dtype} m {m} n {n} d {dim} k {k}");
+        check_close("cosine_topk", &case, "scores", &gs, &es, (1e-5, 0.0));
         for (slot, (a, b)) in gi.iter().zip(&ei).enumerate() {
             assert!(
                 a == b || (gs[slot] - es[slot]).abs() <= 1e-5,
@@ -200,4 +344,95 @@ fn cosine_search_matches_the_emulator_on_the_gpu() {
             "{dtype}: {gp} vs {ep} pairs above 0.2"
         );
     }
+}
+
+#[test]
+fn tensor_copies_stay_exact_on_the_gpu() {
+    let Some(gpu) = gpu() else { return };
+    let values: Vec<f32> = (0..4099).map(|i| i as f32 * 0.5 - 7.0).collect();
+    let src = Tensor::from_slice(&values, &[values.len()], &gpu).unwrap();
+    let copy = src.to_device(&gpu).unwrap(); // device to device
+    let mut again = Tensor::zeros(&[values.len()], DType::F32, &gpu).unwrap();
+    again.copy_from(&copy).unwrap();
+    assert_eq!(again.to_vec::<f32>().unwrap(), values);
+}
+
+#[test]
+fn model_shape_checks_hold_on_the_emulator() {
+    // The row-sampled LoRA check and the row-by-row attention reference, at
+    // small shapes on the emulator, where the kernels match the full CPU
+    // reference: a wrong block offset, dropout counter or gradient sum in a
+    // check fails here, not on the GPU.
+    let dev = Device::Emulated;
+    for rank in [16, 5] {
+        let case = LoraCase {
+            tokens: 96,
+            in_features: 40,
+            out_features: 48,
+            rank,
+            dtype: DType::BF16,
+            cfg: LORA_CFG,
+        };
+        case.check_rows_against_cpu(&dev, 3, 16).unwrap();
+    }
+    for (causal, q_heads, kv_heads) in [(true, 4, 2), (false, 2, 2)] {
+        let case = AttnModelCase {
+            batch: 2,
+            seq: 70,
+            q_heads,
+            kv_heads,
+            head_dim: 64,
+            dtype: DType::BF16,
+            causal,
+        };
+        case.check_against_reference(&dev, 4).unwrap();
+    }
+}
+
+#[test]
+fn model_shape_checks_fail_on_wrong_results() {
+    // The checks compare something: wrong results fail them. Results of a
+    // different seed's inputs stand in for a wrong kernel (the reference is
+    // computed from the case's own inputs).
+    let dev = Device::Emulated;
+    let lora = LoraCase {
+        tokens: 48,
+        in_features: 16,
+        out_features: 24,
+        rank: 4,
+        dtype: DType::BF16,
+        cfg: LORA_CFG,
+    };
+    let no_dropout = LoraCase {
+        cfg: LoraConfig {
+            dropout: 0.0,
+            ..LORA_CFG
+        },
+        ..lora.clone()
+    };
+    // Dropout changes y, dx, dA, dB: a check that ignored the mask would pass this.
+    assert!(lora.check_rows_against_cpu(&dev, 3, 16).is_ok());
+    let wrong = lora.check_rows_with(&dev, 3, 16, &no_dropout);
+    assert!(
+        wrong.is_err(),
+        "a LoRA layer without dropout passed the dropout check"
+    );
+    let attn = AttnModelCase {
+        batch: 1,
+        seq: 40,
+        q_heads: 2,
+        kv_heads: 1,
+        head_dim: 32,
+        dtype: DType::BF16,
+        causal: true,
+    };
+    let unmasked = AttnModelCase {
+        causal: false,
+        ..attn.clone()
+    };
+    assert!(attn.check_against_reference(&dev, 4).is_ok());
+    assert!(
+        attn.check_with(&dev, 4, &unmasked).is_err(),
+        "unmasked attention passed the causal check"
+    );
 }

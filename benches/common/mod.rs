@@ -1,7 +1,9 @@
 //! Helpers shared by the benches: deterministic data, the work of a call
 //! (bytes moved or FLOPs), the Criterion settings, and where a bench runs
 //! (the CPU path or a CUDA GPU, with achieved bandwidth or tensor-core
-//! throughput printed against the GPU's peak).
+//! throughput printed against the GPU's peak). With `PLATYPUS_BENCH_JSON=FILE`
+//! every GPU result is also appended to FILE as one JSON line as soon as it
+//! is measured (the GPU bundle's summary reads them).
 #![allow(dead_code)] // each bench uses its own subset
 
 use std::time::{Duration, Instant};
@@ -56,6 +58,7 @@ const PEAK_GBPS: &[(&[&str], f64)] = &[
     // The SXM part calls itself "NVIDIA H100 80GB HBM3".
     (&["H100", "SXM"], 3350.0),
     (&["H100", "HBM3"], 3350.0),
+    (&["H200"], 4800.0),
 ];
 
 /// Dense bf16 tensor-core peak in TFLOP/s, matched like [`PEAK_GBPS`].
@@ -64,6 +67,7 @@ const PEAK_BF16_TFLOPS: &[(&[&str], f64)] = &[
     (&["H100", "PCIe"], 756.0),
     (&["H100", "SXM"], 989.0),
     (&["H100", "HBM3"], 989.0),
+    (&["H200"], 989.0),
 ];
 
 /// The peak of the GPU called `name` in `table`, if it is there.
@@ -83,6 +87,42 @@ pub struct Gpu {
     name: String,
     /// Bench id, work per call, median seconds per call.
     results: Vec<(String, Work, f64)>,
+    /// Name of the group being benched.
+    group: String,
+}
+
+impl Gpu {
+    /// Appends one result to the `PLATYPUS_BENCH_JSON` file, if set: bench
+    /// id, work, median seconds per call, rate and % of the known peak.
+    fn record(&self, bench: &str, work: Work, secs: f64) {
+        use std::io::Write as _;
+        let Ok(path) = std::env::var("PLATYPUS_BENCH_JSON") else {
+            return;
+        };
+        let (work, rate, unit, table) = match work {
+            Work::Bytes(b) => (b, b as f64 / secs / 1e9, "GB/s", PEAK_GBPS),
+            Work::Flops(f) => (f, f as f64 / secs / 1e12, "TFLOP/s", PEAK_BF16_TFLOPS),
+        };
+        let peak = peak(table, &self.name);
+        let line = serde_json::json!({
+            "bench": bench,
+            "seconds": secs,
+            "work": work,
+            "unit": unit,
+            "rate": rate,
+            "device": self.name,
+            "peak": peak,
+            "percent_of_peak": peak.map(|p| 100.0 * rate / p),
+        });
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            panic!("PLATYPUS_BENCH_JSON {path}: {e}");
+        }
+    }
 }
 
 /// Where a bench runs.
@@ -111,6 +151,7 @@ impl Target {
             device,
             name,
             results: Vec::new(),
+            group: String::new(),
         }))
     }
 
@@ -128,6 +169,14 @@ impl Target {
             Target::Cpu => "cpu",
             Target::Cuda(_) => "cuda",
         }
+    }
+
+    /// A benchmark group called `name`, whose results this target records.
+    pub fn group<'c>(&mut self, c: &'c mut Criterion, name: &str) -> BenchmarkGroup<'c, WallTime> {
+        if let Target::Cuda(gpu) = self {
+            gpu.group = name.to_string();
+        }
+        c.benchmark_group(name)
     }
 
     /// Benches `op`, which does `work` per call, as `id` in `group` (Criterion
@@ -168,6 +217,7 @@ impl Target {
         if !per_call.is_empty() {
             per_call.sort_by(f64::total_cmp);
             let median = per_call[per_call.len() / 2];
+            gpu.record(&format!("{}/{id}", gpu.group), work, median);
             gpu.results.push((id.to_string(), work, median));
         }
     }

@@ -26,7 +26,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// What this machine offers: NVIDIA driver and devices, archs the kernels were built for, the emulator.
-    Info,
+    Info {
+        /// Print a JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// The ptxas report of every GPU kernel on every arch it was built for.
     Kernels {
         /// Print a JSON array instead of a table.
@@ -68,7 +72,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let report = match cli.command {
-        Command::Info => info(),
+        Command::Info { json } => info(json),
         Command::Kernels { json } => kernels(json),
         Command::CosineTopk {
             queries,
@@ -98,16 +102,46 @@ fn main() {
     let _ = std::io::stdout().write_all(report.as_bytes());
 }
 
-fn info() -> String {
+/// What `platypus info` reports.
+#[derive(serde::Serialize)]
+struct Info {
+    version: &'static str,
+    /// nvcc's version line, when the kernels were built.
+    nvcc: Option<&'static str>,
+    /// SASS archs of the kernels.
+    cuda_archs: &'static [u32],
+    /// Kernels the host emulator can run.
+    emulated_kernels: usize,
+    /// CUDA driver version (e.g. 13000), when a driver answered.
+    driver: Option<i32>,
+    /// Why there is no driver or device, when there is none.
+    no_driver: Option<String>,
+    devices: Vec<platypus::cuda::DeviceInfo>,
+}
+
+fn info(json: bool) -> String {
     use platypus::kernels;
+    let probe = platypus::cuda::probe();
+    let info = Info {
+        version: env!("CARGO_PKG_VERSION"),
+        nvcc: kernels::NVCC_VERSION,
+        cuda_archs: kernels::CUDA_ARCHS,
+        emulated_kernels: platypus::emu::kernel_names().count(),
+        driver: probe.as_ref().ok().map(|(v, _)| *v),
+        no_driver: probe.as_ref().err().cloned(),
+        devices: probe.map(|(_, d)| d).unwrap_or_default(),
+    };
+    if json {
+        return serde_json::to_string_pretty(&info).expect("serializing the info") + "\n";
+    }
     let mut out = String::new();
-    say!(out, "platypus {}", env!("CARGO_PKG_VERSION"));
-    match kernels::NVCC_VERSION {
+    say!(out, "platypus {}", info.version);
+    match info.nvcc {
         Some(v) => {
             say!(
                 out,
                 "kernels:  built by nvcc ({v}) for {}",
-                archs(kernels::CUDA_ARCHS)
+                archs(info.cuda_archs)
             );
         }
         None => {
@@ -117,48 +151,51 @@ fn info() -> String {
             );
         }
     }
-    let emulated = platypus::emu::kernel_names().count();
-    if emulated > 0 {
+    if info.emulated_kernels > 0 {
         say!(
             out,
-            "emulator: {emulated} kernels can run on the host emulator"
+            "emulator: {} kernels can run on the host emulator",
+            info.emulated_kernels
         );
     } else {
         say!(out, "emulator: not built (no CUDA headers at build time)");
     }
-    match platypus::cuda::probe() {
-        Err(why) => {
-            say!(out, "driver:   none: {why}\ndevices:  none");
-        }
-        Ok((version, devices)) => {
-            say!(
-                out,
-                "driver:   CUDA {}.{}",
-                version / 1000,
-                (version % 1000) / 10
-            );
-            if devices.is_empty() {
-                say!(out, "devices:  none");
+    if let Some(why) = &info.no_driver {
+        say!(out, "driver:   none: {why}");
+    } else if let Some(version) = info.driver {
+        say!(
+            out,
+            "driver:   CUDA {}.{}",
+            version / 1000,
+            (version % 1000) / 10
+        );
+    }
+    if info.devices.is_empty() {
+        say!(out, "devices:  none");
+    }
+    for d in &info.devices {
+        let (major, minor) = d.compute_capability;
+        let usable = info
+            .cuda_archs
+            .iter()
+            .any(|&a| a / 10 == major as u32 && a % 10 <= minor as u32);
+        say!(
+            out,
+            "device {}: {} (sm_{major}{minor}, {} SMs at {} MHz, {:.1} GiB at {}-bit {} MHz, {} MiB L2){}",
+            d.ordinal,
+            d.name,
+            d.multiprocessors,
+            d.clock_khz / 1000,
+            d.total_memory as f64 / (1u64 << 30) as f64,
+            d.memory_bus_bits,
+            d.memory_clock_khz / 1000,
+            d.l2_bytes >> 20,
+            if usable {
+                ""
+            } else {
+                " - no SASS for this arch in this build (PTX JIT)"
             }
-            for d in devices {
-                let (major, minor) = d.compute_capability;
-                let usable = kernels::CUDA_ARCHS
-                    .iter()
-                    .any(|&a| a / 10 == major as u32 && a % 10 <= minor as u32);
-                say!(
-                    out,
-                    "device {}: {} (sm_{major}{minor}, {:.1} GiB){}",
-                    d.ordinal,
-                    d.name,
-                    d.total_memory as f64 / (1u64 << 30) as f64,
-                    if usable {
-                        ""
-                    } else {
-                        " - no SASS for this arch in this build (PTX JIT)"
-                    }
-                );
-            }
-        }
+        );
     }
     out
 }

@@ -283,10 +283,6 @@ impl CudaBuffer {
         self.ptr
     }
 
-    pub(crate) fn bytes(&self) -> usize {
-        self.bytes
-    }
-
     pub(crate) fn copy_from_host(&mut self, src: &[u8]) -> Result<()> {
         assert_eq!(src.len(), self.bytes, "copy size checked by the caller");
         if src.is_empty() {
@@ -309,6 +305,33 @@ impl CudaBuffer {
         // SAFETY: as in copy_from_host.
         unsafe { result::memcpy_dtoh_async(dst, self.ptr, stream.cu_stream())? };
         Ok(stream.synchronize()?)
+    }
+
+    /// Copies `src` (same size) into this buffer: device to device on this
+    /// buffer's stream when both belong to one backend (ordered after `src`'s
+    /// writes, which were queued on that same stream), else through the host.
+    pub(crate) fn copy_from_device(&mut self, src: &CudaBuffer) -> Result<()> {
+        assert_eq!(src.bytes, self.bytes, "copy size checked by the caller");
+        if self.bytes == 0 {
+            return Ok(());
+        }
+        if !Arc::ptr_eq(&self.backend, &src.backend) {
+            let mut staging = vec![0u8; src.bytes];
+            src.copy_to_host(&mut staging)?;
+            return self.copy_from_host(&staging);
+        }
+        self.backend.ctx.bind_to_thread()?;
+        // SAFETY: both pointers hold `bytes` bytes of live device memory on
+        // this context, and the copy is queued on the stream that uses them.
+        unsafe {
+            result::memcpy_dtod_async(
+                self.ptr,
+                src.ptr,
+                self.bytes,
+                self.backend.stream.cu_stream(),
+            )?
+        };
+        Ok(())
     }
 }
 
@@ -417,6 +440,16 @@ pub struct DeviceInfo {
     pub compute_capability: (i32, i32),
     /// Total memory in bytes.
     pub total_memory: usize,
+    /// Streaming multiprocessors.
+    pub multiprocessors: u32,
+    /// Peak SM clock in kHz.
+    pub clock_khz: u32,
+    /// Peak memory clock in kHz.
+    pub memory_clock_khz: u32,
+    /// Memory bus width in bits.
+    pub memory_bus_bits: u32,
+    /// L2 cache in bytes.
+    pub l2_bytes: u32,
 }
 
 /// What the driver reports: its version and the devices, or why there are none.
@@ -435,11 +468,18 @@ pub fn probe() -> std::result::Result<(i32, Vec<DeviceInfo>), String> {
     let mut devices = Vec::new();
     for ordinal in 0..count.max(0) as usize {
         let ctx = CudaContext::new(ordinal).map_err(err)?;
+        let attr = |a| ctx.attribute(a).map(|v| v.max(0) as u32).map_err(err);
+        use sys::CUdevice_attribute as A;
         devices.push(DeviceInfo {
             ordinal,
             name: ctx.name().map_err(err)?,
             compute_capability: ctx.compute_capability().map_err(err)?,
             total_memory: ctx.mem_get_info().map_err(err)?.1,
+            multiprocessors: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            clock_khz: attr(A::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)?,
+            memory_clock_khz: attr(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)?,
+            memory_bus_bits: attr(A::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)?,
+            l2_bytes: attr(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?,
         });
     }
     Ok((version, devices))

@@ -116,14 +116,27 @@ pub fn relative_max_error(got: &[f32], want: &[f32]) -> f32 {
         / scale
 }
 
+/// How far one result is from its reference.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    /// The result's name (`y`, `dq`, ...).
+    pub name: String,
+    /// Largest |got - want|, relative to the reference's scale.
+    pub max_error: f32,
+    /// What the check allows.
+    pub allowed: f32,
+}
+
 /// Checks named results against references: all finite, and each within
-/// `tol(name)` of its reference relative to the reference's scale.
+/// `tol(name)` of its reference relative to the reference's scale. Returns
+/// each result's error.
 pub fn check_results(
     names: &[&str],
     got: &[Vec<f32>],
     want: &[Vec<f32>],
     tol: impl Fn(&str) -> f32,
-) -> Result<(), String> {
+) -> Result<Vec<Measured>, String> {
+    let mut measured = Vec::new();
     for ((g, w), &name) in got.iter().zip(want).zip(names) {
         if let Some(i) = g.iter().position(|v| !v.is_finite()) {
             return Err(format!("{name}[{i}] = {}", g[i]));
@@ -134,6 +147,39 @@ pub fn check_results(
                 "{name}: max error {err} of its scale, allowed {allowed}"
             ));
         }
+        measured.push(Measured {
+            name: name.to_string(),
+            max_error: err,
+            allowed,
+        });
     }
-    Ok(())
+    Ok(measured)
+}
+
+/// Appends one JSON line per measurement of `case` of `kernel` to the file
+/// `PLATYPUS_GPU_REPORT` names (the GPU bundle's summary reads it); does
+/// nothing when it is unset.
+pub fn report(kernel: &str, case: &str, measured: &[Measured]) {
+    use std::io::Write as _;
+    let Ok(path) = std::env::var("PLATYPUS_GPU_REPORT") else {
+        return;
+    };
+    let mut lines = String::new();
+    for m in measured {
+        let line = serde_json::json!({
+            "kernel": kernel,
+            "case": case,
+            "tensor": m.name,
+            "max_error": m.max_error,
+            "allowed": m.allowed,
+        });
+        lines.push_str(&format!("{line}\n"));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("PLATYPUS_GPU_REPORT {path}: {e}"));
+    file.write_all(lines.as_bytes())
+        .unwrap_or_else(|e| panic!("PLATYPUS_GPU_REPORT {path}: {e}"));
 }
