@@ -72,7 +72,7 @@ FULL = {
         ("13b_down", 13824, 5120),
     ],
     # batch = tokens // seq, heads = width // head_dim
-    "attention": dict(tokens=16384, width=2048, head_dims=[64, 128],
+    "attention": dict(tokens=16384, width=2048, head_dims=[128, 64],
                       seqs=[512, 1024, 2048, 4096, 8192, 16384]),
     "cosine": dict(m=10000, n=1000000, d=384, k=10, block=131072),
     "min_time_s": 0.3,
