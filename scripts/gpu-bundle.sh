@@ -63,16 +63,17 @@ for exe in "$stage"/bin/*; do
         exit 1
     fi
 done
-# The newest glibc symbol version any executable needs (this machine's glibc
-# is the floor of the machines it runs on).
+# The newest glibc and libstdc++ symbol versions any executable needs (this
+# machine's are the floor of the machines it runs on).
 glibc=$(objdump -T "$stage"/bin/* | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)
+glibcxx=$(objdump -T "$stage"/bin/* | grep -o 'GLIBCXX_[0-9.]*' | sort -uV | tail -1)
 
 echo "== packing"
 tar -C "$stage/bin" -cf - . | xz -T1 -1 --lzma2=preset=1,dict=192MiB >"$stage/bundle/bin.tar.xz"
 cp scripts/gpu-bundle/run.sh scripts/gpu-bundle/summary.py scripts/gpu-bundle/peers.py "$stage/bundle/"
-python3 - "$stage" "$glibc" "$NVCC" <<'EOF'
+python3 - "$stage" "$glibc" "$glibcxx" "$NVCC" <<'EOF'
 import json, os, subprocess, sys, time
-stage, glibc, nvcc = sys.argv[1:]
+stage, glibc, glibcxx, nvcc = sys.argv[1:]
 git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
 bins = sorted(os.listdir(f"{stage}/bin"))
 manifest = {
@@ -83,6 +84,7 @@ manifest = {
     "sass_archs": [80, 90],
     "ptx_arch": 80,
     "needs_glibc": glibc,
+    "needs_libstdcxx": glibcxx,
     "executables": {b: os.path.getsize(f"{stage}/bin/{b}") for b in bins},
     "archive_bytes": os.path.getsize(f"{stage}/bundle/bin.tar.xz"),
 }
@@ -98,4 +100,4 @@ if [ "$size" -gt "$limit_bytes" ]; then
 fi
 rm -rf "$out"
 mv "$stage/bundle" "$out"
-echo "gpu-bundle: $out, $size bytes ($(du -sh "$out" | cut -f1)); needs $glibc; run it with: $out/run.sh OUT_DIR"
+echo "gpu-bundle: $out, $size bytes ($(du -sh "$out" | cut -f1)); needs $glibc, $glibcxx; run it with: $out/run.sh OUT_DIR"

@@ -293,19 +293,65 @@ fn lora_matches_cpu_on_the_gpu() {
     }
 }
 
+/// Asserts two sorted top-k score/index lists agree: the same empty slots
+/// (no candidate: `NO_INDEX`, −inf), each other slot's score within `tol`,
+/// and an index differs only where its score is within `tol` of the other's
+/// (a near-tie the two sides may order differently). Reports the largest
+/// score difference.
+fn check_lists(
+    kernel: &str,
+    case: &str,
+    got: &(Vec<f32>, Vec<u32>),
+    want: &(Vec<f32>, Vec<u32>),
+    tol: f32,
+) {
+    use platypus::ops::cosine_topk::NO_INDEX;
+    let empty =
+        |l: &(Vec<f32>, Vec<u32>)| -> Vec<bool> { l.1.iter().map(|&i| i == NO_INDEX).collect() };
+    assert_eq!(empty(got), empty(want), "{case}: empty slots differ");
+    let filled = |l: &(Vec<f32>, Vec<u32>)| -> Vec<f32> {
+        l.0.iter()
+            .zip(&l.1)
+            .filter(|(_, &i)| i != NO_INDEX)
+            .map(|(&s, _)| s)
+            .collect()
+    };
+    check_close(
+        "cosine_topk",
+        case,
+        "scores",
+        &filled(got),
+        &filled(want),
+        (tol, 0.0),
+    );
+    for (slot, (a, b)) in got.1.iter().zip(&want.1).enumerate() {
+        assert!(
+            a == b || (got.0[slot] - want.0[slot]).abs() <= tol,
+            "{case} slot {slot}: row {a} vs {b}"
+        );
+    }
+}
+
+/// Scores and indices of a top-k result.
+fn lists(top: &platypus::ops::cosine_topk::TopK) -> (Vec<f32>, Vec<u32>) {
+    (top.scores.to_vec().unwrap(), top.indices.to_vec().unwrap())
+}
+
 #[test]
 fn cosine_search_matches_the_emulator_on_the_gpu() {
     // The same kernels on the GPU and on the emulator: identical lists (the
     // GPU's mma may sum in another order, so scores within 1e-5 and any
     // index difference only between near-equal scores), streamed == resident
-    // bit for bit, and the threshold pairs alike.
+    // bit for bit, and the threshold pairs alike. The emulator needs ~1 s per
+    // 100k mma, so the shapes stay small; the next test takes the GPU to
+    // curation sizes against the CPU path.
     use platypus::ops::cosine_topk::{self, Exclude};
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng::new(21);
     let (m, n, dim, k) = if quick() {
         (20, 700, 64, 10)
     } else {
-        (300, 5000, 384, 10)
+        (64, 1200, 384, 10)
     };
     let q = rng.normal_vec(m * dim, 1.0);
     let db = rng.normal_vec(n * dim, 1.0);
@@ -317,31 +363,90 @@ fn cosine_search_matches_the_emulator_on_the_gpu() {
             let host_db = dbt.to_device(&Device::Cpu).unwrap();
             let streamed = cosine_topk::topk_streamed(&qt, &host_db, k, 777).unwrap();
             assert_eq!(
-                streamed.indices.to_vec::<u32>().unwrap(),
-                top.indices.to_vec::<u32>().unwrap()
+                lists(&streamed),
+                lists(&top),
+                "{dtype}: streamed and resident differ"
             );
             let pairs = cosine_topk::above_threshold_self(&dbt, 0.2, 1 << 20, Exclude::NotEarlier)
                 .unwrap()
                 .len();
-            (
-                top.scores.to_vec::<f32>().unwrap(),
-                top.indices.to_vec::<u32>().unwrap(),
-                pairs,
-            )
+            (lists(&top), pairs)
         };
-        let (gs, gi, gp) = run(&gpu);
-        let (es, ei, ep) = run(&Device::Emulated);
-        let case = format!("{dtype} m {m} n {n} d {dim} k {k}");
-        check_close("cosine_topk", &case, "scores", &gs, &es, (1e-5, 0.0));
-        for (slot, (a, b)) in gi.iter().zip(&ei).enumerate() {
-            assert!(
-                a == b || (gs[slot] - es[slot]).abs() <= 1e-5,
-                "{dtype} slot {slot}: {a} vs {b}"
-            );
-        }
+        let (g, gp) = run(&gpu);
+        let (e, ep) = run(&Device::Emulated);
+        check_lists(
+            "cosine_topk",
+            &format!("{dtype} m {m} n {n} d {dim} k {k} vs emulator"),
+            &g,
+            &e,
+            1e-5,
+        );
         assert!(
             gp.abs_diff(ep) <= n / 100,
             "{dtype}: {gp} vs {ep} pairs above 0.2"
+        );
+    }
+}
+
+#[test]
+fn cosine_search_matches_the_cpu_path_at_curation_sizes() {
+    // 300 queries against 200k rows (many database tiles and splits, streamed
+    // in 64k-row chunks) and a 20k-row greedy dedup.
+    let Some(gpu) = gpu() else { return };
+    if !quick() {
+        cosine_against_cpu_path(&gpu, "cosine_topk", (300, 200_000, 20_000, 384));
+    }
+}
+
+/// Top-k of m queries against n rows (resident and streamed in 64k-row
+/// chunks) and a self-search with earlier rows only over the first `dedup`
+/// rows, on `dev` against the CPU fast path (itself held to the exact
+/// reference by tests/cosine_topk.rs), its errors reported under `kernel`.
+fn cosine_against_cpu_path(
+    dev: &Device,
+    kernel: &str,
+    (m, n, dedup, dim): (usize, usize, usize, usize),
+) {
+    use platypus::ops::cosine_topk::{self, Exclude};
+    let k = 10;
+    let mut rng = Rng::new(22);
+    let q = rng.normal_vec(m * dim, 1.0);
+    let db = rng.normal_vec(n * dim, 1.0);
+    for dtype in FLOAT_DTYPES {
+        // The kernels' f32 inputs go through two bf16 halves, 16-bit ones are
+        // multiplied exactly; plus the CPU path's own 1e-5.
+        let tol = if dtype == DType::F32 { 1.1e-4 } else { 2e-5 };
+        let host =
+            |v: &[f32], rows| Tensor::from_f32(v, &[rows, dim], dtype, &Device::Cpu).unwrap();
+        let (cpu_q, cpu_db, cpu_dedup) =
+            (host(&q, m), host(&db, n), host(&db[..dedup * dim], dedup));
+        let on_dev = |t: &Tensor| t.to_device(dev).unwrap();
+        let (q_dev, db_dev, dedup_dev) = (on_dev(&cpu_q), on_dev(&cpu_db), on_dev(&cpu_dedup));
+        let want = lists(&cosine_topk::topk(&cpu_q, &cpu_db, k).unwrap());
+        let case = format!("{dtype} m {m} n {n} d {dim} k {k} vs cpu");
+        check_lists(
+            kernel,
+            &case,
+            &lists(&cosine_topk::topk(&q_dev, &db_dev, k).unwrap()),
+            &want,
+            tol,
+        );
+        let streamed = cosine_topk::topk_streamed(&q_dev, &cpu_db, k, 65_536).unwrap();
+        check_lists(
+            kernel,
+            &format!("{case}, streamed"),
+            &lists(&streamed),
+            &want,
+            tol,
+        );
+        let want = lists(&cosine_topk::topk_self(&cpu_dedup, k, Exclude::NotEarlier).unwrap());
+        let got = lists(&cosine_topk::topk_self(&dedup_dev, k, Exclude::NotEarlier).unwrap());
+        check_lists(
+            kernel,
+            &format!("{dtype} self n {dedup} earlier only vs cpu"),
+            &got,
+            &want,
+            tol,
         );
     }
 }
@@ -359,10 +464,11 @@ fn tensor_copies_stay_exact_on_the_gpu() {
 
 #[test]
 fn model_shape_checks_hold_on_the_emulator() {
-    // The row-sampled LoRA check and the row-by-row attention reference, at
-    // small shapes on the emulator, where the kernels match the full CPU
-    // reference: a wrong block offset, dropout counter or gradient sum in a
-    // check fails here, not on the GPU.
+    // The row-sampled LoRA check, the row-by-row attention reference and the
+    // cosine comparison with the CPU path, at small shapes on the emulator,
+    // where the kernels match the full CPU reference: a wrong block offset,
+    // dropout counter, gradient sum or list comparison in a check fails
+    // here, not on the GPU.
     let dev = Device::Emulated;
     for rank in [16, 5] {
         let case = LoraCase {
@@ -375,6 +481,8 @@ fn model_shape_checks_hold_on_the_emulator() {
         };
         case.check_rows_against_cpu(&dev, 3, 16).unwrap();
     }
+    // Reported apart from the kernels' GPU results.
+    cosine_against_cpu_path(&dev, "emulator self-check", (20, 900, 300, 64));
     for (causal, q_heads, kv_heads) in [(true, 4, 2), (false, 2, 2)] {
         let case = AttnModelCase {
             batch: 2,

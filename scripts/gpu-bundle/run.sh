@@ -99,7 +99,7 @@ print(len(info.get("devices") or []))' "$steps/info.json" 2>/dev/null || echo 0)
 no_gpu="no GPU ($("$bin/platypus" info --json 2>/dev/null | python3 -c 'import json, sys; print(json.load(sys.stdin).get("no_driver") or "no CUDA device")' 2>/dev/null || echo "platypus info failed"))"
 
 # 2. Correctness. The emulator here is only an oracle: its memory checker is off.
-tests=(env PLATYPUS_GPU_REPORT="$steps/tests.report.jsonl" PLATYPUS_EMU_MEMCHECK=0 "$bin/gpu-tests" --test-threads 4)
+tests=(env PLATYPUS_GPU_REPORT="$steps/tests.report.jsonl" PLATYPUS_EMU_MEMCHECK=0 "$bin/gpu-tests" --test-threads 4 --show-output)
 rm -f "$steps/tests.report.jsonl"
 if [ "$gpu" -gt 0 ]; then
     step tests 90 env PLATYPUS_REQUIRE_GPU=1 "${tests[@]}"

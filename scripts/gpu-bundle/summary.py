@@ -16,7 +16,8 @@ Reads (each optional):
   steps/peers.jsonl               PyTorch's figures for the same bench ids
 
 Writes summary.json (through a temporary file and a rename):
-  steps    [{name, status, seconds, limit_s}] in the order they ran
+  steps    [{name, status, seconds, limit_s}] in the order they ran; seconds
+           and planned_seconds: their sums
   device   the GPU from `platypus info`, or null
   ceilings the chip's measured bf16 matmul TFLOP/s and copy GB/s (or the
            H200 figures the issue gives, marked as assumed)
@@ -222,6 +223,8 @@ def summarize(bundle_dir, out_dir):
     summary = {
         "bundle": read_json(os.path.join(bundle_dir, "manifest.json")),
         "steps": list(status.values()),
+        "seconds": sum(st.get("seconds", 0) for st in status.values()),
+        "planned_seconds": sum(st.get("limit_s", 0) for st in status.values()),
         "device": dev,
         "ceilings": ceiling,
         "kernels": kernels,

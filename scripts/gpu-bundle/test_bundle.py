@@ -51,6 +51,7 @@ class Bundle(unittest.TestCase):
                 self.assertTrue(status[name].startswith("skipped: no GPU"), f"{name}: {status[name]}")
             # The planned time on a GPU: every step's limit, within 8 minutes.
             self.assertLessEqual(sum(st["limit_s"] for st in s["steps"]), 480)
+            self.assertEqual(s["planned_seconds"], sum(st["limit_s"] for st in s["steps"]))
             self.assertIsNone(s["device"])
             self.assertEqual(s["bundle"]["sass_archs"], [80, 90])
 

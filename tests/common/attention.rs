@@ -90,16 +90,7 @@ impl AttnCase {
         // The reference runs in f32 on the rounded inputs; the kernels store in `dtype`.
         let run = |device: &Device, dtype: DType| -> Result<[Vec<f32>; 5], platypus::Error> {
             let t = |i: usize| Tensor::from_f32(&inputs[i].0, &inputs[i].1, dtype, device);
-            let (q, k, v, dout) = (t(0)?, t(1)?, t(2)?, t(3)?);
-            let fwd = attention::forward(&q, &k, &v, self.layout.batch(), &cfg)?;
-            let g = attention::backward(&q, &k, &v, &fwd, &dout, self.layout.batch(), &cfg)?;
-            Ok([
-                fwd.o.to_f32_vec()?,
-                fwd.lse.to_f32_vec()?,
-                g.dq.to_f32_vec()?,
-                g.dk.to_f32_vec()?,
-                g.dv.to_f32_vec()?,
-            ])
+            forward_backward([t(0)?, t(1)?, t(2)?, t(3)?], self.layout.batch(), &cfg)
         };
         let got = run(device, self.dtype).map_err(|e| e.to_string())?;
         let want = run(&Device::Cpu, DType::F32).map_err(|e| e.to_string())?;
@@ -142,6 +133,17 @@ struct RowReference {
 }
 
 impl AttnModelCase {
+    /// (batch, seq, q heads, kv heads, head dim).
+    fn dims(&self) -> (usize, usize, usize, usize, usize) {
+        (
+            self.batch,
+            self.seq,
+            self.q_heads,
+            self.kv_heads,
+            self.head_dim,
+        )
+    }
+
     /// Key positions whose dK and dV are checked: the first, middle and last
     /// eight of each sequence.
     fn sampled_keys(&self) -> Vec<usize> {
@@ -170,13 +172,7 @@ impl AttnModelCase {
         seed: u64,
         runner: &AttnModelCase,
     ) -> Result<Vec<Measured>, String> {
-        let (b, s, h, kvh, d) = (
-            self.batch,
-            self.seq,
-            self.q_heads,
-            self.kv_heads,
-            self.head_dim,
-        );
+        let (b, s, h, kvh, d) = self.dims();
         let mut rng = Rng::new(seed);
         let mut gen = |heads: usize| round_to(&rng.normal_vec(b * s * heads * d, 1.0), self.dtype);
         let (q, k, v, dout) = (gen(h), gen(kvh), gen(kvh), gen(h));
@@ -186,16 +182,8 @@ impl AttnModelCase {
         };
         let run = || -> Result<[Vec<f32>; 5], platypus::Error> {
             let t = |x: &[f32], heads| Tensor::from_f32(x, &[b, s, heads, d], self.dtype, device);
-            let (qt, kt, vt, dot) = (t(&q, h)?, t(&k, kvh)?, t(&v, kvh)?, t(&dout, h)?);
-            let fwd = attention::forward(&qt, &kt, &vt, Batch::Dense, &cfg)?;
-            let g = attention::backward(&qt, &kt, &vt, &fwd, &dot, Batch::Dense, &cfg)?;
-            Ok([
-                fwd.o.to_f32_vec()?,
-                fwd.lse.to_f32_vec()?,
-                g.dq.to_f32_vec()?,
-                g.dk.to_f32_vec()?,
-                g.dv.to_f32_vec()?,
-            ])
+            let inputs = [t(&q, h)?, t(&k, kvh)?, t(&v, kvh)?, t(&dout, h)?];
+            forward_backward(inputs, Batch::Dense, &cfg)
         };
         let started = std::time::Instant::now();
         let [o, lse, dq, dk, dv] = run().map_err(|e| e.to_string())?;
@@ -218,17 +206,12 @@ impl AttnModelCase {
             attention_tolerance(name, unit)
         })
     }
+
     /// The exact results for inputs q, k, v, dout: o, lse and dq in full,
     /// dk and dv at the sampled keys ([seq, key, kv head, head_dim]), one
     /// query row at a time in f64, the (sequence, head) pairs in parallel.
-    pub fn reference(&self, q: &[f32], k: &[f32], v: &[f32], dout: &[f32]) -> [Vec<f32>; 5] {
-        let (b, s, h, kvh, d) = (
-            self.batch,
-            self.seq,
-            self.q_heads,
-            self.kv_heads,
-            self.head_dim,
-        );
+    fn reference(&self, q: &[f32], k: &[f32], v: &[f32], dout: &[f32]) -> [Vec<f32>; 5] {
+        let (b, s, h, kvh, d) = self.dims();
         let keys = self.sampled_keys();
         let scale = 1.0 / (d as f64).sqrt();
         let group = h / kvh;
@@ -301,6 +284,24 @@ impl AttnModelCase {
         let to_f32 = |x: Vec<f64>| x.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
         [want_o, want_lse, want_dq, to_f32(want_dk), to_f32(want_dv)]
     }
+}
+
+/// Forward and backward of attention on `[q, k, v, dO]`: o, lse, dq, dk, dv
+/// as f32 vectors.
+fn forward_backward(
+    [q, k, v, dout]: [Tensor; 4],
+    batch: Batch<'_>,
+    cfg: &AttentionConfig,
+) -> Result<[Vec<f32>; 5], platypus::Error> {
+    let fwd = attention::forward(&q, &k, &v, batch, cfg)?;
+    let g = attention::backward(&q, &k, &v, &fwd, &dout, batch, cfg)?;
+    Ok([
+        fwd.o.to_f32_vec()?,
+        fwd.lse.to_f32_vec()?,
+        g.dq.to_f32_vec()?,
+        g.dk.to_f32_vec()?,
+        g.dv.to_f32_vec()?,
+    ])
 }
 
 /// Allowed error of each attention result relative to its scale, with

@@ -71,14 +71,15 @@ impl LoraCase {
         runner: &LoraCase,
     ) -> Result<Vec<Measured>, String> {
         let (t, i, o, r) = (self.tokens, self.in_features, self.out_features, self.rank);
+        let starts = [0, t - block];
+        // Each block must start on a whole Philox counter (4 elements).
         assert!(
-            2 * block <= t && (block * i) % 4 == 0,
+            2 * block <= t && (starts[1] * i) % 4 == 0,
             "blocks of whole Philox counters"
         );
         let inputs = self.inputs(seed);
         let results = runner.run(&inputs, device, self.dtype);
         let [y, u, dx, da, db] = results.map_err(|e| e.to_string())?;
-        let starts = [0, t - block];
         let blocks: Vec<LoraResults> = starts
             .par_iter()
             .map(|&t0| {
