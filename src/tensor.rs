@@ -25,17 +25,23 @@ unsafe impl Send for HostBuffer {}
 unsafe impl Sync for HostBuffer {}
 
 impl HostBuffer {
-    fn zeroed(bytes: usize) -> HostBuffer {
+    /// `bytes` zeroed bytes, or `Error::Invalid` when the allocation fails.
+    fn zeroed(bytes: usize) -> Result<HostBuffer> {
         if bytes == 0 {
             // An aligned dangling pointer: never read, written or freed.
             let ptr = NonNull::new(HOST_ALIGN as *mut u8).unwrap();
-            return HostBuffer { ptr, bytes };
+            return Ok(HostBuffer { ptr, bytes });
         }
-        let layout = Layout::from_size_align(bytes, HOST_ALIGN).expect("tensor too large");
+        let refused = || Error::Invalid {
+            op: "Tensor::zeros",
+            arg: "shape",
+            what: format!("{bytes} bytes of host memory could not be allocated"),
+        };
+        let layout = Layout::from_size_align(bytes, HOST_ALIGN).map_err(|_| refused())?;
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        HostBuffer { ptr, bytes }
+        let ptr = NonNull::new(raw).ok_or_else(refused)?;
+        Ok(HostBuffer { ptr, bytes })
     }
 
     fn as_bytes(&self) -> &[u8] {
@@ -81,12 +87,28 @@ fn elem_count(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 
+/// Bytes of a `dtype` tensor of `shape`, or `Error::Invalid` when the element
+/// count or the byte count overflows, or the bytes exceed what one allocation
+/// may hold (`isize::MAX`).
+fn checked_bytes(op: &'static str, shape: &[usize], dtype: DType) -> Result<usize> {
+    let bytes = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .and_then(|n| n.checked_mul(dtype.size()))
+        .filter(|&b| b <= isize::MAX as usize);
+    bytes.ok_or_else(|| Error::Invalid {
+        op,
+        arg: "shape",
+        what: format!("{shape:?} of {dtype} is more than one allocation can hold"),
+    })
+}
+
 impl Tensor {
     /// A tensor of zeros.
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let bytes = elem_count(shape) * dtype.size();
+        let bytes = checked_bytes("Tensor::zeros", shape, dtype)?;
         let storage = match device {
-            Device::Cpu | Device::Emulated => Storage::Host(HostBuffer::zeroed(bytes)),
+            Device::Cpu | Device::Emulated => Storage::Host(HostBuffer::zeroed(bytes)?),
             Device::Cuda(c) => Storage::Cuda(c.alloc_zeroed(bytes)?),
         };
         Ok(Tensor {
@@ -99,6 +121,7 @@ impl Tensor {
 
     /// Copies `data` (row-major, `shape`) to `device`.
     pub fn from_slice<T: Element>(data: &[T], shape: &[usize], device: &Device) -> Result<Tensor> {
+        checked_bytes("Tensor::from_slice", shape, T::DTYPE)?;
         if data.len() != elem_count(shape) {
             return Err(Error::Invalid {
                 op: "Tensor::from_slice",
@@ -220,6 +243,7 @@ impl Tensor {
 
     /// The same data with another shape of the same element count.
     pub fn reshape(self, shape: &[usize]) -> Result<Tensor> {
+        checked_bytes("Tensor::reshape", shape, self.dtype)?;
         if elem_count(shape) != self.elem_count() {
             return Err(Error::Shape {
                 op: "Tensor::reshape",
@@ -244,6 +268,7 @@ impl Tensor {
     ) -> Result<Tensor> {
         use cudarc::driver::DevicePtr;
         let backend = cuda_backend(device, "Tensor::from_cuda_slice")?;
+        checked_bytes("Tensor::from_cuda_slice", shape, T::DTYPE)?;
         if slice.len() != elem_count(shape) {
             return Err(Error::Invalid {
                 op: "Tensor::from_cuda_slice",
@@ -298,7 +323,7 @@ impl Tensor {
             });
         }
         let backend = cuda_backend(device, "Tensor::from_raw_cuda")?;
-        let bytes = elem_count(shape) * dtype.size();
+        let bytes = checked_bytes("Tensor::from_raw_cuda", shape, dtype)?;
         let storage = Storage::Cuda(CudaBuffer::foreign(backend.clone(), ptr, bytes, None));
         Ok(Tensor {
             storage,

@@ -445,3 +445,40 @@ fn copy_from_rejects_another_shape_or_dtype_and_leaves_the_target() {
         assert_eq!(dst.to_vec::<f32>().unwrap(), [1.0; 6]);
     }
 }
+
+#[test]
+fn tensor_shapes_that_overflow_are_errors_not_panics() {
+    use platypus::ops::cosine_topk::{self, Exclude};
+    // The element count overflows usize; the byte count overflows; the
+    // bytes exceed one allocation; each on every constructor that takes a shape.
+    let huge = [usize::MAX / 2 + 1, 2];
+    let bytes_overflow = [1usize << 62, 1];
+    let too_big = [1usize << 61, 1];
+    for dev in [Device::Cpu, Device::Emulated] {
+        for shape in [&huge[..], &bytes_overflow[..], &too_big[..]] {
+            expect_err(
+                Tensor::zeros(shape, DType::F32, &dev),
+                "shape",
+                "more than one allocation",
+            );
+            expect_err(
+                Tensor::from_slice(&[1.0f32], shape, &dev),
+                "shape",
+                "more than one allocation",
+            );
+            let t = ones(&[2, 1], DType::F32, &dev);
+            expect_err(t.reshape(shape), "shape", "more than one allocation");
+        }
+        // Fits the address space, not the memory: an error from the allocator, not an abort.
+        expect_err(
+            Tensor::zeros(&[1 << 56], DType::F32, &dev),
+            "shape",
+            "could not be allocated",
+        );
+    }
+    // What the issue saw: a self-search on such a tensor cannot happen, the tensor is refused first.
+    let e = Tensor::from_slice(&[0.0f32; 4], &[usize::MAX / 2 + 1, 2], &Device::Cpu);
+    assert!(e.is_err());
+    let ok = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0], &[2, 2], &Device::Cpu).unwrap();
+    assert!(cosine_topk::topk_self(&ok, 1, Exclude::SameIndex).is_ok());
+}
