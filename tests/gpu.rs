@@ -317,7 +317,7 @@ fn check_lists(
             .collect()
     };
     check_close(
-        "cosine_topk",
+        kernel,
         case,
         "scores",
         &filled(got),
