@@ -72,6 +72,10 @@ pub enum Error {
     /// expected (`what` says which, with expected vs got).
     #[error("{}: {what}", path.display())]
     File { path: PathBuf, what: String },
+    /// An output could not be written (or was refused: an input, a folder, a
+    /// socket); nothing was left half-written ([`crate::output`]).
+    #[error("cannot write {}: {what}", path.display())]
+    Output { path: PathBuf, what: String },
     /// The CUDA driver reported an error.
     #[error("CUDA driver error: {0}")]
     Driver(#[from] cudarc::driver::DriverError),

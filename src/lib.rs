@@ -28,6 +28,8 @@ pub mod launch;
 /// top-k indices exchanged with NumPy and FAISS).
 pub mod npy;
 pub mod ops;
+pub mod output;
+pub mod progress;
 mod tensor;
 
 pub use device::{DType, Device, Element};

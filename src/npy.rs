@@ -7,8 +7,8 @@
 //! (header padded with spaces to a multiple of 64 bytes, ending in `\n`).
 //! Every problem with a file (not .npy, wrong dtype, Fortran order, not 2-D,
 //! truncated, I/O) is an [`Error::File`] naming the file; nothing panics on
-//! bad input. Writes go to a temporary file in the same directory, renamed
-//! over the target once complete.
+//! bad input. Writes follow [`crate::output`]'s rules (a temporary file
+//! renamed into place, devices and FIFOs written through, never an input).
 //!
 //! ```
 //! # let dir = std::env::temp_dir().join(format!("platypus-npy-doc-{}", std::process::id()));
@@ -22,9 +22,10 @@
 //! ```
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::Path;
 
+use crate::output::{Group, Outputs};
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 6] = b"\x93NUMPY";
@@ -41,15 +42,42 @@ pub fn read_u32_matrix(path: &Path) -> Result<(Vec<u32>, [usize; 2])> {
     read_matrix::<u32>(path)
 }
 
-/// Writes `data` ([rows, cols], row-major) as a `'<f4'` `.npy` file.
+/// Writes `data` ([rows, cols], row-major) as a `'<f4'` `.npy` file, by the
+/// rules of [`crate::output`] (never half-written).
 pub fn write_f32_matrix(path: &Path, data: &[f32], shape: [usize; 2]) -> Result<()> {
-    write_matrix(path, data, shape, "npy::write_f32_matrix")
+    let outputs = Outputs::default();
+    let mut group = outputs.group();
+    add_matrix(&mut group, path, data, shape, "npy::write_f32_matrix")?;
+    group.commit()
 }
 
 /// Writes `data` ([rows, cols], row-major) as a `'<u4'` `.npy` file (top-k
-/// indices).
+/// indices), by the rules of [`crate::output`].
 pub fn write_u32_matrix(path: &Path, data: &[u32], shape: [usize; 2]) -> Result<()> {
-    write_matrix(path, data, shape, "npy::write_u32_matrix")
+    let outputs = Outputs::default();
+    let mut group = outputs.group();
+    add_matrix(&mut group, path, data, shape, "npy::write_u32_matrix")?;
+    group.commit()
+}
+
+/// Adds a `'<f4'` `.npy` file to `group` (written when the group commits).
+pub fn add_f32_matrix(
+    group: &mut Group<'_>,
+    path: &Path,
+    data: &[f32],
+    shape: [usize; 2],
+) -> Result<()> {
+    add_matrix(group, path, data, shape, "npy::add_f32_matrix")
+}
+
+/// Adds a `'<u4'` `.npy` file to `group` (written when the group commits).
+pub fn add_u32_matrix(
+    group: &mut Group<'_>,
+    path: &Path,
+    data: &[u32],
+    shape: [usize; 2],
+) -> Result<()> {
+    add_matrix(group, path, data, shape, "npy::add_u32_matrix")
 }
 
 /// An element type with a fixed little-endian `.npy` descr.
@@ -398,7 +426,8 @@ impl Parser<'_> {
     }
 }
 
-fn write_matrix<T: Element>(
+fn add_matrix<T: Element>(
+    group: &mut Group<'_>,
     path: &Path,
     data: &[T],
     shape: [usize; 2],
@@ -430,46 +459,28 @@ fn write_matrix<T: Element>(
         unpadded.next_multiple_of(64) - unpadded,
     ));
     header.push('\n');
-
-    let tmp = temp_path(path);
-    let result = (|| -> std::io::Result<()> {
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+    group.file(path, |out| {
         out.write_all(MAGIC)?;
         out.write_all(&[1, 0])?;
         out.write_all(&(header.len() as u16).to_le_bytes())?;
         out.write_all(header.as_bytes())?;
         if cfg!(target_endian = "little") {
-            out.write_all(bytemuck::cast_slice(data))?;
+            out.write_all(bytemuck::cast_slice(data))
         } else {
             for chunk in data.chunks(1 << 16) {
                 let mut le = chunk.to_vec();
                 T::swap_le(&mut le);
                 out.write_all(bytemuck::cast_slice(&le))?;
             }
+            Ok(())
         }
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        std::fs::remove_file(&tmp).ok();
-        file_error(path, format!("cannot write: {e}"))
     })
-}
-
-/// `dir/.name.tmp<pid>`, beside the target so the rename stays on one file system.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
     use std::process::Command;
 
     /// A fresh directory under the system temp dir, removed on drop.
@@ -704,11 +715,11 @@ mod tests {
         not_utf8[12] = 0xff;
         case("utf8.npy", &not_utf8, "not UTF-8");
         expect_file_error(&dir.path("missing.npy"), "cannot read");
-        // Writing: a missing directory is a file error, a shape mismatch an argument error.
+        // Writing: a missing directory is an output error, a shape mismatch an argument error.
         let nowhere = dir.path("no/such/dir.npy");
         assert!(matches!(
             write_f32_matrix(&nowhere, &[1.0], [1, 1]),
-            Err(Error::File { path, .. }) if path == nowhere
+            Err(Error::Output { path, .. }) if path == nowhere
         ));
         assert!(matches!(
             write_f32_matrix(&dir.path("x.npy"), &[1.0; 5], [2, 3]),

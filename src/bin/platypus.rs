@@ -3,6 +3,8 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 
+use std::path::{Path, PathBuf};
+
 use clap::{Parser, Subcommand};
 
 /// Appends a line to a report string (writing to a String cannot fail).
@@ -39,64 +41,102 @@ enum Command {
     },
     /// Cosine-similarity top-k of embeddings in .npy files (2-D float32):
     /// queries against a database, or a database against itself.
-    CosineTopk {
-        /// Query embeddings [m, d]; without it, the database is searched against itself.
-        #[arg(long)]
-        queries: Option<std::path::PathBuf>,
-        /// Database embeddings [n, d].
-        #[arg(long)]
-        database: std::path::PathBuf,
-        /// Results per query.
-        #[arg(long, default_value_t = 10)]
-        k: usize,
-        /// Self-search: compare row i with earlier rows only (greedy dedup) instead of all others.
-        #[arg(long)]
-        earlier_only: bool,
-        /// Where to write the indices [m, k] (u32 .npy); the scores go beside it with `.scores.npy`.
-        #[arg(long)]
-        out: Option<std::path::PathBuf>,
-        /// Worker threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Where to search: `cpu`, `cuda` (device 0) or `emulated` (the
-        /// kernels on the host emulator: slow, for checking).
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// On `cuda`/`emulated` with --queries: database rows copied to the
-        /// device per chunk (the database stays in host memory).
-        #[arg(long, default_value_t = 1 << 20)]
-        chunk_rows: usize,
-    },
+    CosineTopk(CosineTopkArgs),
+}
+
+/// A device to run on.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DeviceArg {
+    /// The CPU (multi-threaded).
+    Cpu,
+    /// CUDA device 0.
+    Cuda,
+    /// The kernels on the host emulator: slow, for checking.
+    Emulated,
+}
+
+/// The arguments of `platypus cosine-topk`.
+#[derive(clap::Args)]
+struct CosineTopkArgs {
+    /// Query embeddings [m, d]; without it, the database is searched against itself.
+    #[arg(long)]
+    queries: Option<PathBuf>,
+    /// Database embeddings [n, d].
+    #[arg(long)]
+    database: PathBuf,
+    /// Results per query (at most the number of candidates: fewer are reported as such).
+    #[arg(long, default_value_t = 10)]
+    k: usize,
+    /// Self-search: compare row i with earlier rows only (greedy dedup) instead of all others.
+    #[arg(long, conflicts_with = "queries")]
+    earlier_only: bool,
+    /// Where to write the indices [m, k] (u32 .npy).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Where to write the scores [m, k] (f32 .npy); default: --out with
+    /// `.npy` replaced by `.scores.npy`. Written together with --out or not at all.
+    #[arg(long, requires = "out")]
+    scores: Option<PathBuf>,
+    /// Worker threads, 1 to 4 × the available cores (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Where to search.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// On `cuda`/`emulated` with --queries: database rows copied to the
+    /// device per chunk (the database stays in host memory).
+    #[arg(long, default_value_t = 1 << 20)]
+    chunk_rows: usize,
+    /// No progress bar (it is drawn only when stderr is a terminal anyway).
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Exit statuses: 0 success, 2 usage (clap's: a bad flag or value), and:
+mod exit {
+    /// The input data or an argument's value is wrong (shape, dtype, file contents).
+    pub const BAD_INPUT: i32 = 3;
+    /// An output could not be written (or was refused: an input, a folder).
+    pub const OUTPUT: i32 = 4;
+    /// No usable CUDA device, or the device or a kernel failed.
+    pub const DEVICE: i32 = 5;
+    /// A bug: the command panicked.
+    pub const INTERNAL: i32 = 70;
+}
+
+/// The exit status of a failed command.
+fn exit_code(e: &platypus::Error) -> i32 {
+    use platypus::Error as E;
+    match e {
+        E::Shape { .. }
+        | E::DType { .. }
+        | E::Device { .. }
+        | E::Invalid { .. }
+        | E::File { .. } => exit::BAD_INPUT,
+        E::Output { .. } => exit::OUTPUT,
+        E::CudaUnavailable(_)
+        | E::Launch { .. }
+        | E::LaunchResources { .. }
+        | E::Emulator { .. }
+        | E::Driver(_) => exit::DEVICE,
+    }
 }
 
 fn main() {
     let cli = Cli::parse();
-    let report = match cli.command {
-        Command::Info { json } => info(json),
-        Command::Kernels { json } => kernels(json),
-        Command::CosineTopk {
-            queries,
-            database,
-            k,
-            earlier_only,
-            out,
-            threads,
-            device,
-            chunk_rows,
-        } => match cosine_topk(
-            queries.as_deref(),
-            &database,
-            (k, earlier_only),
-            out.as_deref(),
-            threads,
-            (&device, chunk_rows),
-        ) {
-            Ok(report) => report,
-            Err(e) => {
-                eprintln!("platypus cosine-topk: {e}");
-                std::process::exit(2);
-            }
-        },
+    // A panic is a bug: its message (printed by the default hook), then exit 70.
+    let run = std::panic::catch_unwind(|| match cli.command {
+        Command::Info { json } => Ok(info(json)),
+        Command::Kernels { json } => Ok(kernels(json)),
+        Command::CosineTopk(args) => cosine_topk(&args).map_err(|e| ("cosine-topk", e)),
+    });
+    let report = match run {
+        Ok(Ok(report)) => report,
+        Ok(Err((command, e))) => {
+            eprintln!("platypus {command}: {e}");
+            std::process::exit(exit_code(&e));
+        }
+        Err(_) => std::process::exit(exit::INTERNAL),
     };
     // A closed pipe (`platypus kernels | head`) is not an error worth a panic.
     let _ = std::io::stdout().write_all(report.as_bytes());
@@ -298,44 +338,73 @@ fn kernels(json: bool) -> String {
 
 /// Runs a top-k search over .npy embeddings and reports its time (file
 /// reading and writing excluded).
-fn cosine_topk(
-    queries: Option<&std::path::Path>,
-    database: &std::path::Path,
-    (k, earlier_only): (usize, bool),
-    out: Option<&std::path::Path>,
-    threads: Option<usize>,
-    (device, chunk_rows): (&str, usize),
-) -> platypus::Result<String> {
-    use platypus::ops::cosine_topk::{self, Exclude};
+/// The most worker threads `--threads` may ask for: 4 × the available cores.
+fn max_threads() -> usize {
+    4 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `--out x.npy` → `x.scores.npy`; other names need `--scores`.
+fn scores_path(out: &Path) -> platypus::Result<PathBuf> {
+    match out.to_str().and_then(|s| s.strip_suffix(".npy")) {
+        Some(stem) => Ok(PathBuf::from(format!("{stem}.scores.npy"))),
+        None => Err(platypus::Error::Invalid {
+            op: "cosine-topk",
+            arg: "out",
+            what: format!(
+                "{} does not end in .npy, so the scores' path cannot be made from it: give --scores",
+                out.display()
+            ),
+        }),
+    }
+}
+
+fn cosine_topk(args: &CosineTopkArgs) -> platypus::Result<String> {
+    use platypus::ops::cosine_topk::{self, Exclude, TopK};
+    use platypus::output::Outputs;
+    use platypus::progress::Progress;
     use platypus::{npy, Device, Tensor};
-    if let Some(n) = threads {
+    let invalid = |arg, what: String| platypus::Error::Invalid {
+        op: "cosine-topk",
+        arg,
+        what,
+    };
+    if let Some(n) = args.threads {
+        if n == 0 || n > max_threads() {
+            return Err(invalid(
+                "threads",
+                format!("is {n}; expected 1 to {} (4 × the available cores), or leave it out for all cores", max_threads()),
+            ));
+        }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
-            .map_err(|e| platypus::Error::Invalid {
-                op: "cosine-topk",
-                arg: "threads",
-                what: e.to_string(),
-            })?;
+            .map_err(|e| invalid("threads", e.to_string()))?;
     }
-    let load = |path: &std::path::Path| -> platypus::Result<Tensor> {
+    let device = match args.device {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::cuda(0)?,
+        DeviceArg::Emulated => Device::Emulated,
+    };
+    // The outputs are checked before any work: a bad --out fails in a moment, not after the search.
+    let out = match &args.out {
+        Some(out) => {
+            let scores = match &args.scores {
+                Some(s) => s.clone(),
+                None => scores_path(out)?,
+            };
+            Some((out.clone(), scores))
+        }
+        None => None,
+    };
+    let mut inputs = vec![args.database.as_path()];
+    inputs.extend(args.queries.as_deref());
+    let outputs = Outputs::new(&inputs);
+    let load = |path: &Path| -> platypus::Result<Tensor> {
         let (data, shape) = npy::read_f32_matrix(path)?;
         Tensor::from_slice(&data, &shape, &Device::Cpu)
     };
-    let device = match device {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::cuda(0)?,
-        "emulated" => Device::Emulated,
-        other => {
-            return Err(platypus::Error::Invalid {
-                op: "cosine-topk",
-                arg: "device",
-                what: format!("is {other:?}; expected cpu, cuda or emulated"),
-            })
-        }
-    };
-    let db = load(database)?;
-    let q = queries.map(load).transpose()?;
+    let db = load(&args.database)?;
+    let q = args.queries.as_deref().map(load).transpose()?;
     let start = std::time::Instant::now();
     // A copy on the device, or the tensor itself on the CPU.
     let on_device = |t: &Tensor| -> platypus::Result<Option<Tensor>> {
@@ -346,34 +415,70 @@ fn cosine_topk(
     };
     let result = match &q {
         Some(q) => {
-            let q_dev = on_device(q)?;
-            cosine_topk::topk_streamed(q_dev.as_ref().unwrap_or(q), &db, k, chunk_rows)?
+            // On the CPU in blocks of queries, for the progress bar (each block
+            // an independent search: the lists are those of one call). A
+            // device streams the database once per call, so it gets one block.
+            let m = q.shape()[0];
+            let block = match device {
+                Device::Cpu => 4096.min(m.max(1)),
+                _ => m.max(1),
+            };
+            let bar = Progress::bar(m as u64, "queries", args.quiet);
+            let values = q.to_vec::<f32>()?;
+            let dim = q.shape()[1];
+            let mut parts = Vec::new();
+            for first in (0..m.max(1)).step_by(block) {
+                let rows = block.min(m - first);
+                let part = Tensor::from_slice(
+                    &values[first * dim..(first + rows) * dim],
+                    &[rows, dim],
+                    &Device::Cpu,
+                )?;
+                let part_dev = on_device(&part)?;
+                parts.push(cosine_topk::topk_streamed(
+                    part_dev.as_ref().unwrap_or(&part),
+                    &db,
+                    args.k,
+                    args.chunk_rows,
+                )?);
+                bar.inc(rows as u64);
+            }
+            concat_rows(parts)?
         }
         None => {
-            let exclude = if earlier_only {
+            let exclude = if args.earlier_only {
                 Exclude::NotEarlier
             } else {
                 Exclude::SameIndex
             };
+            let n = db.shape()[0];
+            let _spinner = Progress::spinner(
+                &format!("searching {n} rows against each other"),
+                args.quiet,
+            );
             let db_dev = on_device(&db)?;
-            cosine_topk::topk_self(db_dev.as_ref().unwrap_or(&db), k, exclude)?
+            cosine_topk::topk_self(db_dev.as_ref().unwrap_or(&db), args.k, exclude)?
         }
     };
     device.synchronize()?;
     let secs = start.elapsed().as_secs_f64();
-    let [m, kk] = [result.indices.shape()[0], result.indices.shape()[1]];
-    if let Some(path) = out {
-        npy::write_u32_matrix(path, &result.indices.to_vec::<u32>()?, [m, kk])?;
-        npy::write_f32_matrix(
-            &path.with_extension("scores.npy"),
-            &result.scores.to_vec::<f32>()?,
-            [m, kk],
-        )?;
+    let TopK { scores, indices } = result;
+    let [m, kk] = [indices.shape()[0], indices.shape()[1]];
+    if let Some((out, scores_out)) = &out {
+        let mut group = outputs.group();
+        npy::add_u32_matrix(&mut group, out, &indices.to_vec::<u32>()?, [m, kk])?;
+        npy::add_f32_matrix(&mut group, scores_out, &scores.to_vec::<f32>()?, [m, kk])?;
+        group.commit()?;
     }
     let mut report = String::new();
+    let k = if kk == args.k {
+        format!("k {kk}")
+    } else {
+        format!("k {kk}: fewer candidates than the {} asked", args.k)
+    };
     say!(
         report,
-        "searched {m} queries x {} rows (dim {}, k {k}) in {secs:.3} s on {}",
+        "searched {m} queries x {} rows (dim {}, {k}) in {secs:.3} s on {}",
         db.shape()[0],
         db.shape()[1],
         match device {
@@ -382,4 +487,22 @@ fn cosine_topk(
         }
     );
     Ok(report)
+}
+
+/// The lists of consecutive query blocks as one result (on the host).
+fn concat_rows(
+    parts: Vec<platypus::ops::cosine_topk::TopK>,
+) -> platypus::Result<platypus::ops::cosine_topk::TopK> {
+    use platypus::{Device, Tensor};
+    let kk = parts.first().map_or(0, |p| p.indices.shape()[1]);
+    let (mut scores, mut indices) = (Vec::new(), Vec::new());
+    for p in &parts {
+        scores.extend(p.scores.to_vec::<f32>()?);
+        indices.extend(p.indices.to_vec::<u32>()?);
+    }
+    let m = indices.len() / kk.max(1);
+    Ok(platypus::ops::cosine_topk::TopK {
+        scores: Tensor::from_slice(&scores, &[m, kk], &Device::Cpu)?,
+        indices: Tensor::from_slice(&indices, &[m, kk], &Device::Cpu)?,
+    })
 }
