@@ -97,6 +97,12 @@ impl Outputs {
         group.commit()
     }
 
+    /// Checks, before any work, that `path` could be written: the same
+    /// refusals as a write (an input, a folder, a socket), without writing.
+    pub fn check(&self, path: &Path) -> Result<()> {
+        self.resolve(path).map(|_| ())
+    }
+
     /// A group of files that appear together or not at all.
     pub fn group(&self) -> Group<'_> {
         Group {

@@ -73,9 +73,10 @@ fn assert_status(out: &Output, code: i32, says: &str) {
 fn outputs_are_written_together_and_never_over_an_input() {
     let dir = Scratch::new("inputs");
     let db_before = std::fs::read(dir.path("db.npy")).unwrap();
-    // --out is the database: refused, the database untouched.
+    // --out is the database: refused before the search (no "searched" report), the database untouched.
     let out = topk(&dir, &[&"--out", &dir.path("db.npy")]);
     assert_status(&out, 4, "is the input");
+    assert!(out.stdout.is_empty());
     // Through a link to the queries.
     symlink(dir.path("q.npy"), dir.path("link.npy")).unwrap();
     let out = topk(

@@ -399,6 +399,16 @@ fn cosine_topk(args: &CosineTopkArgs) -> platypus::Result<String> {
     let mut inputs = vec![args.database.as_path()];
     inputs.extend(args.queries.as_deref());
     let outputs = Outputs::new(&inputs);
+    if let Some((out, scores)) = &out {
+        if out == scores {
+            return Err(invalid(
+                "scores",
+                format!("is --out too ({})", out.display()),
+            ));
+        }
+        outputs.check(out)?;
+        outputs.check(scores)?;
+    }
     let load = |path: &Path| -> platypus::Result<Tensor> {
         let (data, shape) = npy::read_f32_matrix(path)?;
         Tensor::from_slice(&data, &shape, &Device::Cpu)
