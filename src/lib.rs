@@ -24,6 +24,7 @@ pub mod emu;
 mod error;
 pub mod kernels;
 pub mod launch;
+pub mod llama;
 /// Reading and writing 2-D float32 / uint32 `.npy` matrices (embeddings and
 /// top-k indices exchanged with NumPy and FAISS).
 pub mod npy;
