@@ -22,6 +22,8 @@ pub mod cuda;
 mod device;
 pub mod emu;
 mod error;
+pub mod formats;
+pub mod host;
 pub mod kernels;
 pub mod launch;
 pub mod llama;

@@ -133,8 +133,24 @@ impl Tensor {
                 ),
             });
         }
-        let mut t = Tensor::zeros(shape, T::DTYPE, device)?;
-        let bytes: &[u8] = bytemuck::cast_slice(data);
+        Tensor::from_bytes(bytemuck::cast_slice(data), shape, T::DTYPE, device)
+    }
+
+    /// Copies `bytes` (little-endian elements of `dtype`, row-major `shape`)
+    /// to `device`, keeping the dtype: how checkpoints are loaded.
+    pub fn from_bytes(bytes: &[u8], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let want = checked_bytes("Tensor::from_bytes", shape, dtype)?;
+        if bytes.len() != want {
+            return Err(Error::Invalid {
+                op: "Tensor::from_bytes",
+                arg: "bytes",
+                what: format!(
+                    "has {} bytes, shape {shape:?} of {dtype} needs {want}",
+                    bytes.len()
+                ),
+            });
+        }
+        let mut t = Tensor::zeros(shape, dtype, device)?;
         match &mut t.storage {
             Storage::Host(h) => h.as_bytes_mut().copy_from_slice(bytes),
             Storage::Cuda(c) => c.copy_from_host(bytes)?,
@@ -176,6 +192,16 @@ impl Tensor {
         match &self.storage {
             Storage::Host(h) => bytemuck::cast_slice_mut(&mut out).copy_from_slice(h.as_bytes()),
             Storage::Cuda(c) => c.copy_to_host(bytemuck::cast_slice_mut(&mut out))?,
+        }
+        Ok(out)
+    }
+
+    /// Copies the stored bytes to the host (little-endian, row-major).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.elem_count() * self.dtype.size()];
+        match &self.storage {
+            Storage::Host(h) => out.copy_from_slice(h.as_bytes()),
+            Storage::Cuda(c) => c.copy_to_host(&mut out)?,
         }
         Ok(out)
     }

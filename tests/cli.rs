@@ -6,42 +6,21 @@ use std::os::unix::fs::{symlink, FileTypeExt};
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+mod common;
+
+use common::Scratch;
+
 /// A fresh folder with a small database (`db.npy`, 50 × 8) and queries (`q.npy`, 6 × 8).
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("platypus-cli-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let rows = |n: usize, seed: usize| -> Vec<f32> {
-            (0..n * 8)
-                .map(|i| (((i + seed) * 7919 % 211) as f32 - 105.0) / 50.0)
-                .collect()
-        };
-        platypus::npy::write_f32_matrix(&dir.join("db.npy"), &rows(50, 1), [50, 8]).unwrap();
-        platypus::npy::write_f32_matrix(&dir.join("q.npy"), &rows(6, 2), [6, 8]).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn scratch(name: &str) -> Scratch {
+    let dir = Scratch::new(&format!("cli-{name}"));
+    let rows = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n * 8)
+            .map(|i| (((i + seed) * 7919 % 211) as f32 - 105.0) / 50.0)
+            .collect()
+    };
+    platypus::npy::write_f32_matrix(&dir.path("db.npy"), &rows(50, 1), [50, 8]).unwrap();
+    platypus::npy::write_f32_matrix(&dir.path("q.npy"), &rows(6, 2), [6, 8]).unwrap();
+    dir
 }
 
 /// Runs `platypus cosine-topk --database DIR/db.npy ARGS...` (paths in ARGS as given).
@@ -71,7 +50,7 @@ fn assert_status(out: &Output, code: i32, says: &str) {
 
 #[test]
 fn outputs_are_written_together_and_never_over_an_input() {
-    let dir = Scratch::new("inputs");
+    let dir = scratch("inputs");
     let db_before = std::fs::read(dir.path("db.npy")).unwrap();
     // --out is the database: refused before the search (no "searched" report), the database untouched.
     let out = topk(&dir, &[&"--out", &dir.path("db.npy")]);
@@ -114,7 +93,7 @@ fn outputs_are_written_together_and_never_over_an_input() {
 
 #[test]
 fn out_without_npy_needs_scores_and_links_and_fifos_are_written_through() {
-    let dir = Scratch::new("targets");
+    let dir = scratch("targets");
     let out = topk(&dir, &[&"--out", &dir.path("result")]);
     assert_status(&out, 3, "give --scores");
     assert_eq!(dir.names(), ["db.npy", "q.npy"]);
@@ -183,7 +162,7 @@ fn out_without_npy_needs_scores_and_links_and_fifos_are_written_through() {
 
 #[test]
 fn arguments_that_cannot_apply_are_refused() {
-    let dir = Scratch::new("args");
+    let dir = scratch("args");
     let q = dir.path("q.npy");
     // Usage errors are clap's, exit 2.
     assert_status(
@@ -212,7 +191,7 @@ fn arguments_that_cannot_apply_are_refused() {
 
 #[test]
 fn the_report_says_the_k_that_was_used() {
-    let dir = Scratch::new("k");
+    let dir = scratch("k");
     let out = topk(&dir, &[&"--k", &"5000", &"--out", &dir.path("idx.npy")]);
     assert_status(&out, 0, "");
     let (_, [_, kk]) = platypus::npy::read_u32_matrix(&dir.path("idx.npy")).unwrap();
@@ -231,6 +210,6 @@ fn no_usable_gpu_is_a_device_error() {
         eprintln!("SKIPPED: this machine has a CUDA device");
         return;
     }
-    let dir = Scratch::new("device");
+    let dir = scratch("device");
     assert_status(&topk(&dir, &[&"--device", &"cuda"]), 5, "CUDA");
 }

@@ -4,51 +4,13 @@
 
 use std::io::{self, Write};
 use std::os::unix::fs::{symlink, FileTypeExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+mod common;
+
+use common::Scratch;
 use platypus::output::Outputs;
 use platypus::Error;
-
-/// A fresh folder under the system temp dir, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("platypus-output-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    /// The names in the folder (recursively, sorted): no temporary may remain.
-    fn names(&self) -> Vec<String> {
-        fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) {
-            for e in std::fs::read_dir(dir).unwrap() {
-                let e = e.unwrap();
-                let name = format!("{prefix}{}", e.file_name().to_string_lossy());
-                if e.file_type().unwrap().is_dir() {
-                    walk(&e.path(), &format!("{name}/"), out);
-                }
-                out.push(name);
-            }
-        }
-        let mut names = Vec::new();
-        walk(&self.0, "", &mut names);
-        names.sort();
-        names
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn bytes(content: &'static [u8]) -> impl FnOnce(&mut dyn Write) -> io::Result<()> {
     move |w| w.write_all(content)
@@ -74,7 +36,7 @@ fn expect_output_error(r: platypus::Result<()>, path: &Path, text: &str) {
 
 #[test]
 fn a_new_or_regular_file_is_replaced_whole_and_no_temporary_remains() {
-    let dir = Scratch::new("regular");
+    let dir = Scratch::new("output-regular");
     let out = Outputs::default();
     let path = dir.path("a.bin");
     out.write_file(&path, bytes(b"first")).unwrap();
@@ -85,7 +47,7 @@ fn a_new_or_regular_file_is_replaced_whole_and_no_temporary_remains() {
 
 #[test]
 fn a_write_that_fails_part_way_leaves_the_old_file_and_no_temporary() {
-    let dir = Scratch::new("enospc");
+    let dir = Scratch::new("output-enospc");
     let out = Outputs::default();
     let path = dir.path("a.bin");
     out.write_file(&path, bytes(b"old")).unwrap();
@@ -107,7 +69,7 @@ fn a_write_that_fails_part_way_leaves_the_old_file_and_no_temporary() {
 
 #[test]
 fn a_link_to_a_regular_file_is_followed_and_stays_a_link() {
-    let dir = Scratch::new("symlink");
+    let dir = Scratch::new("output-symlink");
     let out = Outputs::default();
     let (real, link) = (dir.path("real.bin"), dir.path("link.bin"));
     out.write_file(&real, bytes(b"old")).unwrap();
@@ -131,7 +93,7 @@ fn a_link_to_a_regular_file_is_followed_and_stays_a_link() {
 
 #[test]
 fn a_fifo_is_written_through_not_replaced() {
-    let dir = Scratch::new("fifo");
+    let dir = Scratch::new("output-fifo");
     let fifo = dir.path("pipe");
     let made = std::process::Command::new("mkfifo")
         .arg(&fifo)
@@ -152,7 +114,7 @@ fn a_fifo_is_written_through_not_replaced() {
 
 #[test]
 fn folders_and_sockets_are_refused() {
-    let dir = Scratch::new("refused");
+    let dir = Scratch::new("output-refused");
     let out = Outputs::default();
     let folder = dir.path("folder");
     std::fs::create_dir(&folder).unwrap();
@@ -168,7 +130,7 @@ fn folders_and_sockets_are_refused() {
 
 #[test]
 fn an_input_is_never_overwritten_by_any_path_to_it() {
-    let dir = Scratch::new("input");
+    let dir = Scratch::new("output-input");
     let input = dir.path("db.npy");
     std::fs::write(&input, b"the input").unwrap();
     let (link, hard) = (dir.path("link.npy"), dir.path("hard.npy"));
@@ -186,7 +148,7 @@ fn an_input_is_never_overwritten_by_any_path_to_it() {
 
 #[test]
 fn a_group_appears_whole_or_not_at_all() {
-    let dir = Scratch::new("group");
+    let dir = Scratch::new("output-group");
     let out = Outputs::default();
     let (idx, scores) = (dir.path("idx.npy"), dir.path("idx.scores.npy"));
     // The second file's path is a folder: the first does not appear.
@@ -227,7 +189,7 @@ fn a_group_appears_whole_or_not_at_all() {
 
 #[test]
 fn a_rename_that_fails_at_commit_puts_the_earlier_ones_back() {
-    let dir = Scratch::new("rollback");
+    let dir = Scratch::new("output-rollback");
     let out = Outputs::default();
     let first = dir.path("first.bin");
     out.write_file(&first, bytes(b"old first")).unwrap();
@@ -245,7 +207,7 @@ fn a_rename_that_fails_at_commit_puts_the_earlier_ones_back() {
 
 #[test]
 fn a_stream_gets_nothing_when_its_group_fails() {
-    let dir = Scratch::new("stream-group");
+    let dir = Scratch::new("output-stream-group");
     let fifo = dir.path("pipe");
     assert!(std::process::Command::new("mkfifo")
         .arg(&fifo)
@@ -264,7 +226,7 @@ fn a_stream_gets_nothing_when_its_group_fails() {
 
 #[test]
 fn a_folder_is_replaced_whole() {
-    let dir = Scratch::new("folder");
+    let dir = Scratch::new("output-folder");
     let out = Outputs::default();
     let model = dir.path("merged");
     let fill = |files: &'static [(&'static str, &'static [u8])]| {
@@ -310,7 +272,7 @@ fn a_folder_is_replaced_whole() {
 #[test]
 fn an_unwritable_folder_is_an_output_error() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = Scratch::new("readonly");
+    let dir = Scratch::new("output-readonly");
     let locked = dir.path("locked");
     std::fs::create_dir(&locked).unwrap();
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();

@@ -42,6 +42,62 @@ enum Command {
     /// Cosine-similarity top-k of embeddings in .npy files (2-D float32):
     /// queries against a database, or a database against itself.
     CosineTopk(CosineTopkArgs),
+    /// Mean loss and perplexity of a Llama model (with an optional LoRA
+    /// adapter) over a JSONL data file, as transformers computes them.
+    Eval(EvalArgs),
+    /// Merges LoRA adapters into a base model (W + Σ wₖ·sₖ·Bₖ·Aₖ), writing a new model folder.
+    Merge(MergeArgs),
+}
+
+/// The arguments of `platypus eval`.
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// The model folder (config.json, model.safetensors or a sharded index, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// JSONL rows: pre-tokenized {"input_ids", "labels", "attention_mask"}, or
+    /// {"instruction", "input", "output"} formatted with the Alpaca templates.
+    #[arg(long)]
+    data: PathBuf,
+    /// Rows per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Longest row in tokens (instruction rows are cut there); default: the
+    /// model's max_position_embeddings.
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Worker threads on the CPU, 1 to 4 × the available cores (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The arguments of `platypus merge`.
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// The base model folder the adapters are merged into.
+    #[arg(long)]
+    base: PathBuf,
+    /// An adapter folder; repeat for several.
+    #[arg(long = "adapter", required = true)]
+    adapters: Vec<PathBuf>,
+    /// One weight per adapter, comma-separated (default: 1 each).
+    #[arg(long, value_delimiter = ',')]
+    weights: Vec<f32>,
+    /// The new model folder (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 /// A device to run on.
@@ -129,6 +185,8 @@ fn main() {
         Command::Info { json } => Ok(info(json)),
         Command::Kernels { json } => Ok(kernels(json)),
         Command::CosineTopk(args) => cosine_topk(&args).map_err(|e| ("cosine-topk", e)),
+        Command::Eval(args) => eval(&args).map_err(|e| ("eval", e)),
+        Command::Merge(args) => merge(&args).map_err(|e| ("merge", e)),
     });
     let report = match run {
         Ok(Ok(report)) => report,
@@ -343,6 +401,131 @@ fn max_threads() -> usize {
     4 * std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Sets the CPU worker threads (`--threads`): 1 to [`max_threads`], or all cores.
+fn set_threads(op: &'static str, threads: Option<usize>) -> platypus::Result<()> {
+    let Some(n) = threads else {
+        return Ok(());
+    };
+    let invalid = |what: String| platypus::Error::Invalid {
+        op,
+        arg: "threads",
+        what,
+    };
+    if n == 0 || n > max_threads() {
+        return Err(invalid(format!(
+            "is {n}; expected 1 to {} (4 × the available cores), or leave it out for all cores",
+            max_threads()
+        )));
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| invalid(e.to_string()))
+}
+
+impl DeviceArg {
+    /// The device this names.
+    fn open(self) -> platypus::Result<platypus::Device> {
+        Ok(match self {
+            DeviceArg::Cpu => platypus::Device::Cpu,
+            DeviceArg::Cuda => platypus::Device::cuda(0)?,
+            DeviceArg::Emulated => platypus::Device::Emulated,
+        })
+    }
+}
+
+/// A JSON object as one line of output.
+fn json_line(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).expect("serializing a report") + "\n"
+}
+
+fn eval(args: &EvalArgs) -> platypus::Result<String> {
+    use platypus::llama::{data, eval, tokenizer::Tokenizer, Adapter, Llama};
+    set_threads("eval", args.threads)?;
+    let device = args.device.open()?;
+    let mut model = Llama::load(&args.model, &device)?;
+    if let Some(dir) = &args.adapter {
+        model.attach(&Adapter::load(dir, &model.config)?)?;
+    }
+    let tokenizer_path = args.model.join("tokenizer.json");
+    let tokenizer = tokenizer_path
+        .exists()
+        .then(|| Tokenizer::from_file(&tokenizer_path, &model.config))
+        .transpose()?;
+    let max_len = args.max_len.unwrap_or(model.config.max_position_embeddings);
+    let examples = data::read_jsonl(&args.data, tokenizer.as_ref(), &model.config, max_len)?;
+    let pad = model.config.pad_token_id.unwrap_or(0);
+    let report = eval::evaluate(&model, &examples, args.batch_size, pad)?;
+    if args.json {
+        return Ok(json_line(&report));
+    }
+    let mut out = String::new();
+    say!(
+        out,
+        "loss {:.6}  perplexity {:.4}  over {} labels of {} rows ({} tokens, {:.1} tokens/s on {})",
+        report.loss,
+        report.perplexity,
+        report.label_tokens,
+        report.rows,
+        report.tokens,
+        report.tokens_per_s,
+        device_name(&device)
+    );
+    Ok(out)
+}
+
+/// "2 threads" on the CPU, the device's name elsewhere.
+fn device_name(device: &platypus::Device) -> String {
+    match device {
+        platypus::Device::Cpu => format!("{} threads", rayon::current_num_threads()),
+        other => other.to_string(),
+    }
+}
+
+fn merge(args: &MergeArgs) -> platypus::Result<String> {
+    use platypus::llama::{merge, Adapter, LlamaConfig};
+    let weights = if args.weights.is_empty() {
+        vec![1.0; args.adapters.len()]
+    } else {
+        args.weights.clone()
+    };
+    if weights.len() != args.adapters.len() || weights.iter().any(|w| !w.is_finite()) {
+        return Err(platypus::Error::Invalid {
+            op: "merge",
+            arg: "weights",
+            what: format!(
+                "{weights:?}: expected one finite weight per --adapter ({} given)",
+                args.adapters.len()
+            ),
+        });
+    }
+    let config = LlamaConfig::from_file(&args.base.join("config.json"))?;
+    let adapters = args
+        .adapters
+        .iter()
+        .zip(weights)
+        .map(|(dir, w)| Ok((Adapter::load(dir, &config)?, w)))
+        .collect::<platypus::Result<Vec<_>>>()?;
+    let start = std::time::Instant::now();
+    let report = merge::merge(&args.base, &adapters, &args.out)?;
+    if args.json {
+        return Ok(json_line(&report));
+    }
+    let mut out = String::new();
+    say!(
+        out,
+        "merged {} weights ({} tensors in {} files) into {} in {:.2} s; largest |merged - (base + delta)| over {} checked elements: {:.3e}",
+        report.tensors_merged,
+        report.tensors_written,
+        report.shards,
+        args.out.display(),
+        start.elapsed().as_secs_f64(),
+        report.elements_checked,
+        report.max_abs_diff
+    );
+    Ok(out)
+}
+
 /// `--out x.npy` → `x.scores.npy`; other names need `--scores`.
 fn scores_path(out: &Path) -> platypus::Result<PathBuf> {
     match out.to_str().and_then(|s| s.strip_suffix(".npy")) {
@@ -368,23 +551,8 @@ fn cosine_topk(args: &CosineTopkArgs) -> platypus::Result<String> {
         arg,
         what,
     };
-    if let Some(n) = args.threads {
-        if n == 0 || n > max_threads() {
-            return Err(invalid(
-                "threads",
-                format!("is {n}; expected 1 to {} (4 × the available cores), or leave it out for all cores", max_threads()),
-            ));
-        }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .map_err(|e| invalid("threads", e.to_string()))?;
-    }
-    let device = match args.device {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::cuda(0)?,
-        DeviceArg::Emulated => Device::Emulated,
-    };
+    set_threads("cosine-topk", args.threads)?;
+    let device = args.device.open()?;
     // The outputs are checked before any work: a bad --out fails in a moment, not after the search.
     let out = match &args.out {
         Some(out) => {
@@ -491,10 +659,7 @@ fn cosine_topk(args: &CosineTopkArgs) -> platypus::Result<String> {
         "searched {m} queries x {} rows (dim {}, {k}) in {secs:.3} s on {}",
         db.shape()[0],
         db.shape()[1],
-        match device {
-            Device::Cpu => format!("{} threads", rayon::current_num_threads()),
-            other => other.to_string(),
-        }
+        device_name(&device)
     );
     Ok(report)
 }

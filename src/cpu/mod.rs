@@ -4,7 +4,9 @@
 
 pub mod attention;
 pub mod cosine_topk;
+pub mod cross_entropy;
 pub mod lora;
 pub mod philox;
 pub mod rmsnorm;
 pub mod rope;
+pub mod swiglu;

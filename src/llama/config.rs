@@ -41,6 +41,8 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence tokens (one or several), if given.
     pub eos_token_ids: Vec<u32>,
+    /// Padding token, if given.
+    pub pad_token_id: Option<u32>,
 }
 
 impl LlamaConfig {
@@ -122,6 +124,7 @@ impl LlamaConfig {
             tie_word_embeddings: fields.boolean("tie_word_embeddings")?.unwrap_or(false),
             dtype: dtype(&fields)?,
             bos_token_id: fields.token("bos_token_id")?,
+            pad_token_id: fields.token("pad_token_id")?,
             eos_token_ids: match map.get("eos_token_id") {
                 Some(Value::Array(ids)) => ids
                     .iter()

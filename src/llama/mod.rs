@@ -1,8 +1,14 @@
 //! Llama 2 on the crate's kernels: what Hugging Face saves (config,
 //! safetensors weights, tokenizer), PEFT adapters, eval, generate and merge.
-//! This first step reads the model's `config.json`; the weights, the model
-//! and its commands build on it.
 
+pub mod adapter;
 pub mod config;
+pub mod data;
+pub mod eval;
+pub mod merge;
+pub mod model;
+pub mod tokenizer;
 
+pub use adapter::{Adapter, AdapterConfig, Module};
 pub use config::LlamaConfig;
+pub use model::{Llama, TokenBatch};

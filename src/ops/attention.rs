@@ -306,7 +306,7 @@ impl Problem {
                 })
             }
         };
-        if !HEAD_DIMS.contains(&head_dim) {
+        if !matches!(device, Device::Cpu) && !HEAD_DIMS.contains(&head_dim) {
             return Err(Error::Invalid {
                 op,
                 arg: "q",

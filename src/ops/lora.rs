@@ -17,6 +17,7 @@
 
 use super::{check_device, check_dtype, check_float, check_nonempty, check_shape, to_i32};
 use crate::cpu;
+use crate::host;
 use crate::cpu::lora::LoraDims;
 use crate::cpu::philox::Dropout;
 use crate::device::{DType, Device};
@@ -114,6 +115,9 @@ pub fn forward(x: &Tensor, weights: LoraWeights<'_>, cfg: &LoraConfig) -> Result
     *y_shape.last_mut().expect("checked rank") = l.dims.out_features;
     let device = x.device().clone();
     let u_shape = [l.dims.tokens, l.r16];
+    if host_path(x) {
+        return host_forward(OP, x, weights, &l, &y_shape);
+    }
     if let Device::Cpu = device {
         let (y, u) = cpu::lora::forward(
             &x.to_f32_vec()?,
@@ -226,6 +230,21 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let l = Layer::check_base(OP, x, w)?;
     let mut y_shape = x.shape().to_vec();
     *y_shape.last_mut().expect("checked rank") = l.dims.out_features;
+    if host_path(x) {
+        let mut y = Tensor::zeros(&y_shape, DType::F32, &l.device)?;
+        let (tokens, d_in, d_out) = (l.dims.tokens, l.dims.in_features, l.dims.out_features);
+        host::gemm::matmul_nt(
+            host::view::f32s(OP, "x", x)?,
+            host::view::weights(OP, "w", w)?,
+            tokens,
+            d_in,
+            d_out,
+            1.0,
+            0.0,
+            host::view::f32s_mut(OP, "y", &mut y)?,
+        );
+        return Ok(y);
+    }
     if let Device::Cpu = l.device {
         let (y, _) = cpu::lora::forward(
             &x.to_f32_vec()?,
@@ -243,6 +262,52 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let mut p = l.gemm(OP, x, d_in, w, d_in, d_in, &y, d_out, tokens, d_out)?;
     l.run(OP, "lora_gemm_nt_wide", Tile::WIDE, &mut p, 1)?;
     Ok(y)
+}
+
+/// True when an op on activation `x` runs the fast host code: f32 on the CPU
+/// (other dtypes there run the reference).
+fn host_path(x: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
+}
+
+/// [`forward`] on the host: y = x Wᵀ, u = dropout(x) Aᵀ, y += s u Bᵀ, three
+/// f32 GEMMs with W read in its stored dtype.
+fn host_forward(
+    op: &'static str,
+    x: &Tensor,
+    weights: LoraWeights<'_>,
+    l: &Layer,
+    y_shape: &[usize],
+) -> Result<LoraOutput> {
+    use host::gemm::{matmul_nt, Weights};
+    let (tokens, d_in, d_out, r) = (
+        l.dims.tokens,
+        l.dims.in_features,
+        l.dims.out_features,
+        l.dims.rank,
+    );
+    let xs = host::view::f32s(op, "x", x)?;
+    let (a, b) = (
+        host::view::f32s(op, "weights.a", weights.a)?,
+        host::view::f32s(op, "weights.b", weights.b)?,
+    );
+    let mut y = Tensor::zeros(y_shape, DType::F32, &l.device)?;
+    let ys = host::view::f32s_mut(op, "y", &mut y)?;
+    matmul_nt(xs, host::view::weights(op, "weights.w", weights.w)?, tokens, d_in, d_out, 1.0, 0.0, ys);
+    let dropped: Option<Vec<f32>> = l.dropout.as_ref().map(|d| {
+        let kept = 1.0 / (1.0 - d.p);
+        xs.iter()
+            .enumerate()
+            .map(|(e, &v)| if d.keep(e as u64) { v * kept } else { 0.0 })
+            .collect()
+    });
+    let mut u = vec![0.0f32; tokens * r];
+    matmul_nt(dropped.as_deref().unwrap_or(xs), Weights::F32(a), tokens, d_in, r, 1.0, 0.0, &mut u);
+    matmul_nt(&u, Weights::F32(b), tokens, r, d_out, l.scale, 1.0, ys);
+    Ok(LoraOutput {
+        y,
+        u: Tensor::from_slice(&l.pad_columns(&u), &[tokens, l.r16], &l.device)?,
+    })
 }
 
 /// dx = dy W for the base layer alone (W frozen).
@@ -481,7 +546,11 @@ impl Layer {
                 got: w.shape().to_vec(),
             });
         }
-        check_dtype(op, "weights.w", w, act.dtype())?;
+        if host_path(act) {
+            check_float(op, "weights.w", w)?;
+        } else {
+            check_dtype(op, "weights.w", w, act.dtype())?;
+        }
         check_device(op, "weights.w", w, device)?;
         if !matches!(device, Device::Cpu) {
             check_kernel_dtype(op, arg, act)?;

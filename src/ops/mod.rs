@@ -5,9 +5,12 @@
 
 pub mod attention;
 pub mod cosine_topk;
+pub mod cross_entropy;
+pub mod embedding;
 pub mod lora;
 pub mod rmsnorm;
 pub mod rope;
+pub mod swiglu;
 
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
@@ -120,4 +123,13 @@ fn vectorizable(tensors: &[&Tensor], row_bytes: usize) -> bool {
 fn threads_for_row(elems: usize, per_access: usize, max: u32) -> u32 {
     let accesses = elems.div_ceil(per_access);
     (accesses.div_ceil(32) * 32).clamp(32, max as usize) as u32
+}
+
+/// The error of an op whose kernel is not written yet: it runs on
+/// [`Device::Cpu`] only, for now.
+fn no_kernel_yet(op: &'static str, device: &Device) -> Error {
+    Error::Launch {
+        kernel: op.into(),
+        message: format!("has no kernel yet; it runs on the cpu device, not on {device}"),
+    }
 }

@@ -8,6 +8,7 @@ use super::{
     threads_for_row, to_i32, vectorizable,
 };
 use crate::cpu;
+use crate::host;
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
 use crate::kernels::params::{RmsNormBackwardParams, RmsNormDwReduceParams, RmsNormForwardParams};
@@ -64,6 +65,11 @@ pub fn forward_into(x: &Tensor, w: &Tensor, y: &mut Tensor, eps: f32) -> Result<
     check_dtype(OP, "y", y, x.dtype())?;
     check_device(OP, "y", y, x.device())?;
     check_aligned(OP, "y", y)?;
+    if let (Device::Cpu, DType::F32) = (x.device(), x.dtype()) {
+        let (xs, ws) = (host::view::f32s(OP, "x", x)?, host::view::f32s(OP, "w", w)?);
+        host::elementwise::rmsnorm(xs, ws, hidden, eps, host::view::f32s_mut(OP, "y", y)?);
+        return Ok(());
+    }
     if let Device::Cpu = x.device() {
         let out = cpu::rmsnorm::forward(&x.to_f32_vec()?, &w.to_f32_vec()?, hidden, eps);
         *y = Tensor::from_f32(&out, x.shape(), x.dtype(), x.device())?;
@@ -86,6 +92,29 @@ pub fn forward_into(x: &Tensor, w: &Tensor, y: &mut Tensor, eps: f32) -> Result<
         cfg,
         &mut params,
     )
+}
+
+/// The residual add fused with the next norm: h += delta, then returns
+/// rmsnorm(h) (a new tensor like h). One pass over h instead of two.
+pub fn add_forward(h: &mut Tensor, delta: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    const OP: &str = "rmsnorm::add_forward";
+    let (_, hidden) = check_inputs(OP, h, w, eps)?;
+    check_shape(OP, "delta", delta, h.shape())?;
+    check_dtype(OP, "delta", delta, h.dtype())?;
+    check_device(OP, "delta", delta, h.device())?;
+    if !matches!(h.device(), Device::Cpu) {
+        return Err(super::no_kernel_yet(OP, h.device()));
+    }
+    let mut y = Tensor::zeros(h.shape(), h.dtype(), h.device())?;
+    host::elementwise::add_rmsnorm(
+        host::view::f32s_mut(OP, "h", h)?,
+        host::view::f32s(OP, "delta", delta)?,
+        host::view::f32s(OP, "w", w)?,
+        hidden,
+        eps,
+        host::view::f32s_mut(OP, "y", &mut y)?,
+    );
+    Ok(y)
 }
 
 /// Gradients of [`forward`] given dy (like x). `dw` is computed only when

@@ -4,6 +4,8 @@
 pub mod attention;
 pub mod lora;
 
+use std::path::{Path, PathBuf};
+
 use platypus::{DType, Device, Tensor};
 
 /// False (with the reason printed) when this build has no GPU kernels and so
@@ -182,4 +184,44 @@ pub fn report(kernel: &str, case: &str, measured: &[Measured]) {
         .unwrap_or_else(|e| panic!("PLATYPUS_GPU_REPORT {path}: {e}"));
     file.write_all(lines.as_bytes())
         .unwrap_or_else(|e| panic!("PLATYPUS_GPU_REPORT {path}: {e}"));
+}
+
+/// A fresh folder under the system temp dir (`platypus-{name}-{pid}`), removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("platypus-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// The names in the folder (recursively, sorted): no temporary may remain.
+    pub fn names(&self) -> Vec<String> {
+        fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let e = e.unwrap();
+                let name = format!("{prefix}{}", e.file_name().to_string_lossy());
+                if e.file_type().unwrap().is_dir() {
+                    walk(&e.path(), &format!("{name}/"), out);
+                }
+                out.push(name);
+            }
+        }
+        let mut names = Vec::new();
+        walk(&self.0, "", &mut names);
+        names.sort();
+        names
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -1,0 +1,432 @@
+//! The Llama model against what transformers + PEFT computed on the same
+//! checkpoint (`../shared/fixtures/dev`, see its meta.json): logits, residual
+//! stream, final norm and loss of the base model and with the adapter;
+//! the merged weights; adapters and sharded checkpoints written and read
+//! back; and the errors of bad checkpoints and adapters.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::Scratch;
+use platypus::formats::safetensors::{self as st, Checkpoint, SafetensorsFile, TensorBytes};
+use platypus::llama::merge::merge;
+use platypus::llama::model::Forward;
+use platypus::llama::{Adapter, Llama, LlamaConfig, TokenBatch};
+use platypus::output::Outputs;
+use platypus::{Device, Error};
+
+fn dev_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/dev")
+}
+
+/// The fixture batch: ids, labels (unshifted), per-row lengths, batch, seq.
+struct Step {
+    file: SafetensorsFile,
+    ids: Vec<u32>,
+    labels: Vec<i64>,
+    lens: Vec<u32>,
+    batch: usize,
+    seq: usize,
+}
+
+impl Step {
+    fn load() -> Step {
+        let file = SafetensorsFile::open(&dev_dir().join("step.safetensors")).unwrap();
+        let ints = |name: &str| -> Vec<i64> {
+            bytemuck::cast_slice::<u8, i64>(file.bytes(name).unwrap()).to_vec()
+        };
+        let shape = file.info("input_ids").unwrap().shape.clone();
+        let (batch, seq) = (shape[0], shape[1]);
+        let ids = ints("input_ids").iter().map(|&v| v as u32).collect();
+        let mask = ints("attention_mask");
+        let lens = mask
+            .chunks(seq)
+            .map(|row| row.iter().sum::<i64>() as u32)
+            .collect();
+        Step {
+            ids,
+            labels: ints("labels"),
+            lens,
+            batch,
+            seq,
+            file,
+        }
+    }
+
+    fn batch(&self) -> TokenBatch<'_> {
+        TokenBatch {
+            ids: &self.ids,
+            batch: self.batch,
+            seq: self.seq,
+            lens: &self.lens,
+        }
+    }
+
+    fn f32s(&self, name: &str) -> Vec<f32> {
+        self.file.load_f32(name).unwrap()
+    }
+
+    fn scalar(&self, name: &str) -> f64 {
+        self.f32s(name)[0] as f64
+    }
+
+    /// Indices (token rows) of the real, unpadded tokens.
+    fn real_rows(&self) -> Vec<usize> {
+        (0..self.batch)
+            .flat_map(|b| (0..self.lens[b] as usize).map(move |t| b * self.seq + t))
+            .collect()
+    }
+}
+
+/// max |got − want| over the real tokens' rows (of `width`), relative to
+/// the largest |want| there.
+fn rel_diff(got: &[f32], want: &[f32], rows: &[usize], width: usize) -> f64 {
+    let (mut diff, mut scale) = (0.0f64, 0.0f64);
+    for &r in rows {
+        for (g, w) in got[r * width..][..width].iter().zip(&want[r * width..][..width]) {
+            diff = diff.max((*g as f64 - *w as f64).abs());
+            scale = scale.max((*w as f64).abs());
+        }
+    }
+    diff / scale
+}
+
+fn load_base(dir: &Path) -> Llama {
+    Llama::load(dir, &Device::Cpu).unwrap()
+}
+
+fn adapter(config: &LlamaConfig) -> Adapter {
+    Adapter::load(&dev_dir().join("adapter"), config).unwrap()
+}
+
+fn check_logits(model: &Llama, step: &Step, fwd: &Forward, fixture: &str) {
+    let logits = model.logits(&fwd.hidden).unwrap().to_f32_vec().unwrap();
+    let want = step.f32s(fixture);
+    let d = rel_diff(&logits, &want, &step.real_rows(), model.config.vocab_size);
+    assert!(d < 1e-5, "{fixture}: relative difference {d:e}");
+}
+
+#[test]
+fn base_model_logits_and_loss_match_transformers_on_cpu() {
+    let step = Step::load();
+    let model = load_base(&dev_dir().join("base_model"));
+    let fwd = model.forward(&step.batch(), false).unwrap();
+    check_logits(&model, &step, &fwd, "base_logits");
+    let loss = model.loss(&step.batch(), &step.labels).unwrap();
+    let want = step.scalar("base_loss");
+    assert_eq!(loss.tokens, 25, "the fixture counts 25 shifted labels");
+    assert!(
+        ((loss.mean() - want) / want).abs() < 1e-5,
+        "loss {} vs transformers {want}",
+        loss.mean()
+    );
+}
+
+#[test]
+fn adapter_logits_hidden_states_and_loss_match_peft_on_cpu() {
+    let step = Step::load();
+    let mut model = load_base(&dev_dir().join("base_model"));
+    model.attach(&adapter(&model.config)).unwrap();
+    let fwd = model.forward(&step.batch(), true).unwrap();
+    let rows = step.real_rows();
+    let h = model.config.hidden_size;
+    let n = model.config.num_hidden_layers;
+    assert_eq!(fwd.residuals.len(), n + 1);
+    for (i, name) in [(0, "hidden_0"), (1, "hidden_1"), (n, "last_layer_prenorm")] {
+        let got = fwd.residuals[i].to_f32_vec().unwrap();
+        let d = rel_diff(&got, &step.f32s(name), &rows, h);
+        assert!(d < 1e-5, "{name}: relative difference {d:e}");
+    }
+    let d = rel_diff(
+        &fwd.hidden.to_f32_vec().unwrap(),
+        &step.f32s("hidden_2"),
+        &rows,
+        h,
+    );
+    assert!(d < 1e-5, "final norm: relative difference {d:e}");
+    check_logits(&model, &step, &fwd, "logits");
+    let loss = model.loss(&step.batch(), &step.labels).unwrap().mean();
+    let want = step.scalar("loss");
+    assert!(((loss - want) / want).abs() < 1e-5, "loss {loss} vs PEFT {want}");
+}
+
+#[test]
+fn merge_matches_peft_merged_weights_and_keeps_the_loss() {
+    let step = Step::load();
+    let scratch = Scratch::new("llama-merge");
+    let out = scratch.path("merged");
+    let base = dev_dir().join("base_model");
+    let config = LlamaConfig::from_file(&base.join("config.json")).unwrap();
+    let report = merge(&base, &[(adapter(&config), 1.0)], &out).unwrap();
+    assert_eq!(report.tensors_merged, 14, "7 modules × 2 layers");
+    assert!(report.max_abs_diff < 1e-6, "{report:?}");
+    let ours = SafetensorsFile::open(&out.join("model.safetensors")).unwrap();
+    let peft = SafetensorsFile::open(&dev_dir().join("merged/model.safetensors")).unwrap();
+    assert_eq!(
+        ours.tensors().keys().collect::<Vec<_>>(),
+        peft.tensors().keys().collect::<Vec<_>>()
+    );
+    for name in peft.tensors().keys() {
+        let (a, b) = (ours.load_f32(name).unwrap(), peft.load_f32(name).unwrap());
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(d <= 1e-6, "{name}: max difference {d:e}");
+    }
+    for side in ["config.json", "generation_config.json"] {
+        assert_eq!(
+            std::fs::read(out.join(side)).unwrap(),
+            std::fs::read(base.join(side)).unwrap()
+        );
+    }
+    let merged = load_base(&out);
+    let loss = merged.loss(&step.batch(), &step.labels).unwrap().mean();
+    let want = step.scalar("loss");
+    assert!(((loss - want) / want).abs() < 1e-5, "merged loss {loss} vs {want}");
+    // A second merge onto the same folder is refused and leaves it as it was.
+    let e = merge(&base, &[(adapter(&config), 1.0)], &out).unwrap_err();
+    assert!(matches!(e, Error::Output { .. }), "{e}");
+    assert!(out.join("model.safetensors").exists());
+}
+
+#[test]
+fn two_adapters_merge_to_the_weighted_sum_of_their_deltas() {
+    let scratch = Scratch::new("llama-merge2");
+    let base = dev_dir().join("base_model");
+    let config = LlamaConfig::from_file(&base.join("config.json")).unwrap();
+    let a = adapter(&config);
+    let mut b = a.clone();
+    for f in b.factors.values_mut() {
+        f.b.iter_mut().for_each(|v| *v = -*v * 0.5);
+    }
+    // 0.6·Δa + 0.4·(−Δa/2) = 0.4·Δa: the same as merging a alone at 0.4.
+    merge(&base, &[(a.clone(), 0.6), (b, 0.4)], &scratch.path("two")).unwrap();
+    merge(&base, &[(a, 0.4)], &scratch.path("one")).unwrap();
+    let two = SafetensorsFile::open(&scratch.path("two/model.safetensors")).unwrap();
+    let one = SafetensorsFile::open(&scratch.path("one/model.safetensors")).unwrap();
+    for name in one.tensors().keys() {
+        let (x, y) = (two.load_f32(name).unwrap(), one.load_f32(name).unwrap());
+        let d = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+        assert!(d < 1e-6, "{name}: {d:e}");
+    }
+}
+
+#[test]
+fn an_adapter_saved_by_the_crate_loads_back_identically() {
+    let scratch = Scratch::new("llama-adapter");
+    let config = LlamaConfig::from_file(&dev_dir().join("base_model/config.json")).unwrap();
+    let a = adapter(&config);
+    let dir = scratch.path("saved");
+    a.save(&dir, &Outputs::default()).unwrap();
+    assert_eq!(Adapter::load(&dir, &config).unwrap(), a);
+    let e = a.save(&dir, &Outputs::default()).unwrap_err();
+    assert!(e.to_string().contains("exists already"), "{e}");
+}
+
+/// Writes the base model's tensors as two shards and an index.
+fn write_sharded(dir: &Path) {
+    let base = dev_dir().join("base_model");
+    let file = SafetensorsFile::open(&base.join("model.safetensors")).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(base.join("config.json"), dir.join("config.json")).unwrap();
+    let names: Vec<&String> = file.tensors().keys().collect();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (i, part) in [first, second].into_iter().enumerate() {
+        let shard = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let tensors: Vec<TensorBytes<'_>> = part
+            .iter()
+            .map(|n| {
+                let info = file.info(n).unwrap();
+                TensorBytes {
+                    name: n,
+                    dtype: info.dtype,
+                    shape: &info.shape,
+                    bytes: file.bytes(n).unwrap(),
+                }
+            })
+            .collect();
+        let outputs = Outputs::default();
+        let mut group = outputs.group();
+        st::write(&mut group, &dir.join(&shard), &tensors, &BTreeMap::new()).unwrap();
+        group.commit().unwrap();
+        for n in part {
+            map.insert(n.to_string(), shard.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join(st::INDEX_NAME), index.to_string()).unwrap();
+}
+
+#[test]
+fn a_sharded_checkpoint_gives_the_same_logits_and_merges_shard_by_shard() {
+    let step = Step::load();
+    let scratch = Scratch::new("llama-shards");
+    let dir = scratch.path("sharded");
+    write_sharded(&dir);
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    assert!(ckpt.is_sharded());
+    assert_eq!(ckpt.shards().len(), 2);
+    let model = load_base(&dir);
+    let fwd = model.forward(&step.batch(), false).unwrap();
+    check_logits(&model, &step, &fwd, "base_logits");
+    let out = scratch.path("merged");
+    let report = merge(&dir, &[(adapter(&model.config), 1.0)], &out).unwrap();
+    assert_eq!(report.shards, 2);
+    assert!(out.join(st::INDEX_NAME).exists());
+    let merged = Checkpoint::open(&out).unwrap();
+    assert_eq!(merged.shards().len(), 2);
+    let peft = SafetensorsFile::open(&dev_dir().join("merged/model.safetensors")).unwrap();
+    for name in peft.tensors().keys() {
+        let got = merged.file_of(name).unwrap().load_f32(name).unwrap();
+        let d = got
+            .iter()
+            .zip(peft.load_f32(name).unwrap())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(d <= 1e-6, "{name}: {d:e}");
+    }
+    // A shard named in the index but missing is an error naming it.
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let e = Checkpoint::open(&dir).unwrap_err().to_string();
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+}
+
+fn file_error(e: Error) -> String {
+    assert!(matches!(e, Error::File { .. }), "{e:?}");
+    e.to_string()
+}
+
+#[test]
+fn truncated_and_corrupt_weights_are_file_errors() {
+    let scratch = Scratch::new("llama-corrupt");
+    let bytes = std::fs::read(dev_dir().join("base_model/model.safetensors")).unwrap();
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("truncated", bytes[..bytes.len() - 100].to_vec()),
+        ("header", {
+            let mut b = bytes.clone();
+            b[8] = b'#';
+            b
+        }),
+        ("tiny", vec![1, 2, 3]),
+    ];
+    for (name, content) in cases {
+        let dir = scratch.path(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(dev_dir().join("base_model/config.json"), dir.join("config.json")).unwrap();
+        std::fs::write(dir.join("model.safetensors"), content).unwrap();
+        let e = file_error(Llama::load(&dir, &Device::Cpu).unwrap_err());
+        assert!(e.contains("not a valid safetensors file"), "{name}: {e}");
+    }
+    let e = file_error(Llama::load(&scratch.path("none"), &Device::Cpu).unwrap_err());
+    assert!(e.contains("config.json"), "{e}");
+}
+
+/// Copies the fixture adapter into `dir` with its weights rewritten by `edit`.
+fn edited_adapter(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>)) {
+    let src = SafetensorsFile::open(&dev_dir().join("adapter/adapter_model.safetensors")).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = src
+        .tensors()
+        .iter()
+        .map(|(n, i)| (n.clone(), i.shape.clone(), src.load_f32(n).unwrap()))
+        .collect();
+    edit(&mut tensors);
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(
+        dev_dir().join("adapter/adapter_config.json"),
+        dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    let list: Vec<TensorBytes<'_>> = tensors
+        .iter()
+        .map(|(n, s, v)| TensorBytes {
+            name: n,
+            dtype: platypus::DType::F32,
+            shape: s,
+            bytes: bytemuck::cast_slice(v),
+        })
+        .collect();
+    let outputs = Outputs::default();
+    let mut group = outputs.group();
+    st::write(&mut group, &dir.join("adapter_model.safetensors"), &list, &BTreeMap::new()).unwrap();
+    group.commit().unwrap();
+}
+
+#[test]
+fn adapter_and_base_mismatches_name_the_key() {
+    let scratch = Scratch::new("llama-bad-adapter");
+    let config = LlamaConfig::from_file(&dev_dir().join("base_model/config.json")).unwrap();
+    let q_a = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight";
+    let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>)>, &str)> = vec![
+        (
+            "shape",
+            Box::new(|t| {
+                let e = t.iter_mut().find(|e| e.0 == q_a).unwrap();
+                e.1 = vec![4, 128];
+                e.2.truncate(512);
+            }),
+            "has shape [4, 128], expected [8, 64]",
+        ),
+        (
+            "missing",
+            Box::new(|t| t.retain(|e| e.0 != q_a)),
+            "has no key `base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight`",
+        ),
+        (
+            "layer",
+            Box::new(|t| {
+                let mut extra = t.iter().find(|e| e.0 == q_a).unwrap().clone();
+                extra.0 = extra.0.replace("layers.1.", "layers.7.");
+                t.push(extra);
+            }),
+            "the base model has 2 layers",
+        ),
+        (
+            "unknown",
+            Box::new(|t| {
+                let mut extra = t[0].clone();
+                extra.0 = "base_model.model.lm_head.lora_A.weight".into();
+                t.push(extra);
+            }),
+            "key `base_model.model.lm_head.lora_A.weight` is not a LoRA factor",
+        ),
+    ];
+    for (name, edit, want) in cases {
+        let dir = scratch.path(name);
+        edited_adapter(&dir, edit);
+        let e = file_error(Adapter::load(&dir, &config).unwrap_err());
+        assert!(e.contains(want), "{name}: {e}");
+    }
+}
+
+#[test]
+fn adapter_configs_this_crate_cannot_run_are_refused_by_field() {
+    let path = Path::new("adapter_config.json");
+    let base = std::fs::read_to_string(dev_dir().join("adapter/adapter_config.json")).unwrap();
+    let edit = |field: &str, value: serde_json::Value| {
+        let mut v: serde_json::Value = serde_json::from_str(&base).unwrap();
+        v[field] = value;
+        v.to_string()
+    };
+    for (field, value, want) in [
+        ("use_dora", serde_json::json!(true), "use_dora is true"),
+        ("bias", serde_json::json!("all"), "bias is \"all\""),
+        ("peft_type", serde_json::json!("IA3"), "peft_type is \"IA3\""),
+        ("target_modules", serde_json::json!(["lm_head"]), "target_modules names \"lm_head\""),
+        ("rank_pattern", serde_json::json!({"q_proj": 4}), "rank_pattern is not empty"),
+        ("r", serde_json::json!(0), "r is"),
+    ] {
+        let e = platypus::llama::AdapterConfig::from_json(&edit(field, value), path).unwrap_err();
+        assert!(file_error(e).contains(want), "{field}");
+    }
+    let all = platypus::llama::AdapterConfig::from_json(
+        &edit("target_modules", serde_json::json!("all-linear")),
+        path,
+    )
+    .unwrap();
+    assert_eq!(all.targets.len(), 7);
+}
