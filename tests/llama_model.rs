@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use common::Scratch;
 use platypus::formats::safetensors::{self as st, Checkpoint, SafetensorsFile, TensorBytes};
 use platypus::llama::merge::merge;
-use platypus::llama::model::Forward;
+use platypus::llama::generate::{generate, GenerateConfig, Sampling};
+use platypus::llama::model::{Forward, KvCache};
 use platypus::llama::{Adapter, Llama, LlamaConfig, TokenBatch};
 use platypus::output::Outputs;
 use platypus::{Device, Error};
@@ -429,4 +430,101 @@ fn adapter_configs_this_crate_cannot_run_are_refused_by_field() {
     )
     .unwrap();
     assert_eq!(all.targets.len(), 7);
+}
+
+#[test]
+fn greedy_generation_with_the_kv_cache_matches_transformers() {
+    let step = Step::load();
+    let model = load_base(&dev_dir().join("merged"));
+    let ints = |name: &str| -> Vec<u32> {
+        bytemuck::cast_slice::<u8, i64>(step.file.bytes(name).unwrap())
+            .iter()
+            .map(|&v| v as u32)
+            .collect()
+    };
+    let prompt = ints("gen_prompt_ids");
+    let want = ints("generated_new_ids");
+    let cfg = GenerateConfig {
+        max_new_tokens: want.len(),
+        sampling: None,
+        stop: Vec::new(),
+        keep_logits: true,
+    };
+    let got = generate(&model, &prompt, &cfg).unwrap();
+    assert_eq!(got.ids, want);
+    let step_logits = step.f32s("gen_step_logits");
+    let vocab = model.config.vocab_size;
+    for (i, row) in got.logits.iter().enumerate() {
+        let d = rel_diff(row, &step_logits[i * vocab..][..vocab], &[0], vocab);
+        assert!(d < 1e-5, "step {i}: relative difference {d:e}");
+    }
+    // Stopping at a token: the first generated one ends it.
+    let stop = GenerateConfig {
+        stop: vec![want[0]],
+        keep_logits: false,
+        ..cfg.clone()
+    };
+    let got = generate(&model, &prompt, &stop).unwrap();
+    assert_eq!((got.ids, got.stopped), (vec![want[0]], true));
+}
+
+#[test]
+fn cached_decoding_equals_the_full_forward_pass() {
+    let step = Step::load();
+    let model = load_base(&dev_dir().join("base_model"));
+    let row = &step.ids[..step.seq];
+    let full = model
+        .forward(
+            &TokenBatch {
+                ids: row,
+                batch: 1,
+                seq: step.seq,
+                lens: &[step.seq as u32],
+            },
+            false,
+        )
+        .unwrap()
+        .hidden
+        .to_f32_vec()
+        .unwrap();
+    // 5 tokens, then 1, then the rest: each piece sees what came before.
+    let mut cache = KvCache::new(&model, 1, step.seq).unwrap();
+    let mut got = Vec::new();
+    for piece in [&row[..5], &row[5..6], &row[6..]] {
+        got.extend(model.forward_cached(piece, &mut cache).unwrap().to_f32_vec().unwrap());
+    }
+    assert_eq!(cache.len(), step.seq);
+    let h = model.config.hidden_size;
+    let d = rel_diff(&got, &full, &(0..step.seq).collect::<Vec<_>>(), h);
+    assert!(d < 1e-5, "relative difference {d:e}");
+    // A full cache refuses more tokens.
+    let e = model.forward_cached(&row[..1], &mut cache).unwrap_err();
+    assert!(e.to_string().contains("cached tokens"), "{e}");
+}
+
+#[test]
+fn sampling_is_seeded_and_prompts_past_the_context_are_refused() {
+    let model = load_base(&dev_dir().join("base_model"));
+    let cfg = |seed| GenerateConfig {
+        max_new_tokens: 6,
+        sampling: Some(Sampling {
+            temperature: 1.5,
+            top_p: 0.9,
+            seed,
+        }),
+        stop: Vec::new(),
+        keep_logits: false,
+    };
+    let prompt = [1u32, 17, 42];
+    let a = generate(&model, &prompt, &cfg(7)).unwrap().ids;
+    assert_eq!(a, generate(&model, &prompt, &cfg(7)).unwrap().ids);
+    let others: Vec<Vec<u32>> = (8..12).map(|s| generate(&model, &prompt, &cfg(s)).unwrap().ids).collect();
+    assert!(others.iter().any(|o| *o != a), "different seeds all gave {a:?}");
+    let long = vec![5u32; model.config.max_position_embeddings];
+    let e = generate(&model, &long, &cfg(0)).unwrap_err().to_string();
+    assert!(e.contains("max_position_embeddings 64"), "{e}");
+    let mut bad = cfg(0);
+    bad.sampling = Some(Sampling { temperature: 1.0, top_p: 0.0, seed: 0 });
+    let e = generate(&model, &prompt, &bad).unwrap_err().to_string();
+    assert!(e.contains("top_p"), "{e}");
 }

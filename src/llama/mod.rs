@@ -5,6 +5,7 @@ pub mod adapter;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod generate;
 pub mod merge;
 pub mod model;
 pub mod tokenizer;

@@ -267,11 +267,51 @@ impl Llama {
     /// Runs the decoder over `batch`; `keep_residuals` also returns the
     /// residual stream between layers (what the parity tests compare).
     pub fn forward(&self, batch: &TokenBatch<'_>, keep_residuals: bool) -> Result<Forward> {
+        check_batch(&self.config, batch)?;
+        self.run(batch.ids, batch.batch, batch.seq, Context::Padded(batch.lens), keep_residuals)
+    }
+
+    /// Runs the decoder over `new` tokens per row ([batch, new] ids) after the
+    /// `cache.len()` tokens the cache holds, appending their keys and values
+    /// to it; returns the final hidden states [batch · new, hidden].
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let b = cache.batch;
+        let t = ids.len() / b.max(1);
+        if t == 0 || ids.len() != b * t || cache.len + t > cache.capacity {
+            return Err(Error::Invalid {
+                op: "Llama::forward_cached",
+                arg: "ids",
+                what: format!(
+                    "{} ids for {b} rows after {} cached tokens: expected a positive multiple of {b}, at most {} more per row",
+                    ids.len(),
+                    cache.len,
+                    cache.capacity - cache.len
+                ),
+            });
+        }
+        let hidden = self.run(ids, b, t, Context::Cached(cache), false)?.hidden;
+        cache.len += t;
+        Ok(hidden)
+    }
+
+    /// The decoder over ids [b, t]: padded rows, or new tokens after a cache.
+    fn run(
+        &self,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        mut context: Context<'_, '_>,
+        keep_residuals: bool,
+    ) -> Result<Forward> {
         let c = &self.config;
-        let (b, t) = (batch.batch, batch.seq);
-        check_batch(c, batch)?;
         let tokens = b * t;
-        let positions: Vec<i32> = (0..b).flat_map(|_| 0..t as i32).collect();
+        let start = match &context {
+            Context::Padded(_) => 0,
+            Context::Cached(cache) => cache.len,
+        };
+        let positions: Vec<i32> = (0..b)
+            .flat_map(|_| (start..start + t).map(|p| p as i32))
+            .collect();
         let positions = Tensor::from_slice(&positions, &[b, t], &self.device)?;
         let rope_cfg = RopeConfig {
             theta: c.rope_theta,
@@ -282,7 +322,7 @@ impl Llama {
             scale: None,
         };
         let mut residuals = Vec::new();
-        let mut h = embedding::forward(&self.embed, batch.ids, self.dtype)?;
+        let mut h = embedding::forward(&self.embed, ids, self.dtype)?;
         if keep_residuals {
             residuals.push(h.to_device(&self.device)?);
         }
@@ -293,7 +333,17 @@ impl Llama {
             let mut k = proj(Module::K, &x)?.reshape(&[b, t, c.num_key_value_heads, c.head_dim])?;
             let v = proj(Module::V, &x)?.reshape(&[b, t, c.num_key_value_heads, c.head_dim])?;
             rope::forward(&mut q, &mut k, &positions, &rope_cfg)?;
-            let o = attention::forward(&q, &k, &v, Batch::Padded(batch.lens), &attn_cfg)?.o;
+            let o = match &mut context {
+                Context::Padded(lens) => {
+                    attention::forward(&q, &k, &v, Batch::Padded(lens), &attn_cfg)?.o
+                }
+                Context::Cached(cache) => {
+                    let (kc, vc) = &mut cache.layers[i];
+                    attention::write_cache(kc, &k, start)?;
+                    attention::write_cache(vc, &v, start)?;
+                    attention::forward_cached(&q, kc, vc, start + t, &attn_cfg)?.o
+                }
+            };
             let o = o.reshape(&[tokens, c.q_width()])?;
             let delta = proj(Module::O, &o)?;
             x = rmsnorm::add_forward(&mut h, &delta, &layer.post_attention_norm, c.rms_norm_eps)?;
@@ -334,6 +384,70 @@ impl Llama {
         let shifted = shift_labels(labels, batch.seq);
         let fwd = self.forward(batch, false)?;
         cross_entropy::linear_cross_entropy(&fwd.hidden, self.head(), &shifted)
+    }
+}
+
+/// What attention sees: the rows of a padded batch, or a KV cache.
+enum Context<'a, 'c> {
+    Padded(&'a [u32]),
+    Cached(&'c mut KvCache),
+}
+
+/// Keys and values of every layer for `batch` rows of up to `capacity`
+/// tokens, preallocated on the model's device; `len` tokens are filled.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    batch: usize,
+    capacity: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `model`: [batch, capacity, kv_heads, head_dim] keys
+    /// and values per layer. `capacity` must not pass max_position_embeddings.
+    pub fn new(model: &Llama, batch: usize, capacity: usize) -> Result<KvCache> {
+        let c = &model.config;
+        if batch == 0 || capacity == 0 || capacity > c.max_position_embeddings {
+            return Err(Error::Invalid {
+                op: "KvCache::new",
+                arg: "capacity",
+                what: format!(
+                    "{batch} rows of {capacity} tokens: expected at least one row of 1 to max_position_embeddings {} tokens",
+                    c.max_position_embeddings
+                ),
+            });
+        }
+        let shape = [batch, capacity, c.num_key_value_heads, c.head_dim];
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(&shape, model.dtype, &model.device)?,
+                    Tensor::zeros(&shape, model.dtype, &model.device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache {
+            layers,
+            batch,
+            capacity,
+            len: 0,
+        })
+    }
+
+    /// Tokens per row held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before the first forward pass.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tokens per row it can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 }
 

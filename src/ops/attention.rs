@@ -18,6 +18,8 @@
 
 use super::{check_device, check_dtype, check_float, check_nonempty, check_shape, to_i32};
 use crate::cpu;
+use crate::host;
+use crate::host::attention::KvDims;
 use crate::cpu::attention::{AttentionDims, SeqSpan};
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
@@ -96,6 +98,16 @@ pub fn forward(
     const OP: &str = "attention::forward";
     let pb = Problem::check(OP, q, k, v, batch, cfg)?;
     let device = q.device().clone();
+    if let (Device::Cpu, DType::F32) = (&device, q.dtype()) {
+        let dims = KvDims {
+            q_tokens: pb.dims.tokens,
+            kv_tokens: pb.dims.tokens,
+            q_heads: pb.dims.q_heads,
+            kv_heads: pb.dims.kv_heads,
+            head_dim: pb.dims.head_dim,
+        };
+        return host_forward(OP, q, k, v, &dims, &pb.spans, &pb.spans, pb.scale, cfg.causal);
+    }
     if let Device::Cpu = device {
         let (o, lse) = cpu::attention::forward(
             &q.to_f32_vec()?,
@@ -125,6 +137,133 @@ pub fn forward(
         &mut params,
     )?;
     Ok(AttentionOutput { o, lse })
+}
+
+/// Attention of new queries to a KV cache, as decoding needs it: q [batch,
+/// new, q_heads, head_dim] against the first `kv_len` rows of k_cache and
+/// v_cache [batch, capacity, kv_heads, head_dim] (the new tokens' keys
+/// already written there), the causal mask aligned to the end (query i of
+/// the `new` sees keys j ≤ i + kv_len − new), as FlashAttention-2 has it.
+pub fn forward_cached(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    kv_len: usize,
+    cfg: &AttentionConfig,
+) -> Result<AttentionOutput> {
+    const OP: &str = "attention::forward_cached";
+    check_float(OP, "q", q)?;
+    let &[b, t, q_heads, d] = q.shape() else {
+        return Err(Error::Shape {
+            op: OP,
+            arg: "q",
+            expected: "[batch, new, q_heads, head_dim]".into(),
+            got: q.shape().to_vec(),
+        });
+    };
+    let kv_heads = k_cache.shape().get(2).copied().unwrap_or(0);
+    let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
+    for (arg, c) in [("k_cache", k_cache), ("v_cache", v_cache)] {
+        check_shape(OP, arg, c, &[b, capacity, kv_heads, d])?;
+        check_dtype(OP, arg, c, q.dtype())?;
+        check_device(OP, arg, c, q.device())?;
+    }
+    if kv_heads == 0 || q_heads % kv_heads != 0 {
+        return Err(Error::Invalid {
+            op: OP,
+            arg: "k_cache",
+            what: format!("{kv_heads} kv heads do not divide the {q_heads} query heads"),
+        });
+    }
+    if kv_len < t || kv_len > capacity {
+        return Err(Error::Invalid {
+            op: OP,
+            arg: "kv_len",
+            what: format!("{kv_len} is not between the {t} new tokens and the capacity {capacity}"),
+        });
+    }
+    if !(matches!(q.device(), Device::Cpu) && q.dtype() == DType::F32) {
+        return Err(super::no_kernel_yet(OP, q.device()));
+    }
+    let dims = KvDims {
+        q_tokens: b * t,
+        kv_tokens: b * capacity,
+        q_heads,
+        kv_heads,
+        head_dim: d,
+    };
+    let q_spans: Vec<SeqSpan> = (0..b).map(|i| SeqSpan { start: i * t, len: t }).collect();
+    let kv_spans: Vec<SeqSpan> = (0..b)
+        .map(|i| SeqSpan {
+            start: i * capacity,
+            len: kv_len,
+        })
+        .collect();
+    let scale = cfg.scale.unwrap_or(1.0 / (d as f32).sqrt());
+    host_forward(OP, q, k_cache, v_cache, &dims, &q_spans, &kv_spans, scale, cfg.causal)
+}
+
+/// The host attention on f32 CPU tensors.
+#[allow(clippy::too_many_arguments)]
+fn host_forward(
+    op: &'static str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dims: &KvDims,
+    q_spans: &[SeqSpan],
+    kv_spans: &[SeqSpan],
+    scale: f32,
+    causal: bool,
+) -> Result<AttentionOutput> {
+    let mut o = Tensor::zeros(q.shape(), DType::F32, q.device())?;
+    let mut lse = Tensor::zeros(&[dims.q_heads, dims.q_tokens], DType::F32, q.device())?;
+    host::attention::attention_forward(
+        host::view::f32s(op, "q", q)?,
+        host::view::f32s(op, "k", k)?,
+        host::view::f32s(op, "v", v)?,
+        dims,
+        q_spans,
+        kv_spans,
+        scale,
+        causal,
+        host::view::f32s_mut(op, "o", &mut o)?,
+        host::view::f32s_mut(op, "lse", &mut lse)?,
+    );
+    Ok(AttentionOutput { o, lse })
+}
+
+/// Writes `new` [batch, t, kv_heads, head_dim] into rows `start .. start + t`
+/// of `cache` [batch, capacity, kv_heads, head_dim].
+pub fn write_cache(cache: &mut Tensor, new: &Tensor, start: usize) -> Result<()> {
+    const OP: &str = "attention::write_cache";
+    let &[b, t, h, d] = new.shape() else {
+        return Err(Error::Shape {
+            op: OP,
+            arg: "new",
+            expected: "[batch, new, kv_heads, head_dim]".into(),
+            got: new.shape().to_vec(),
+        });
+    };
+    let capacity = cache.shape().get(1).copied().unwrap_or(0);
+    check_shape(OP, "cache", cache, &[b, capacity, h, d])?;
+    check_dtype(OP, "new", new, cache.dtype())?;
+    check_device(OP, "new", new, cache.device())?;
+    if start + t > capacity {
+        return Err(Error::Invalid {
+            op: OP,
+            arg: "start",
+            what: format!("{start} + {t} new rows pass the capacity {capacity}"),
+        });
+    }
+    let row = h * d * new.dtype().size();
+    let (Some(src), Some(dst)) = (new.host_bytes(), cache.host_bytes_mut()) else {
+        return Err(super::no_kernel_yet(OP, new.device()));
+    };
+    for i in 0..b {
+        dst[(i * capacity + start) * row..][..t * row].copy_from_slice(&src[i * t * row..][..t * row]);
+    }
+    Ok(())
 }
 
 /// Attention backward: gradients for upstream `dout` (like q), given the
