@@ -45,8 +45,113 @@ enum Command {
     /// Mean loss and perplexity of a Llama model (with an optional LoRA
     /// adapter) over a JSONL data file, as transformers computes them.
     Eval(EvalArgs),
+    /// Generates text after a prompt with a Llama model (KV cache; greedy unless --temperature).
+    Generate(GenerateArgs),
     /// Merges LoRA adapters into a base model (W + Σ wₖ·sₖ·Bₖ·Aₖ), writing a new model folder.
     Merge(MergeArgs),
+    /// Writes a new, randomly initialised Llama model folder (and a BPE tokenizer trained on a corpus).
+    InitModel(InitModelArgs),
+    /// Writes a new LoRA adapter for a model, in PEFT's form.
+    InitAdapter(InitAdapterArgs),
+}
+
+/// The arguments of `platypus generate`.
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// The model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT LoRA adapter folder.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The prompt text (tokenized with the model's tokenizer.json, BOS first).
+    #[arg(long, group = "prompt_source", required = true)]
+    prompt: Option<String>,
+    /// A file holding the prompt text.
+    #[arg(long, group = "prompt_source")]
+    prompt_file: Option<PathBuf>,
+    /// The prompt as token ids (`1,5,9`), used as given (no BOS added).
+    #[arg(long, group = "prompt_source", value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Wrap the prompt text in Platypus' Alpaca instruction template.
+    #[arg(long)]
+    alpaca: bool,
+    /// Most new tokens (generation stops earlier at EOS).
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sample with this temperature instead of decoding greedily.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// With --temperature: sample from the smallest set of tokens whose probability reaches this.
+    #[arg(long, default_value_t = 1.0, requires = "temperature")]
+    top_p: f32,
+    /// With --temperature: the random seed.
+    #[arg(long, default_value_t = 0, requires = "temperature")]
+    seed: u64,
+    /// Worker threads on the CPU, 1 to 4 × the available cores (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The arguments of `platypus init-model`.
+#[derive(clap::Args)]
+struct InitModelArgs {
+    /// The new model folder (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// The architecture.
+    #[arg(long, value_enum, default_value_t = platypus::llama::init::Preset::Mini)]
+    preset: platypus::llama::init::Preset,
+    /// Stored dtype of the weights.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    dtype: DTypeArg,
+    /// Seed of the initialisation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Train a BPE tokenizer on this text: a text file (one document per
+    /// line) or JSONL (every string field of every row).
+    #[arg(long)]
+    tokenizer_corpus: Option<PathBuf>,
+}
+
+/// A stored dtype.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// The arguments of `platypus init-adapter`.
+#[derive(clap::Args)]
+struct InitAdapterArgs {
+    /// The model folder the adapter is for.
+    #[arg(long)]
+    model: PathBuf,
+    /// The new adapter folder (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Rank.
+    #[arg(long, default_value_t = 16)]
+    r: usize,
+    /// lora_alpha.
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// Targeted modules, comma-separated, or `all-linear`.
+    #[arg(long, value_delimiter = ',', default_value = "gate_proj,down_proj,up_proj")]
+    targets: Vec<String>,
+    /// B random too (a non-trivial adapter for trying merge); default: B zero, as PEFT starts.
+    #[arg(long)]
+    random_b: bool,
+    /// Seed of the initialisation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 /// The arguments of `platypus eval`.
@@ -187,6 +292,9 @@ fn main() {
         Command::CosineTopk(args) => cosine_topk(&args).map_err(|e| ("cosine-topk", e)),
         Command::Eval(args) => eval(&args).map_err(|e| ("eval", e)),
         Command::Merge(args) => merge(&args).map_err(|e| ("merge", e)),
+        Command::Generate(args) => generate(&args).map_err(|e| ("generate", e)),
+        Command::InitModel(args) => init_model(&args).map_err(|e| ("init-model", e)),
+        Command::InitAdapter(args) => init_adapter(&args).map_err(|e| ("init-adapter", e)),
     });
     let report = match run {
         Ok(Ok(report)) => report,
@@ -440,18 +548,11 @@ fn json_line(value: &impl serde::Serialize) -> String {
 }
 
 fn eval(args: &EvalArgs) -> platypus::Result<String> {
-    use platypus::llama::{data, eval, tokenizer::Tokenizer, Adapter, Llama};
+    use platypus::llama::{data, eval};
     set_threads("eval", args.threads)?;
     let device = args.device.open()?;
-    let mut model = Llama::load(&args.model, &device)?;
-    if let Some(dir) = &args.adapter {
-        model.attach(&Adapter::load(dir, &model.config)?)?;
-    }
-    let tokenizer_path = args.model.join("tokenizer.json");
-    let tokenizer = tokenizer_path
-        .exists()
-        .then(|| Tokenizer::from_file(&tokenizer_path, &model.config))
-        .transpose()?;
+    let model = load_model(&args.model, args.adapter.as_deref(), &device)?;
+    let tokenizer = model_tokenizer(&args.model, &model.config)?;
     let max_len = args.max_len.unwrap_or(model.config.max_position_embeddings);
     let examples = data::read_jsonl(&args.data, tokenizer.as_ref(), &model.config, max_len)?;
     let pad = model.config.pad_token_id.unwrap_or(0);
@@ -470,6 +571,198 @@ fn eval(args: &EvalArgs) -> platypus::Result<String> {
         report.tokens,
         report.tokens_per_s,
         device_name(&device)
+    );
+    Ok(out)
+}
+
+/// A model folder's tokenizer, when it has a `tokenizer.json`.
+fn model_tokenizer(
+    dir: &Path,
+    config: &platypus::llama::LlamaConfig,
+) -> platypus::Result<Option<platypus::llama::tokenizer::Tokenizer>> {
+    let path = dir.join("tokenizer.json");
+    path.exists()
+        .then(|| platypus::llama::tokenizer::Tokenizer::from_file(&path, config))
+        .transpose()
+}
+
+/// The model of `dir` on `device`, with the adapter of `adapter` attached.
+fn load_model(
+    dir: &Path,
+    adapter: Option<&Path>,
+    device: &platypus::Device,
+) -> platypus::Result<platypus::llama::Llama> {
+    let mut model = platypus::llama::Llama::load(dir, device)?;
+    if let Some(a) = adapter {
+        model.attach(&platypus::llama::Adapter::load(a, &model.config)?)?;
+    }
+    Ok(model)
+}
+
+fn generate(args: &GenerateArgs) -> platypus::Result<String> {
+    use platypus::llama::{data, generate};
+    set_threads("generate", args.threads)?;
+    let device = args.device.open()?;
+    let model = load_model(&args.model, args.adapter.as_deref(), &device)?;
+    let tokenizer = model_tokenizer(&args.model, &model.config)?;
+    let invalid = |arg, what: String| platypus::Error::Invalid {
+        op: "generate",
+        arg,
+        what,
+    };
+    let prompt = match (&args.prompt_ids, &args.prompt, &args.prompt_file) {
+        (Some(ids), _, _) => ids.clone(),
+        (None, text, file) => {
+            let text = match (text, file) {
+                (Some(t), _) => t.clone(),
+                (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| platypus::Error::File {
+                    path: f.clone(),
+                    what: format!("cannot read: {e}"),
+                })?,
+                (None, None) => unreachable!("clap requires one prompt source"),
+            };
+            let text = if args.alpaca {
+                data::alpaca_prompt(&text, None)
+            } else {
+                text
+            };
+            let t = tokenizer.as_ref().ok_or_else(|| {
+                invalid(
+                    "prompt",
+                    format!(
+                        "{} has no tokenizer.json: give --prompt-ids",
+                        args.model.display()
+                    ),
+                )
+            })?;
+            t.encode(&text, true)?
+        }
+    };
+    let cfg = generate::GenerateConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampling: args.temperature.map(|temperature| generate::Sampling {
+            temperature,
+            top_p: args.top_p,
+            seed: args.seed,
+        }),
+        stop: model.config.eos_token_ids.clone(),
+        keep_logits: false,
+    };
+    let out = generate::generate(&model, &prompt, &cfg)?;
+    let text = tokenizer.as_ref().map(|t| t.decode(&out.ids)).transpose()?;
+    if args.json {
+        #[derive(serde::Serialize)]
+        struct Report<'a> {
+            #[serde(flatten)]
+            generation: &'a generate::Generation,
+            text: Option<String>,
+        }
+        return Ok(json_line(&Report {
+            generation: &out,
+            text,
+        }));
+    }
+    let mut report = String::new();
+    match text {
+        Some(t) => {
+            say!(report, "{t}");
+        }
+        None => {
+            say!(report, "{:?}", out.ids);
+        }
+    }
+    eprintln!(
+        "{} new tokens after {} prompt tokens in {:.3} s ({:.1} tokens/s, prefill {:.3} s) on {}{}",
+        out.ids.len(),
+        out.prompt_tokens,
+        out.total_s,
+        out.tokens_per_s,
+        out.prefill_s,
+        device_name(&device),
+        if out.stopped { ", stopped at EOS" } else { "" }
+    );
+    Ok(report)
+}
+
+/// The texts of a corpus file: JSONL rows' string fields, or lines.
+fn corpus_texts(path: &Path) -> platypus::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| platypus::Error::File {
+        path: path.to_path_buf(),
+        what: format!("cannot read: {e}"),
+    })?;
+    let mut texts = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(serde_json::Value::Object(row)) => texts.extend(
+                row.values()
+                    .filter_map(|v| v.as_str().map(str::to_string)),
+            ),
+            _ => texts.push(line.to_string()),
+        }
+    }
+    if texts.is_empty() {
+        return Err(platypus::Error::File {
+            path: path.to_path_buf(),
+            what: "holds no text to train a tokenizer on".into(),
+        });
+    }
+    Ok(texts)
+}
+
+fn init_model(args: &InitModelArgs) -> platypus::Result<String> {
+    use platypus::llama::{init, tokenizer};
+    let mut config = args.preset.config();
+    let dtype = match args.dtype {
+        DTypeArg::F32 => platypus::DType::F32,
+        DTypeArg::F16 => platypus::DType::F16,
+        DTypeArg::Bf16 => platypus::DType::BF16,
+    };
+    let tok = match &args.tokenizer_corpus {
+        Some(path) => {
+            let texts = corpus_texts(path)?;
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let tok = tokenizer::train_bpe(&refs, config.vocab_size)?;
+            // The model's vocabulary is the tokenizer's: every id it can emit decodes.
+            config.vocab_size = tok.vocab_size();
+            Some(tok)
+        }
+        None => None,
+    };
+    init::write_random_model(&args.out, &config, dtype, args.seed, tok.as_ref())?;
+    let params: usize = platypus::llama::Llama::load(&args.out, &platypus::Device::Cpu)?.parameters();
+    let mut out = String::new();
+    say!(
+        out,
+        "wrote {} ({params} parameters, {dtype}{})",
+        args.out.display(),
+        tok.map_or(String::new(), |t| format!(", tokenizer of {} tokens", t.vocab_size()))
+    );
+    Ok(out)
+}
+
+fn init_adapter(args: &InitAdapterArgs) -> platypus::Result<String> {
+    use platypus::llama::{init, AdapterConfig, LlamaConfig};
+    let config = LlamaConfig::from_file(&args.model.join("config.json"))?;
+    let targets = if args.targets == ["all-linear"] {
+        serde_json::json!("all-linear")
+    } else {
+        serde_json::json!(args.targets)
+    };
+    let json = serde_json::json!({
+        "peft_type": "LORA", "r": args.r, "lora_alpha": args.alpha, "target_modules": targets,
+        "base_model_name_or_path": args.model.display().to_string(),
+    });
+    let adapter_config = AdapterConfig::from_json(&json.to_string(), Path::new("--targets/--r"))?;
+    let adapter = init::random_adapter(&config, adapter_config, args.seed, args.random_b);
+    adapter.save(&args.out, &platypus::output::Outputs::new(&[args.model.as_path()]))?;
+    let mut out = String::new();
+    say!(
+        out,
+        "wrote {} (r {}, {} layers × {} modules)",
+        args.out.display(),
+        args.r,
+        config.num_hidden_layers,
+        adapter.config.targets.len()
     );
     Ok(out)
 }

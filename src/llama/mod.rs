@@ -6,6 +6,7 @@ pub mod config;
 pub mod data;
 pub mod eval;
 pub mod generate;
+pub mod init;
 pub mod merge;
 pub mod model;
 pub mod tokenizer;

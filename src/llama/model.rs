@@ -259,6 +259,23 @@ impl Llama {
         Ok(())
     }
 
+    /// Number of parameters (the tied head counted once).
+    pub fn parameters(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.input_norm.elem_count()
+                    + l.post_attention_norm.elem_count()
+                    + l.projections.iter().map(|p| p.weight.elem_count()).sum::<usize>()
+            })
+            .sum();
+        self.embed.elem_count()
+            + layers
+            + self.norm.elem_count()
+            + self.lm_head.as_ref().map_or(0, Tensor::elem_count)
+    }
+
     /// The LM head's weight [vocab, hidden].
     pub fn head(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)
