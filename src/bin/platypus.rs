@@ -88,6 +88,9 @@ struct GenerateArgs {
     /// With --temperature: the random seed.
     #[arg(long, default_value_t = 0, requires = "temperature")]
     seed: u64,
+    /// Generate all --max-new-tokens even past EOS (for timing, as transformers' min_new_tokens).
+    #[arg(long)]
+    ignore_eos: bool,
     /// Worker threads on the CPU, 1 to 4 × the available cores (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -645,7 +648,11 @@ fn generate(args: &GenerateArgs) -> platypus::Result<String> {
             top_p: args.top_p,
             seed: args.seed,
         }),
-        stop: model.config.eos_token_ids.clone(),
+        stop: if args.ignore_eos {
+            Vec::new()
+        } else {
+            model.config.eos_token_ids.clone()
+        },
         keep_logits: false,
     };
     let out = generate::generate(&model, &prompt, &cfg)?;

@@ -19,7 +19,8 @@ use crate::{DType, Device, Result, Tensor};
 /// Model shapes with a name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Preset {
-    /// The dev fixture's shape: vocab 256, hidden 64, 2 layers, 4 heads, 2 kv heads.
+    /// The dev fixture's shape (vocab 256, hidden 64, 2 layers, 4 heads, 2 kv
+    /// heads) with 2048 positions, as the peers' `tiny`.
     Tiny,
     /// A walkthrough model with room for a tokenizer: vocab 2048, hidden 256,
     /// 4 layers, 8 heads, 4 kv heads (head dim 32), 512 positions.
@@ -33,7 +34,7 @@ impl Preset {
     /// The architecture.
     pub fn config(self) -> LlamaConfig {
         let (vocab, hidden, inter, layers, heads, kv, tied, max_pos) = match self {
-            Preset::Tiny => (256, 64, 172, 2, 4, 2, false, 64),
+            Preset::Tiny => (256, 64, 172, 2, 4, 2, false, 2048),
             Preset::Mini => (2048, 256, 688, 4, 8, 4, false, 512),
             Preset::Small => (32000, 768, 2048, 12, 12, 12, true, 2048),
         };
