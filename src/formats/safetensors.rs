@@ -161,10 +161,27 @@ impl SafetensorsFile {
         Ok(&self.map[info.range.clone()])
     }
 
-    /// Tensor `name` on `device`, in its stored dtype.
+    /// Tensor `name` on `device`, in its stored dtype. The mapped pages it
+    /// was copied from are then released, so that loading a model holds its
+    /// weights once (not once copied and once mapped).
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let info = self.info(name)?;
-        Tensor::from_bytes(&self.map[info.range.clone()], &info.shape, info.dtype, device)
+        let t = Tensor::from_bytes(&self.map[info.range.clone()], &info.shape, info.dtype, device)?;
+        const PAGE: usize = 4096;
+        let (start, end) = (info.range.start.div_ceil(PAGE) * PAGE, info.range.end / PAGE * PAGE);
+        if end > start {
+            // SAFETY: a read-only shared file mapping: dropped pages are read
+            // back from the file on the next access, contents unchanged.
+            // Best effort: a refusal only keeps the pages resident.
+            unsafe {
+                let _ = self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                );
+            }
+        }
+        Ok(t)
     }
 
     /// Tensor `name` as f32 values (exact for f16/bf16), for the few small
