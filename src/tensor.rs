@@ -138,7 +138,12 @@ impl Tensor {
 
     /// Copies `bytes` (little-endian elements of `dtype`, row-major `shape`)
     /// to `device`, keeping the dtype: how checkpoints are loaded.
-    pub fn from_bytes(bytes: &[u8], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn from_bytes(
+        bytes: &[u8],
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let want = checked_bytes("Tensor::from_bytes", shape, dtype)?;
         if bytes.len() != want {
             return Err(Error::Invalid {

@@ -3,7 +3,6 @@
 //! device). Every file lives in the test's own temporary folder.
 
 use std::os::unix::fs::{symlink, FileTypeExt};
-use std::path::PathBuf;
 use std::process::{Command, Output};
 
 mod common;

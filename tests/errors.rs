@@ -233,9 +233,16 @@ fn attention_rejects_bad_input() {
         if matches!(dev, Device::Cpu) {
             // The CPU runs any head dim; only the kernels have a fixed set.
             let kv80 = ones(&[2, 5, 2, 80], dtype, &dev);
-            assert_eq!(fwd(&q80, &kv80, Batch::Dense).unwrap().o.shape(), &[2, 5, 4, 80]);
+            assert_eq!(
+                fwd(&q80, &kv80, Batch::Dense).unwrap().o.shape(),
+                &[2, 5, 4, 80]
+            );
         } else {
-            expect_err(fwd(&q80, &kv, Batch::Dense), "q", "head_dim 80 has no kernel");
+            expect_err(
+                fwd(&q80, &kv, Batch::Dense),
+                "q",
+                "head_dim 80 has no kernel",
+            );
         }
         expect_err(
             fwd(&q, &ones(&[2, 5, 3, 64], dtype, &dev), Batch::Dense),

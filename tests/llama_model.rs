@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use common::Scratch;
 use platypus::formats::safetensors::{self as st, Checkpoint, SafetensorsFile, TensorBytes};
-use platypus::llama::merge::merge;
 use platypus::llama::generate::{generate, GenerateConfig, Sampling};
+use platypus::llama::merge::merge;
 use platypus::llama::model::{Forward, KvCache};
 use platypus::llama::{Adapter, Llama, LlamaConfig, TokenBatch};
 use platypus::output::Outputs;
@@ -86,7 +86,10 @@ impl Step {
 fn rel_diff(got: &[f32], want: &[f32], rows: &[usize], width: usize) -> f64 {
     let (mut diff, mut scale) = (0.0f64, 0.0f64);
     for &r in rows {
-        for (g, w) in got[r * width..][..width].iter().zip(&want[r * width..][..width]) {
+        for (g, w) in got[r * width..][..width]
+            .iter()
+            .zip(&want[r * width..][..width])
+        {
             diff = diff.max((*g as f64 - *w as f64).abs());
             scale = scale.max((*w as f64).abs());
         }
@@ -150,7 +153,10 @@ fn adapter_logits_hidden_states_and_loss_match_peft_on_cpu() {
     check_logits(&model, &step, &fwd, "logits");
     let loss = model.loss(&step.batch(), &step.labels).unwrap().mean();
     let want = step.scalar("loss");
-    assert!(((loss - want) / want).abs() < 1e-5, "loss {loss} vs PEFT {want}");
+    assert!(
+        ((loss - want) / want).abs() < 1e-5,
+        "loss {loss} vs PEFT {want}"
+    );
 }
 
 #[test]
@@ -187,7 +193,10 @@ fn merge_matches_peft_merged_weights_and_keeps_the_loss() {
     let merged = load_base(&out);
     let loss = merged.loss(&step.batch(), &step.labels).unwrap().mean();
     let want = step.scalar("loss");
-    assert!(((loss - want) / want).abs() < 1e-5, "merged loss {loss} vs {want}");
+    assert!(
+        ((loss - want) / want).abs() < 1e-5,
+        "merged loss {loss} vs {want}"
+    );
     // A second merge onto the same folder is refused and leaves it as it was.
     let e = merge(&base, &[(adapter(&config), 1.0)], &out).unwrap_err();
     assert!(matches!(e, Error::Output { .. }), "{e}");
@@ -211,7 +220,11 @@ fn two_adapters_merge_to_the_weighted_sum_of_their_deltas() {
     let one = SafetensorsFile::open(&scratch.path("one/model.safetensors")).unwrap();
     for name in one.tensors().keys() {
         let (x, y) = (two.load_f32(name).unwrap(), one.load_f32(name).unwrap());
-        let d = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+        let d = x
+            .iter()
+            .zip(&y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f32::max);
         assert!(d < 1e-6, "{name}: {d:e}");
     }
 }
@@ -318,7 +331,11 @@ fn truncated_and_corrupt_weights_are_file_errors() {
     for (name, content) in cases {
         let dir = scratch.path(name);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(dev_dir().join("base_model/config.json"), dir.join("config.json")).unwrap();
+        std::fs::copy(
+            dev_dir().join("base_model/config.json"),
+            dir.join("config.json"),
+        )
+        .unwrap();
         std::fs::write(dir.join("model.safetensors"), content).unwrap();
         let e = file_error(Llama::load(&dir, &Device::Cpu).unwrap_err());
         assert!(e.contains("not a valid safetensors file"), "{name}: {e}");
@@ -328,9 +345,12 @@ fn truncated_and_corrupt_weights_are_file_errors() {
 }
 
 /// Copies the fixture adapter into `dir` with its weights rewritten by `edit`.
-fn edited_adapter(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>)) {
+/// Adapter tensors as (key, shape, values).
+type Factors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+fn edited_adapter(dir: &Path, edit: impl FnOnce(&mut Factors)) {
     let src = SafetensorsFile::open(&dev_dir().join("adapter/adapter_model.safetensors")).unwrap();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = src
+    let mut tensors: Factors = src
         .tensors()
         .iter()
         .map(|(n, i)| (n.clone(), i.shape.clone(), src.load_f32(n).unwrap()))
@@ -353,7 +373,13 @@ fn edited_adapter(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Ve
         .collect();
     let outputs = Outputs::default();
     let mut group = outputs.group();
-    st::write(&mut group, &dir.join("adapter_model.safetensors"), &list, &BTreeMap::new()).unwrap();
+    st::write(
+        &mut group,
+        &dir.join("adapter_model.safetensors"),
+        &list,
+        &BTreeMap::new(),
+    )
+    .unwrap();
     group.commit().unwrap();
 }
 
@@ -361,12 +387,13 @@ fn edited_adapter(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Ve
 fn adapter_and_base_mismatches_name_the_key() {
     let scratch = Scratch::new("llama-bad-adapter");
     let config = LlamaConfig::from_file(&dev_dir().join("base_model/config.json")).unwrap();
-    let q_a = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight";
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>)>, &str)> = vec![
+    const Q_A: &str = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight";
+    type Edit = Box<dyn FnOnce(&mut Factors)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "shape",
             Box::new(|t| {
-                let e = t.iter_mut().find(|e| e.0 == q_a).unwrap();
+                let e = t.iter_mut().find(|e| e.0 == Q_A).unwrap();
                 e.1 = vec![4, 128];
                 e.2.truncate(512);
             }),
@@ -374,13 +401,13 @@ fn adapter_and_base_mismatches_name_the_key() {
         ),
         (
             "missing",
-            Box::new(|t| t.retain(|e| e.0 != q_a)),
+            Box::new(|t| t.retain(|e| e.0 != Q_A)),
             "has no key `base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight`",
         ),
         (
             "layer",
             Box::new(|t| {
-                let mut extra = t.iter().find(|e| e.0 == q_a).unwrap().clone();
+                let mut extra = t.iter().find(|e| e.0 == Q_A).unwrap().clone();
                 extra.0 = extra.0.replace("layers.1.", "layers.7.");
                 t.push(extra);
             }),
@@ -416,9 +443,21 @@ fn adapter_configs_this_crate_cannot_run_are_refused_by_field() {
     for (field, value, want) in [
         ("use_dora", serde_json::json!(true), "use_dora is true"),
         ("bias", serde_json::json!("all"), "bias is \"all\""),
-        ("peft_type", serde_json::json!("IA3"), "peft_type is \"IA3\""),
-        ("target_modules", serde_json::json!(["lm_head"]), "target_modules names \"lm_head\""),
-        ("rank_pattern", serde_json::json!({"q_proj": 4}), "rank_pattern is not empty"),
+        (
+            "peft_type",
+            serde_json::json!("IA3"),
+            "peft_type is \"IA3\"",
+        ),
+        (
+            "target_modules",
+            serde_json::json!(["lm_head"]),
+            "target_modules names \"lm_head\"",
+        ),
+        (
+            "rank_pattern",
+            serde_json::json!({"q_proj": 4}),
+            "rank_pattern is not empty",
+        ),
         ("r", serde_json::json!(0), "r is"),
     ] {
         let e = platypus::llama::AdapterConfig::from_json(&edit(field, value), path).unwrap_err();
@@ -491,7 +530,13 @@ fn cached_decoding_equals_the_full_forward_pass() {
     let mut cache = KvCache::new(&model, 1, step.seq).unwrap();
     let mut got = Vec::new();
     for piece in [&row[..5], &row[5..6], &row[6..]] {
-        got.extend(model.forward_cached(piece, &mut cache).unwrap().to_f32_vec().unwrap());
+        got.extend(
+            model
+                .forward_cached(piece, &mut cache)
+                .unwrap()
+                .to_f32_vec()
+                .unwrap(),
+        );
     }
     assert_eq!(cache.len(), step.seq);
     let h = model.config.hidden_size;
@@ -518,13 +563,22 @@ fn sampling_is_seeded_and_prompts_past_the_context_are_refused() {
     let prompt = [1u32, 17, 42];
     let a = generate(&model, &prompt, &cfg(7)).unwrap().ids;
     assert_eq!(a, generate(&model, &prompt, &cfg(7)).unwrap().ids);
-    let others: Vec<Vec<u32>> = (8..12).map(|s| generate(&model, &prompt, &cfg(s)).unwrap().ids).collect();
-    assert!(others.iter().any(|o| *o != a), "different seeds all gave {a:?}");
+    let others: Vec<Vec<u32>> = (8..12)
+        .map(|s| generate(&model, &prompt, &cfg(s)).unwrap().ids)
+        .collect();
+    assert!(
+        others.iter().any(|o| *o != a),
+        "different seeds all gave {a:?}"
+    );
     let long = vec![5u32; model.config.max_position_embeddings];
     let e = generate(&model, &long, &cfg(0)).unwrap_err().to_string();
     assert!(e.contains("max_position_embeddings 64"), "{e}");
     let mut bad = cfg(0);
-    bad.sampling = Some(Sampling { temperature: 1.0, top_p: 0.0, seed: 0 });
+    bad.sampling = Some(Sampling {
+        temperature: 1.0,
+        top_p: 0.0,
+        seed: 0,
+    });
     let e = generate(&model, &prompt, &bad).unwrap_err().to_string();
     assert!(e.contains("top_p"), "{e}");
 }

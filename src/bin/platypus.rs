@@ -91,15 +91,8 @@ struct GenerateArgs {
     /// Generate all --max-new-tokens even past EOS (for timing, as transformers' min_new_tokens).
     #[arg(long)]
     ignore_eos: bool,
-    /// Worker threads on the CPU, 1 to 4 × the available cores (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Where to run.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    device: DeviceArg,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// The arguments of `platypus init-model`.
@@ -147,7 +140,11 @@ struct InitAdapterArgs {
     #[arg(long, default_value_t = 16.0)]
     alpha: f32,
     /// Targeted modules, comma-separated, or `all-linear`.
-    #[arg(long, value_delimiter = ',', default_value = "gate_proj,down_proj,up_proj")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "gate_proj,down_proj,up_proj"
+    )]
     targets: Vec<String>,
     /// B random too (a non-trivial adapter for trying merge); default: B zero, as PEFT starts.
     #[arg(long)]
@@ -155,6 +152,20 @@ struct InitAdapterArgs {
     /// Seed of the initialisation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+/// Where and how a model command runs.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Worker threads on the CPU, 1 to 4 × the available cores (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The arguments of `platypus eval`.
@@ -177,15 +188,8 @@ struct EvalArgs {
     /// model's max_position_embeddings.
     #[arg(long)]
     max_len: Option<usize>,
-    /// Worker threads on the CPU, 1 to 4 × the available cores (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Where to run.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    device: DeviceArg,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// The arguments of `platypus merge`.
@@ -552,15 +556,15 @@ fn json_line(value: &impl serde::Serialize) -> String {
 
 fn eval(args: &EvalArgs) -> platypus::Result<String> {
     use platypus::llama::{data, eval};
-    set_threads("eval", args.threads)?;
-    let device = args.device.open()?;
+    set_threads("eval", args.run.threads)?;
+    let device = args.run.device.open()?;
     let model = load_model(&args.model, args.adapter.as_deref(), &device)?;
     let tokenizer = model_tokenizer(&args.model, &model.config)?;
     let max_len = args.max_len.unwrap_or(model.config.max_position_embeddings);
     let examples = data::read_jsonl(&args.data, tokenizer.as_ref(), &model.config, max_len)?;
     let pad = model.config.pad_token_id.unwrap_or(0);
     let report = eval::evaluate(&model, &examples, args.batch_size, pad)?;
-    if args.json {
+    if args.run.json {
         return Ok(json_line(&report));
     }
     let mut out = String::new();
@@ -604,8 +608,8 @@ fn load_model(
 
 fn generate(args: &GenerateArgs) -> platypus::Result<String> {
     use platypus::llama::{data, generate};
-    set_threads("generate", args.threads)?;
-    let device = args.device.open()?;
+    set_threads("generate", args.run.threads)?;
+    let device = args.run.device.open()?;
     let model = load_model(&args.model, args.adapter.as_deref(), &device)?;
     let tokenizer = model_tokenizer(&args.model, &model.config)?;
     let invalid = |arg, what: String| platypus::Error::Invalid {
@@ -618,10 +622,12 @@ fn generate(args: &GenerateArgs) -> platypus::Result<String> {
         (None, text, file) => {
             let text = match (text, file) {
                 (Some(t), _) => t.clone(),
-                (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| platypus::Error::File {
-                    path: f.clone(),
-                    what: format!("cannot read: {e}"),
-                })?,
+                (None, Some(f)) => {
+                    std::fs::read_to_string(f).map_err(|e| platypus::Error::File {
+                        path: f.clone(),
+                        what: format!("cannot read: {e}"),
+                    })?
+                }
                 (None, None) => unreachable!("clap requires one prompt source"),
             };
             let text = if args.alpaca {
@@ -657,7 +663,7 @@ fn generate(args: &GenerateArgs) -> platypus::Result<String> {
     };
     let out = generate::generate(&model, &prompt, &cfg)?;
     let text = tokenizer.as_ref().map(|t| t.decode(&out.ids)).transpose()?;
-    if args.json {
+    if args.run.json {
         #[derive(serde::Serialize)]
         struct Report<'a> {
             #[serde(flatten)]
@@ -700,10 +706,9 @@ fn corpus_texts(path: &Path) -> platypus::Result<Vec<String>> {
     let mut texts = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         match serde_json::from_str::<serde_json::Value>(line) {
-            Ok(serde_json::Value::Object(row)) => texts.extend(
-                row.values()
-                    .filter_map(|v| v.as_str().map(str::to_string)),
-            ),
+            Ok(serde_json::Value::Object(row)) => {
+                texts.extend(row.values().filter_map(|v| v.as_str().map(str::to_string)))
+            }
             _ => texts.push(line.to_string()),
         }
     }
@@ -736,13 +741,17 @@ fn init_model(args: &InitModelArgs) -> platypus::Result<String> {
         None => None,
     };
     init::write_random_model(&args.out, &config, dtype, args.seed, tok.as_ref())?;
-    let params: usize = platypus::llama::Llama::load(&args.out, &platypus::Device::Cpu)?.parameters();
+    let params: usize =
+        platypus::llama::Llama::load(&args.out, &platypus::Device::Cpu)?.parameters();
     let mut out = String::new();
     say!(
         out,
         "wrote {} ({params} parameters, {dtype}{})",
         args.out.display(),
-        tok.map_or(String::new(), |t| format!(", tokenizer of {} tokens", t.vocab_size()))
+        tok.map_or(String::new(), |t| format!(
+            ", tokenizer of {} tokens",
+            t.vocab_size()
+        ))
     );
     Ok(out)
 }
@@ -761,7 +770,10 @@ fn init_adapter(args: &InitAdapterArgs) -> platypus::Result<String> {
     });
     let adapter_config = AdapterConfig::from_json(&json.to_string(), Path::new("--targets/--r"))?;
     let adapter = init::random_adapter(&config, adapter_config, args.seed, args.random_b);
-    adapter.save(&args.out, &platypus::output::Outputs::new(&[args.model.as_path()]))?;
+    adapter.save(
+        &args.out,
+        &platypus::output::Outputs::new(&[args.model.as_path()]),
+    )?;
     let mut out = String::new();
     say!(
         out,

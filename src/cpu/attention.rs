@@ -111,8 +111,8 @@ pub fn forward(
     forward_kv(q, k, v, &dims.kv(), seqs, seqs, scale, causal)
 }
 
-/// Forward where sequence b's queries q_spans[b] attend to its keys
-/// kv_spans[b] (q_spans[b].len ≤ kv_spans[b].len; causal query i sees keys
+/// Forward where sequence b's queries `q_spans[b]` attend to its keys
+/// `kv_spans[b]` (`q_spans[b].len` ≤ `kv_spans[b].len`; causal query i sees keys
 /// j ≤ i + (kv_len − q_len)): returns (o [q_tokens, q_heads, head_dim],
 /// lse [q_heads, q_tokens]).
 #[allow(clippy::too_many_arguments)]

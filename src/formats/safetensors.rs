@@ -60,7 +60,12 @@ pub struct SafetensorsFile {
 
 impl std::fmt::Debug for SafetensorsFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SafetensorsFile({}, {} tensors)", self.path.display(), self.tensors.len())
+        write!(
+            f,
+            "SafetensorsFile({}, {} tensors)",
+            self.path.display(),
+            self.tensors.len()
+        )
     }
 }
 
@@ -166,9 +171,17 @@ impl SafetensorsFile {
     /// weights once (not once copied and once mapped).
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let info = self.info(name)?;
-        let t = Tensor::from_bytes(&self.map[info.range.clone()], &info.shape, info.dtype, device)?;
+        let t = Tensor::from_bytes(
+            &self.map[info.range.clone()],
+            &info.shape,
+            info.dtype,
+            device,
+        )?;
         const PAGE: usize = 4096;
-        let (start, end) = (info.range.start.div_ceil(PAGE) * PAGE, info.range.end / PAGE * PAGE);
+        let (start, end) = (
+            info.range.start.div_ceil(PAGE) * PAGE,
+            info.range.end / PAGE * PAGE,
+        );
         if end > start {
             // SAFETY: a read-only shared file mapping: dropped pages are read
             // back from the file on the next access, contents unchanged.
@@ -282,10 +295,7 @@ impl Checkpoint {
     /// The file holding tensor `name`, or an [`Error::File`] naming the key.
     pub fn file_of(&self, name: &str) -> Result<&SafetensorsFile> {
         let i = self.owner.get(name).ok_or_else(|| {
-            file_error(
-                &self.dir,
-                format!("the checkpoint has no tensor `{name}`"),
-            )
+            file_error(&self.dir, format!("the checkpoint has no tensor `{name}`"))
         })?;
         Ok(&self.shards[*i])
     }
@@ -305,8 +315,8 @@ impl Checkpoint {
 fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
     let text =
         std::fs::read_to_string(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| file_error(path, format!("is not JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| file_error(path, format!("is not JSON: {e}")))?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -314,7 +324,10 @@ fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| {
-            file_error(path, format!("weight_map[`{tensor}`] is {file}, expected a file name"))
+            file_error(
+                path,
+                format!("weight_map[`{tensor}`] is {file}, expected a file name"),
+            )
         })?;
         if file.contains('/') || file.contains("..") {
             return Err(file_error(
@@ -354,7 +367,10 @@ pub fn write(
 ) -> Result<()> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings"));
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).expect("strings"),
+        );
     }
     let mut offset = 0usize;
     for t in tensors {

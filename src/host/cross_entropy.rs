@@ -29,7 +29,16 @@ pub fn linear_cross_entropy(
     for start in (0..tokens).step_by(block) {
         let rows = block.min(tokens - start);
         let z = &mut logits[..rows * vocab];
-        matmul_nt(&h[start * hidden..][..rows * hidden], w, rows, hidden, vocab, 1.0, 0.0, z);
+        matmul_nt(
+            &h[start * hidden..][..rows * hidden],
+            w,
+            rows,
+            hidden,
+            vocab,
+            1.0,
+            0.0,
+            z,
+        );
         let picked: Vec<(f32, Option<f32>)> = z
             .par_chunks(vocab)
             .zip(&labels[start..start + rows])

@@ -41,7 +41,10 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// y = w ∘ x · rsqrt(mean(x²) + eps) per row of `hidden`, with the sum of
 /// squares in f64 (rows of 4096+ elements lose bits in f32).
 pub fn rmsnorm(x: &[f32], w: &[f32], hidden: usize, eps: f32, y: &mut [f32]) {
-    assert!(x.len() == y.len() && w.len() == hidden, "x, y [rows, hidden]; w [hidden]");
+    assert!(
+        x.len() == y.len() && w.len() == hidden,
+        "x, y [rows, hidden]; w [hidden]"
+    );
     let chunk = rows_per_task(hidden) * hidden;
     y.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
@@ -54,7 +57,14 @@ pub fn rmsnorm(x: &[f32], w: &[f32], hidden: usize, eps: f32, y: &mut [f32]) {
 
 /// h += delta, then y = rmsnorm(h): the residual add and the next norm in one
 /// pass over h.
-pub fn add_rmsnorm(h: &mut [f32], delta: &[f32], w: &[f32], hidden: usize, eps: f32, y: &mut [f32]) {
+pub fn add_rmsnorm(
+    h: &mut [f32],
+    delta: &[f32],
+    w: &[f32],
+    hidden: usize,
+    eps: f32,
+    y: &mut [f32],
+) {
     assert!(h.len() == delta.len() && h.len() == y.len() && w.len() == hidden);
     let chunk = rows_per_task(hidden) * hidden;
     h.par_chunks_mut(chunk)

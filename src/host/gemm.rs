@@ -166,6 +166,9 @@ trait Stored: Copy + Sync {
     /// `src` as f32: itself, or widened into `buf`.
     fn row<'b>(src: &'b [Self], buf: &'b mut Vec<f32>) -> &'b [f32];
 
+    /// Σ xᵢ wᵢ, using `buf` if the row must be widened first.
+    fn dot(x: &[f32], w: &[Self], buf: &mut Vec<f32>) -> f32;
+
     /// Rows `rows` × columns `cols` of the row-major matrix `w` with `ld`
     /// columns, as an f32 view: in place, or widened into `buf`.
     fn panel<'b>(
@@ -184,6 +187,10 @@ impl Stored for f32 {
         src
     }
 
+    fn dot(x: &[f32], w: &[f32], _: &mut Vec<f32>) -> f32 {
+        dot(x, w, |v| v)
+    }
+
     fn panel<'b>(
         w: &'b [f32],
         ld: usize,
@@ -191,22 +198,32 @@ impl Stored for f32 {
         cols: Range<usize>,
         _: &'b mut Vec<f32>,
     ) -> View<'b> {
-        View::new(&w[rows.start * ld + cols.start..], rows.len(), cols.len(), ld, 1)
+        View::new(
+            &w[rows.start * ld + cols.start..],
+            rows.len(),
+            cols.len(),
+            ld,
+            1,
+        )
     }
 }
 
-/// [`Stored`] for a 16-bit float type, widened with `half`'s vectorized
-/// slice conversion.
+/// [`Stored`] for a 16-bit float type, widened by `$widen(src, dst)`, with
+/// the dot product `$dot(x, w, buf)`.
 macro_rules! widened {
-    ($t:ty) => {
+    ($t:ty, $widen:expr, $dot:expr) => {
         impl Stored for $t {
             /// sgemm's own depth of packing: a panel of 256 columns is 256 KiB.
             const PANEL_K: usize = 256;
 
             fn row<'b>(src: &'b [$t], buf: &'b mut Vec<f32>) -> &'b [f32] {
                 buf.resize(src.len(), 0.0);
-                src.convert_to_f32_slice(buf);
+                $widen(src, buf);
                 buf
+            }
+
+            fn dot(x: &[f32], w: &[$t], buf: &mut Vec<f32>) -> f32 {
+                $dot(x, w, buf)
             }
 
             fn panel<'b>(
@@ -219,7 +236,7 @@ macro_rules! widened {
                 let width = cols.len();
                 buf.resize(rows.len() * width, 0.0);
                 for (r, dst) in rows.clone().zip(buf.chunks_exact_mut(width)) {
-                    w[r * ld + cols.start..][..width].convert_to_f32_slice(dst);
+                    $widen(&w[r * ld + cols.start..][..width], dst);
                 }
                 View::new(buf, rows.len(), width, width, 1)
             }
@@ -227,8 +244,32 @@ macro_rules! widened {
     };
 }
 
-widened!(f16);
-widened!(bf16);
+// `half` converts f16 slices with F16C where the CPU has it.
+widened!(f16, <[f16]>::convert_to_f32_slice, dot_f16);
+widened!(bf16, widen_bf16, dot_bf16);
+
+/// Σ xᵢ wᵢ for f16 weights: the row is widened first, in one conversion.
+fn dot_f16(x: &[f32], w: &[f16], buf: &mut Vec<f32>) -> f32 {
+    dot(x, <f16 as Stored>::row(w, buf), |v| v)
+}
+
+/// Σ xᵢ wᵢ for bf16 weights, widened in the dot product's own loop.
+fn dot_bf16(x: &[f32], w: &[bf16], _: &mut Vec<f32>) -> f32 {
+    dot(x, w, bf16_to_f32)
+}
+
+/// bf16 to f32 is the 16 bits moved to the top: a shift that LLVM
+/// vectorizes (`half`'s own conversion has a branch for NaN).
+fn bf16_to_f32(v: bf16) -> f32 {
+    f32::from_bits(u32::from(v.to_bits()) << 16)
+}
+
+/// [`bf16_to_f32`] over a slice; lengths must match.
+fn widen_bf16(src: &[bf16], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = bf16_to_f32(s);
+    }
+}
 
 /// y [n] = alpha · w [n, k] · x [k] + beta · y: each task takes a block of
 /// weight rows and dots each of them with x.
@@ -239,7 +280,7 @@ fn gemv_nt<T: Stored>(x: &[f32], w: &[T], alpha: f32, beta: f32, y: &mut [f32]) 
         .zip(w.par_chunks(rows * k))
         .for_each_init(Vec::new, |buf, (y, w)| {
             for (yj, wj) in y.iter_mut().zip(w.chunks_exact(k)) {
-                *yj = scaled(alpha * dot(x, T::row(wj, buf)), beta, *yj);
+                *yj = scaled(alpha * T::dot(x, wj, buf), beta, *yj);
             }
         });
 }
@@ -276,21 +317,21 @@ fn per_task(outputs: usize, work: usize) -> usize {
         .max(1)
 }
 
-/// Σ aᵢ bᵢ over the shorter of the two, with eight independent f32
+/// Σ aᵢ widen(bᵢ) over the shorter of the two, with eight independent f32
 /// accumulators so that LLVM vectorizes the loop and the additions are not
 /// one serial chain.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot<T: Copy>(a: &[f32], b: &[T], widen: impl Fn(T) -> f32) -> f32 {
     let mut lanes = [0.0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = a8
         .remainder()
         .iter()
         .zip(b8.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(&x, &y)| x * widen(y))
         .sum();
     for (x, y) in a8.zip(b8) {
-        for ((acc, x), y) in lanes.iter_mut().zip(x).zip(y) {
-            *acc += x * y;
+        for ((acc, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
+            *acc += x * widen(y);
         }
     }
     lanes.iter().sum::<f32>() + tail

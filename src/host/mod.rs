@@ -3,7 +3,7 @@
 //! are what tests compare it with.
 
 pub mod attention;
-pub mod gemm;
 pub mod cross_entropy;
 pub mod elementwise;
+pub mod gemm;
 pub mod view;

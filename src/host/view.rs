@@ -38,12 +38,18 @@ pub fn f32s<'a>(op: &'static str, arg: &'static str, t: &'a Tensor) -> Result<&'
 }
 
 /// An f32 host tensor's elements, writable.
-pub fn f32s_mut<'a>(op: &'static str, arg: &'static str, t: &'a mut Tensor) -> Result<&'a mut [f32]> {
+pub fn f32s_mut<'a>(
+    op: &'static str,
+    arg: &'static str,
+    t: &'a mut Tensor,
+) -> Result<&'a mut [f32]> {
     check_f32(op, arg, t)?;
     if t.host_bytes().is_none() {
         return Err(not_host(op, arg, t));
     }
-    Ok(bytemuck::cast_slice_mut(t.host_bytes_mut().expect("host tensor")))
+    Ok(bytemuck::cast_slice_mut(
+        t.host_bytes_mut().expect("host tensor"),
+    ))
 }
 
 fn check_f32(op: &'static str, arg: &'static str, t: &Tensor) -> Result<()> {

@@ -162,12 +162,16 @@ impl AdapterConfig {
         let unsupported_true = ["use_dora", "fan_in_fan_out", "lora_bias", "use_qalora"];
         for k in unsupported_true {
             if get(k).and_then(Value::as_bool) == Some(true) {
-                return Err(fail(format!("{k} is true; this crate implements plain LoRA")));
+                return Err(fail(format!(
+                    "{k} is true; this crate implements plain LoRA"
+                )));
             }
         }
         if let Some(bias) = get("bias").and_then(Value::as_str) {
             if bias != "none" {
-                return Err(fail(format!("bias is {bias:?}; this crate's LoRA has no biases")));
+                return Err(fail(format!(
+                    "bias is {bias:?}; this crate's LoRA has no biases"
+                )));
             }
         }
         for k in ["rank_pattern", "alpha_pattern"] {
@@ -180,7 +184,12 @@ impl AdapterConfig {
                 )));
             }
         }
-        for k in ["modules_to_save", "layers_to_transform", "layer_replication", "exclude_modules"] {
+        for k in [
+            "modules_to_save",
+            "layers_to_transform",
+            "layer_replication",
+            "exclude_modules",
+        ] {
             if get(k).is_some_and(|v| !v.as_array().is_some_and(Vec::is_empty)) {
                 return Err(fail(format!("{k} is set; this crate does not support it")));
             }
@@ -280,6 +289,9 @@ pub struct Adapter {
     pub factors: BTreeMap<(usize, Module), Factors>,
 }
 
+/// The (A, B) factors of one module as read so far.
+type HalfRead = (Option<Vec<f32>>, Option<Vec<f32>>);
+
 fn peft_key(layer: usize, module: Module, factor: char) -> String {
     format!(
         "base_model.model.model.layers.{layer}.{}.lora_{factor}.weight",
@@ -317,8 +329,7 @@ impl Adapter {
             path: weights_path.clone(),
             what,
         };
-        let mut a_b: BTreeMap<(usize, Module), (Option<Vec<f32>>, Option<Vec<f32>>)> =
-            BTreeMap::new();
+        let mut a_b: BTreeMap<(usize, Module), HalfRead> = BTreeMap::new();
         for (key, info) in file.tensors() {
             let (layer, module, factor) = parse_peft_key(key).ok_or_else(|| {
                 fail(format!(

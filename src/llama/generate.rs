@@ -77,7 +77,10 @@ pub fn generate(model: &Llama, prompt: &[u32], cfg: &GenerateConfig) -> Result<G
     }
     if let Some(s) = cfg.sampling {
         if !(s.temperature > 0.0 && s.temperature.is_finite()) {
-            return Err(invalid("temperature", format!("{} is not > 0", s.temperature)));
+            return Err(invalid(
+                "temperature",
+                format!("{} is not > 0", s.temperature),
+            ));
         }
         if !(s.top_p > 0.0 && s.top_p <= 1.0) {
             return Err(invalid("top_p", format!("{} is not in (0, 1]", s.top_p)));

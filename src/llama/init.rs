@@ -107,7 +107,11 @@ fn random_weights(config: &LlamaConfig, seed: u64) -> Vec<(String, Vec<usize>, V
             out.push((m.weight_key(i), vec![o, n], rng.normal(0.02, o * n)));
         }
         for norm in ["input_layernorm", "post_attention_layernorm"] {
-            out.push((format!("model.layers.{i}.{norm}.weight"), vec![h], vec![1.0; h]));
+            out.push((
+                format!("model.layers.{i}.{norm}.weight"),
+                vec![h],
+                vec![1.0; h],
+            ));
         }
     }
     out.push(("model.norm.weight".into(), vec![h], vec![1.0; h]));
@@ -161,7 +165,9 @@ pub fn write_random_model(
         let mut group = outputs.group();
         let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         st::write(&mut group, &tmp.join(SINGLE_NAME), &tensors, &meta)?;
-        group.file(&tmp.join("config.json"), |w| w.write_all(config_json.as_bytes()))?;
+        group.file(&tmp.join("config.json"), |w| {
+            w.write_all(config_json.as_bytes())
+        })?;
         group.file(&tmp.join("generation_config.json"), |w| {
             w.write_all(generation.as_bytes())
         })?;

@@ -69,7 +69,10 @@ pub fn merge(base: &Path, adapters: &[(Adapter, f32)], out: &Path) -> Result<Mer
         if info.shape != want {
             return Err(Error::File {
                 path: checkpoint.file_of(&key)?.path().to_path_buf(),
-                what: format!("`{key}` has shape {:?}, the adapters expect {want:?}", info.shape),
+                what: format!(
+                    "`{key}` has shape {:?}, the adapters expect {want:?}",
+                    info.shape
+                ),
             });
         }
     }
@@ -176,7 +179,13 @@ fn merge_shard(
     report.tensors_written += tensors.len();
     report.shards += 1;
     drop(merged);
-    check_shard(shard, &SafetensorsFile::open(&target)?, adapters, deltas, report)
+    check_shard(
+        shard,
+        &SafetensorsFile::open(&target)?,
+        adapters,
+        deltas,
+        report,
+    )
 }
 
 /// Compares rows of every merged weight with base + Σ delta in f64.

@@ -187,10 +187,8 @@ impl Llama {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let projections = Module::ALL.map(|m| {
-                matrix(&m.weight_key(i), &m.shape(&config)).map(|weight| Linear {
-                    weight,
-                    lora: None,
-                })
+                matrix(&m.weight_key(i), &m.shape(&config))
+                    .map(|weight| Linear { weight, lora: None })
             });
             let projections = projections.into_iter().collect::<Result<Vec<_>>>()?;
             layers.push(DecoderLayer {
@@ -242,14 +240,14 @@ impl Llama {
         }
         for (&(layer, module), f) in &adapter.factors {
             let [out, inp] = module.shape(&self.config);
-            let target = self
-                .layers
-                .get_mut(layer)
-                .ok_or_else(|| Error::Invalid {
-                    op: "Llama::attach",
-                    arg: "adapter",
-                    what: format!("has layer {layer}; the model has {}", self.config.num_hidden_layers),
-                })?;
+            let target = self.layers.get_mut(layer).ok_or_else(|| Error::Invalid {
+                op: "Llama::attach",
+                arg: "adapter",
+                what: format!(
+                    "has layer {layer}; the model has {}",
+                    self.config.num_hidden_layers
+                ),
+            })?;
             target.projections[module as usize].lora = Some(LoraFactors {
                 a: Tensor::from_slice(&f.a, &[r, inp], &self.device)?,
                 b: Tensor::from_slice(&f.b, &[out, r], &self.device)?,
@@ -267,7 +265,10 @@ impl Llama {
             .map(|l| {
                 l.input_norm.elem_count()
                     + l.post_attention_norm.elem_count()
-                    + l.projections.iter().map(|p| p.weight.elem_count()).sum::<usize>()
+                    + l.projections
+                        .iter()
+                        .map(|p| p.weight.elem_count())
+                        .sum::<usize>()
             })
             .sum();
         self.embed.elem_count()
@@ -285,7 +286,13 @@ impl Llama {
     /// residual stream between layers (what the parity tests compare).
     pub fn forward(&self, batch: &TokenBatch<'_>, keep_residuals: bool) -> Result<Forward> {
         check_batch(&self.config, batch)?;
-        self.run(batch.ids, batch.batch, batch.seq, Context::Padded(batch.lens), keep_residuals)
+        self.run(
+            batch.ids,
+            batch.batch,
+            batch.seq,
+            Context::Padded(batch.lens),
+            keep_residuals,
+        )
     }
 
     /// Runs the decoder over `new` tokens per row ([batch, new] ids) after the
@@ -491,12 +498,20 @@ fn check_batch(c: &LlamaConfig, batch: &TokenBatch<'_>) -> Result<()> {
         })
     };
     if batch.batch == 0 || batch.seq == 0 {
-        return fail("batch", format!("is empty ({} × {})", batch.batch, batch.seq));
+        return fail(
+            "batch",
+            format!("is empty ({} × {})", batch.batch, batch.seq),
+        );
     }
     if batch.ids.len() != batch.batch * batch.seq {
         return fail(
             "batch.ids",
-            format!("has {} ids, not {} × {}", batch.ids.len(), batch.batch, batch.seq),
+            format!(
+                "has {} ids, not {} × {}",
+                batch.ids.len(),
+                batch.batch,
+                batch.seq
+            ),
         );
     }
     if batch.lens.len() != batch.batch || batch.lens.iter().any(|&l| l as usize > batch.seq) {

@@ -18,11 +18,11 @@
 
 use super::{check_device, check_dtype, check_float, check_nonempty, check_shape, to_i32};
 use crate::cpu;
-use crate::host;
-use crate::host::attention::KvDims;
 use crate::cpu::attention::{AttentionDims, SeqSpan};
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
+use crate::host;
+use crate::host::attention::KvDims;
 use crate::kernels::params::AttentionParams;
 use crate::launch::LaunchConfig;
 use crate::tensor::Tensor;
@@ -106,7 +106,9 @@ pub fn forward(
             kv_heads: pb.dims.kv_heads,
             head_dim: pb.dims.head_dim,
         };
-        return host_forward(OP, q, k, v, &dims, &pb.spans, &pb.spans, pb.scale, cfg.causal);
+        return host_forward(
+            OP, q, k, v, &dims, &pb.spans, &pb.spans, pb.scale, cfg.causal,
+        );
     }
     if let Device::Cpu = device {
         let (o, lse) = cpu::attention::forward(
@@ -192,7 +194,12 @@ pub fn forward_cached(
         kv_heads,
         head_dim: d,
     };
-    let q_spans: Vec<SeqSpan> = (0..b).map(|i| SeqSpan { start: i * t, len: t }).collect();
+    let q_spans: Vec<SeqSpan> = (0..b)
+        .map(|i| SeqSpan {
+            start: i * t,
+            len: t,
+        })
+        .collect();
     let kv_spans: Vec<SeqSpan> = (0..b)
         .map(|i| SeqSpan {
             start: i * capacity,
@@ -200,7 +207,9 @@ pub fn forward_cached(
         })
         .collect();
     let scale = cfg.scale.unwrap_or(1.0 / (d as f32).sqrt());
-    host_forward(OP, q, k_cache, v_cache, &dims, &q_spans, &kv_spans, scale, cfg.causal)
+    host_forward(
+        OP, q, k_cache, v_cache, &dims, &q_spans, &kv_spans, scale, cfg.causal,
+    )
 }
 
 /// The host attention on f32 CPU tensors.
@@ -261,7 +270,8 @@ pub fn write_cache(cache: &mut Tensor, new: &Tensor, start: usize) -> Result<()>
         return Err(super::no_kernel_yet(OP, new.device()));
     };
     for i in 0..b {
-        dst[(i * capacity + start) * row..][..t * row].copy_from_slice(&src[i * t * row..][..t * row]);
+        dst[(i * capacity + start) * row..][..t * row]
+            .copy_from_slice(&src[i * t * row..][..t * row]);
     }
     Ok(())
 }

@@ -40,7 +40,12 @@ pub fn forward(table: &Tensor, ids: &[u32], dtype: DType) -> Result<Tensor> {
             if dtype == DType::F32 {
                 Ok(out)
             } else {
-                Tensor::from_f32(&out.to_f32_vec()?, &[ids.len(), hidden], dtype, &Device::Cpu)
+                Tensor::from_f32(
+                    &out.to_f32_vec()?,
+                    &[ids.len(), hidden],
+                    dtype,
+                    &Device::Cpu,
+                )
             }
         }
         _ => Err(no_kernel_yet(OP, table.device())),

@@ -17,11 +17,11 @@
 
 use super::{check_device, check_dtype, check_float, check_nonempty, check_shape, to_i32};
 use crate::cpu;
-use crate::host;
 use crate::cpu::lora::LoraDims;
 use crate::cpu::philox::Dropout;
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
+use crate::host;
 use crate::kernels::params::{
     LoraAddParams, LoraGemmParams, LoraMergeParams, LoraPackParams, LoraReduceParams,
 };
@@ -293,7 +293,16 @@ fn host_forward(
     );
     let mut y = Tensor::zeros(y_shape, DType::F32, &l.device)?;
     let ys = host::view::f32s_mut(op, "y", &mut y)?;
-    matmul_nt(xs, host::view::weights(op, "weights.w", weights.w)?, tokens, d_in, d_out, 1.0, 0.0, ys);
+    matmul_nt(
+        xs,
+        host::view::weights(op, "weights.w", weights.w)?,
+        tokens,
+        d_in,
+        d_out,
+        1.0,
+        0.0,
+        ys,
+    );
     let dropped: Option<Vec<f32>> = l.dropout.as_ref().map(|d| {
         let kept = 1.0 / (1.0 - d.p);
         xs.iter()
@@ -302,7 +311,16 @@ fn host_forward(
             .collect()
     });
     let mut u = vec![0.0f32; tokens * r];
-    matmul_nt(dropped.as_deref().unwrap_or(xs), Weights::F32(a), tokens, d_in, r, 1.0, 0.0, &mut u);
+    matmul_nt(
+        dropped.as_deref().unwrap_or(xs),
+        Weights::F32(a),
+        tokens,
+        d_in,
+        r,
+        1.0,
+        0.0,
+        &mut u,
+    );
     matmul_nt(&u, Weights::F32(b), tokens, r, d_out, l.scale, 1.0, ys);
     Ok(LoraOutput {
         y,

@@ -8,9 +8,9 @@ use super::{
     threads_for_row, to_i32, vectorizable,
 };
 use crate::cpu;
-use crate::host;
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
+use crate::host;
 use crate::kernels::params::{RmsNormBackwardParams, RmsNormDwReduceParams, RmsNormForwardParams};
 use crate::launch::LaunchConfig;
 use crate::tensor::Tensor;

@@ -1,0 +1,407 @@
+//! The fast host code behind `Device::Cpu` against exact references:
+//! `host::gemm` against an f64 triple loop and `host::attention` against the
+//! f64 reference `cpu::attention::forward_kv`, on random shapes (0 and 1
+//! included, several tiles, panels and key blocks), on 1, 2, 3 and 16
+//! threads.
+//!
+//! Tolerances. With u = 2^-24 the f32 rounding unit, an f32 dot product of
+//! terms tᵢ is within γ·Σ|tᵢ| of the exact one, where γ is k·u in the worst
+//! case but a few u for rounding errors of random sign (they add up like a
+//! random walk whose steps are bounded by the partial sums, themselves
+//! ~√k·|t| against Σ|tᵢ| ~ k·|t|). The checks allow 16u of that magnitude
+//! (scores: of scale·‖q‖‖k‖, see `AttnCase::check`), far below a typical
+//! single term, Σ|tᵢ|/k, at every k tested, so a dropped, doubled or
+//! misplaced term fails. In 2000 cases per test the worst errors reached 0.37 of the
+//! allowance for the GEMM, 0.16 for lse and 0.05 for o (whose bound assumes
+//! every probability's error pushes the same way; across keys they cancel).
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::{proptest_config, Rng};
+use half::{bf16, f16};
+use platypus::cpu::attention::{forward_kv, SeqSpan};
+use platypus::host::attention::{attention_forward, KvDims};
+use platypus::host::gemm::{matmul_nn, matmul_nt, Weights};
+use proptest::prelude::*;
+use rayon::{ThreadPool, ThreadPoolBuilder};
+
+/// 16 f32 rounding units, the allowed error relative to the magnitude of
+/// what was summed (see the file's comment).
+const TOL: f64 = 16.0 / (1u64 << 24) as f64;
+
+/// A rayon pool of `threads` threads, built once per size.
+fn pool(threads: usize) -> &'static ThreadPool {
+    static POOLS: [OnceLock<ThreadPool>; 17] = [const { OnceLock::new() }; 17];
+    POOLS[threads].get_or_init(|| {
+        ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a rayon pool")
+    })
+}
+
+fn threads() -> impl Strategy<Value = usize> {
+    prop::sample::select(vec![1usize, 2, 3, 16])
+}
+
+/// The stored dtype of a weight matrix.
+#[derive(Clone, Copy, Debug)]
+enum Dtype {
+    F32,
+    F16,
+    BF16,
+}
+
+/// A weight matrix held in its dtype.
+enum Owned {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl Owned {
+    fn new(values: &[f32], dtype: Dtype) -> Owned {
+        match dtype {
+            Dtype::F32 => Owned::F32(values.to_vec()),
+            Dtype::F16 => Owned::F16(values.iter().map(|&v| f16::from_f32(v)).collect()),
+            Dtype::BF16 => Owned::BF16(values.iter().map(|&v| bf16::from_f32(v)).collect()),
+        }
+    }
+
+    fn view(&self) -> Weights<'_> {
+        match self {
+            Owned::F32(w) => Weights::F32(w),
+            Owned::F16(w) => Weights::F16(w),
+            Owned::BF16(w) => Weights::BF16(w),
+        }
+    }
+
+    /// The stored values, exactly, as f32.
+    fn values(&self) -> Vec<f32> {
+        match self {
+            Owned::F32(w) => w.clone(),
+            Owned::F16(w) => w.iter().map(|v| v.to_f32()).collect(),
+            Owned::BF16(w) => w.iter().map(|v| v.to_f32()).collect(),
+        }
+    }
+}
+
+/// Which product: y = x wᵀ (w [n, k]) or y = x w (w [k, n]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Product {
+    Nt,
+    Nn,
+}
+
+/// One GEMM case: sizes, scalars, dtype, threads and the seed of the data.
+#[derive(Clone, Copy, Debug)]
+struct GemmCase {
+    product: Product,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    beta: f32,
+    dtype: Dtype,
+    threads: usize,
+    seed: u64,
+}
+
+impl GemmCase {
+    /// Runs the host GEMM and checks each output against the f64 triple
+    /// loop: |got − want| ≤ TOL · (|alpha| Σ|x w| + |beta y|) + 1e-30.
+    fn check(self) -> Result<(), String> {
+        let GemmCase {
+            m,
+            k,
+            n,
+            alpha,
+            beta,
+            ..
+        } = self;
+        let mut rng = Rng::new(self.seed);
+        let x = rng.normal_vec(m * k, 1.0);
+        let w = Owned::new(&rng.normal_vec(n * k, 0.5), self.dtype);
+        // beta 0 must not read y: NaN there must not leak out.
+        let y0 = if beta == 0.0 {
+            vec![f32::NAN; m * n]
+        } else {
+            rng.normal_vec(m * n, 1.0)
+        };
+        let mut y = y0.clone();
+        pool(self.threads).install(|| match self.product {
+            Product::Nt => matmul_nt(&x, w.view(), m, k, n, alpha, beta, &mut y),
+            Product::Nn => matmul_nn(&x, w.view(), m, k, n, alpha, beta, &mut y),
+        });
+
+        let wv = w.values();
+        let w_at = |j: usize, c: usize| match self.product {
+            Product::Nt => wv[j * k + c] as f64,
+            Product::Nn => wv[c * n + j] as f64,
+        };
+        for i in 0..m {
+            for j in 0..n {
+                let (mut sum, mut size) = (0.0f64, 0.0f64);
+                for c in 0..k {
+                    let t = x[i * k + c] as f64 * w_at(j, c);
+                    sum += t;
+                    size += t.abs();
+                }
+                let (mut want, mut mag) = (alpha as f64 * sum, (alpha as f64 * size).abs());
+                if beta != 0.0 {
+                    want += beta as f64 * y0[i * n + j] as f64;
+                    mag += (beta as f64 * y0[i * n + j] as f64).abs();
+                }
+                let got = y[i * n + j] as f64;
+                // Written so that NaN fails.
+                let close = (got - want).abs() <= TOL * mag + 1e-30;
+                if !close {
+                    return Err(format!(
+                        "y[{i}, {j}] = {got}, want {want} (allowed {})",
+                        TOL * mag
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// (m, k, n): all small sizes with 0 and 1, the small test model's, several
+/// tiles and panels, one row (decoding) against wide or deep weights.
+fn gemm_shape() -> impl Strategy<Value = (usize, usize, usize)> {
+    prop_oneof![
+        (0usize..=6, 0usize..=6, 0usize..=6),
+        (0usize..=70, 0usize..=70, 0usize..=70),
+        Just((48, 64, 172)),
+        Just((48, 172, 64)),
+        (257usize..=300, 1usize..=40, 257usize..=300),
+        (2usize..=40, 257usize..=700, 2usize..=300),
+        (Just(1), 1usize..=2000, 1usize..=2000),
+        (1usize..=300, Just(1), 1usize..=300),
+        (1usize..=300, 1usize..=300, Just(1)),
+    ]
+}
+
+fn dtype() -> impl Strategy<Value = Dtype> {
+    prop::sample::select(vec![Dtype::F32, Dtype::F16, Dtype::BF16])
+}
+
+fn scalar(special: Vec<f32>) -> impl Strategy<Value = f32> {
+    prop_oneof![prop::sample::select(special), -3.0f32..3.0]
+}
+
+proptest! {
+    #![proptest_config(proptest_config(96))]
+
+    #[test]
+    fn gemm_matches_f64(
+        product in prop::sample::select(vec![Product::Nt, Product::Nn]),
+        (m, k, n) in gemm_shape(),
+        alpha in scalar(vec![1.0, -0.5]),
+        beta in scalar(vec![0.0, 0.0, 1.0, -1.5]),
+        dtype in dtype(),
+        threads in threads(),
+        seed in any::<u64>(),
+    ) {
+        let case = GemmCase { product, m, k, n, alpha, beta, dtype, threads, seed };
+        case.check().map_err(|e| TestCaseError::fail(format!("{case:?}: {e}")))?;
+    }
+}
+
+#[test]
+fn gemm_matches_f64_at_llama_7b_sizes() {
+    // Decoding GEMVs against the 4096 × 4096 projections, and 16 tokens
+    // through a slice of the MLP (k 4096 and 11008).
+    let shapes = [(1, 4096, 4096), (16, 4096, 512), (3, 11008, 300)];
+    for (i, &(m, k, n)) in shapes.iter().enumerate() {
+        for product in [Product::Nt, Product::Nn] {
+            for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+                let case = GemmCase {
+                    product,
+                    m,
+                    k,
+                    n,
+                    alpha: 1.0,
+                    beta: if product == Product::Nn { 1.0 } else { 0.0 },
+                    dtype,
+                    threads: 3,
+                    seed: i as u64,
+                };
+                if let Err(e) = case.check() {
+                    panic!("{case:?}: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// One attention case: heads, head size, and per sequence (padding before
+/// its queries, queries, padding before its keys, keys).
+#[derive(Clone, Debug)]
+struct AttnCase {
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    seqs: Vec<(usize, usize, usize, usize)>,
+    causal: bool,
+    /// Multiplies 1/√head_dim: above 1 the softmax is peaked.
+    sharpness: f32,
+    threads: usize,
+    seed: u64,
+}
+
+impl AttnCase {
+    /// Runs the host attention and checks o and lse against the f64
+    /// reference, padding (which must be exactly 0) included: |Δo| ≤ TOL ·
+    /// (1 + S) · max|v| and |Δlse| ≤ TOL · (1 + S), where S = scale ·
+    /// max‖q‖ · max‖k‖ bounds scale · Σ|q k| of every query–key pair, the
+    /// size of a score's rounding error, which the softmax turns into a
+    /// relative error of each probability.
+    fn check(&self) -> Result<(), String> {
+        let (mut q_spans, mut kv_spans) = (Vec::new(), Vec::new());
+        let (mut q_tokens, mut kv_tokens) = (0, 0);
+        for &(q_pad, q_len, kv_pad, kv_len) in &self.seqs {
+            q_spans.push(SeqSpan {
+                start: q_tokens + q_pad,
+                len: q_len,
+            });
+            kv_spans.push(SeqSpan {
+                start: kv_tokens + kv_pad,
+                len: kv_len,
+            });
+            q_tokens += q_pad + q_len;
+            kv_tokens += kv_pad + kv_len;
+        }
+        // Trailing padding too.
+        q_tokens += 1;
+        let d = self.head_dim;
+        let dims = KvDims {
+            q_tokens,
+            kv_tokens,
+            q_heads: self.q_heads,
+            kv_heads: self.kv_heads,
+            head_dim: d,
+        };
+        let mut rng = Rng::new(self.seed);
+        let q = rng.normal_vec(q_tokens * self.q_heads * d, 1.0);
+        let k = rng.normal_vec(kv_tokens * self.kv_heads * d, 1.0);
+        let v = rng.normal_vec(kv_tokens * self.kv_heads * d, 1.0);
+        let scale = self.sharpness / (d as f32).sqrt();
+
+        let mut o = vec![f32::NAN; q.len()];
+        let mut lse = vec![f32::NAN; self.q_heads * q_tokens];
+        pool(self.threads).install(|| {
+            attention_forward(
+                &q,
+                &k,
+                &v,
+                &dims,
+                &q_spans,
+                &kv_spans,
+                scale,
+                self.causal,
+                &mut o,
+                &mut lse,
+            )
+        });
+        let (want_o, want_lse) =
+            forward_kv(&q, &k, &v, &dims, &q_spans, &kv_spans, scale, self.causal);
+
+        let max_norm = |x: &[f32]| {
+            x.chunks(d)
+                .map(|row| row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt())
+                .fold(0.0f64, f64::max)
+        };
+        let max_abs = |x: &[f32]| x.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64));
+        let s = scale as f64 * max_norm(&q) * max_norm(&k);
+        let lse_tol = TOL * (1.0 + s);
+        let o_tol = lse_tol * max_abs(&v);
+        let compare = |what: &str, got: &[f32], want: &[f32], tol: f64| {
+            for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+                let close = (g as f64 - w as f64).abs() <= tol;
+                if !close {
+                    return Err(format!("{what}[{i}] = {g}, want {w} (allowed {tol})"));
+                }
+            }
+            Ok(())
+        };
+        compare("o", &o, &want_o, o_tol)?;
+        compare("lse", &lse, &want_lse, lse_tol)
+    }
+}
+
+/// Head sizes: the fast ones, odd ones and ones not a multiple of 8.
+fn head_dim() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        prop::sample::select(vec![16usize, 32, 64, 128]),
+        1usize..=9,
+        prop::sample::select(vec![24usize, 40, 72, 100]),
+    ]
+}
+
+/// (query padding, queries, key padding, keys): a full prefill, queries
+/// shorter than the keys (new tokens against a cache, one of them when
+/// decoding), empty sequences; up to two query and key blocks.
+fn sequence() -> impl Strategy<Value = (usize, usize, usize, usize)> {
+    let keys = prop_oneof![0usize..=12, 13usize..=150];
+    (0usize..=3, keys, 0usize..=3, 0u8..4).prop_flat_map(|(q_pad, kv_len, kv_pad, kind)| {
+        let q_len = match kind {
+            0 | 1 => Just(kv_len).boxed(),
+            2 => Just(kv_len.min(1)).boxed(),
+            _ => (0..=kv_len).boxed(),
+        };
+        (Just(q_pad), q_len, Just(kv_pad), Just(kv_len))
+    })
+}
+
+proptest! {
+    #![proptest_config(proptest_config(64))]
+
+    #[test]
+    fn attention_matches_reference(
+        kv_heads in 1usize..=2,
+        group in 1usize..=3,
+        head_dim in head_dim(),
+        seqs in prop::collection::vec(sequence(), 0..=3),
+        causal in any::<bool>(),
+        sharpness in prop::sample::select(vec![1.0f32, 4.0]),
+        threads in threads(),
+        seed in any::<u64>(),
+    ) {
+        let case = AttnCase {
+            q_heads: kv_heads * group, kv_heads, head_dim, seqs, causal, sharpness, threads, seed,
+        };
+        case.check().map_err(|e| TestCaseError::fail(format!("{case:?}: {e}")))?;
+    }
+}
+
+#[test]
+fn attention_matches_reference_on_long_sequences() {
+    let case = |q_heads, kv_heads, head_dim, seqs: Vec<_>, causal| AttnCase {
+        q_heads,
+        kv_heads,
+        head_dim,
+        seqs,
+        causal,
+        sharpness: 1.0,
+        threads: 3,
+        seed: 7,
+    };
+    let cases = [
+        // A prefill of many query and key blocks.
+        case(2, 1, 64, vec![(0, 300, 0, 300)], true),
+        // Decoding against a long cache, GQA 4:1, and a batch of two.
+        case(4, 1, 128, vec![(0, 1, 0, 1000), (2, 1, 1, 333)], true),
+        // A chunk of new tokens against a cache, with and without the mask.
+        case(2, 2, 32, vec![(1, 100, 5, 400)], true),
+        case(2, 2, 16, vec![(1, 100, 5, 400)], false),
+    ];
+    for c in cases {
+        if let Err(e) = c.check() {
+            panic!("{c:?}: {e}");
+        }
+    }
+}
