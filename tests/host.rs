@@ -405,3 +405,98 @@ fn attention_matches_reference_on_long_sequences() {
         }
     }
 }
+
+/// The row-wise ops of the model's host path against their references: the
+/// embedding gather (exact), SwiGLU, RMSNorm and the residual add fused with
+/// it, and the LM head fused with cross-entropy (blocks of rows smaller and
+/// larger than one block of logits; ignored labels).
+mod row_ops {
+    use super::*;
+    use platypus::ops::{cross_entropy, embedding, rmsnorm, swiglu};
+    use platypus::{cpu, DType, Device, Tensor};
+
+    fn t(v: &[f32], shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::from_f32(v, shape, dtype, &Device::Cpu).unwrap()
+    }
+
+    fn close(got: &[f32], want: &[f32], rel: f32, what: &str) {
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-30);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= rel * scale, "{what}[{i}]: {g} vs {w}");
+        }
+        assert_eq!(got.len(), want.len(), "{what}: length");
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config(24))]
+
+        #[test]
+        fn row_ops_match_their_references(rows in 1usize..40, hidden in 1usize..300, vocab in 1usize..700, half in any::<bool>(), seed in any::<u64>()) {
+            let mut rng = Rng::new(seed);
+            let x = rng.normal_vec(rows * hidden, 1.0);
+            let d = rng.normal_vec(rows * hidden, 1.0);
+            let w = rng.normal_vec(hidden, 1.0);
+            // Embedding: a table stored in bf16 or f32, rows copied exactly.
+            let table_dtype = if half { DType::BF16 } else { DType::F32 };
+            let table = t(&rng.normal_vec(vocab * hidden, 1.0), &[vocab, hidden], table_dtype);
+            let ids: Vec<u32> = (0..rows).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
+            let e = embedding::forward(&table, &ids, DType::F32).unwrap().to_f32_vec().unwrap();
+            let tv = table.to_f32_vec().unwrap();
+            let want: Vec<f32> = ids.iter().flat_map(|&i| tv[i as usize * hidden..][..hidden].to_vec()).collect();
+            prop_assert_eq!(e, want);
+            // SwiGLU.
+            let s = swiglu::forward(&t(&x, &[rows, hidden], DType::F32), &t(&d, &[rows, hidden], DType::F32)).unwrap();
+            close(&s.to_f32_vec().unwrap(), &cpu::swiglu::forward(&x, &d), 4e-7, "swiglu");
+            // RMSNorm and h += d; rmsnorm(h).
+            let wt = t(&w, &[hidden], DType::F32);
+            let y = rmsnorm::forward(&t(&x, &[rows, hidden], DType::F32), &wt, 1e-5).unwrap();
+            close(&y.to_f32_vec().unwrap(), &cpu::rmsnorm::forward(&x, &w, hidden, 1e-5), 4e-7, "rmsnorm");
+            let mut h = t(&x, &[rows, hidden], DType::F32);
+            let y = rmsnorm::add_forward(&mut h, &t(&d, &[rows, hidden], DType::F32), &wt, 1e-5).unwrap();
+            let sum: Vec<f32> = x.iter().zip(&d).map(|(a, b)| a + b).collect();
+            prop_assert_eq!(h.to_f32_vec().unwrap(), sum.clone());
+            close(&y.to_f32_vec().unwrap(), &cpu::rmsnorm::forward(&sum, &w, hidden, 1e-5), 4e-7, "add_rmsnorm");
+            // LM head + cross-entropy, every third label ignored.
+            let head = rng.normal_vec(vocab * hidden, 0.1);
+            let labels: Vec<i32> = (0..rows)
+                .map(|r| if r % 3 == 2 { -100 } else { (rng.next_u64() % vocab as u64) as i32 })
+                .collect();
+            let ce = cross_entropy::linear_cross_entropy(
+                &t(&x, &[rows, hidden], DType::F32),
+                &t(&head, &[vocab, hidden], DType::F32),
+                &labels,
+            ).unwrap();
+            let (sum, count, lse) = cpu::cross_entropy::linear_cross_entropy(&x, &head, &labels, hidden);
+            prop_assert_eq!(ce.tokens, count);
+            // Each loss is lse − logit, both of size ~‖x‖·0.1·√hidden·a few.
+            let scale = 1.0 + 0.1 * (hidden as f64).sqrt() * 4.0;
+            prop_assert!((ce.loss_sum - sum).abs() <= 1e-5 * scale * count.max(1) as f64, "{} vs {sum}", ce.loss_sum);
+            close(&ce.lse, &lse, 2e-6, "lse");
+        }
+    }
+
+    #[test]
+    fn cross_entropy_over_many_blocks_of_logits() {
+        // 300 rows of a 32000-token head: two blocks of at most 32 MiB of logits.
+        let (rows, hidden, vocab) = (300, 16, 32000);
+        let mut rng = Rng::new(5);
+        let x = rng.normal_vec(rows * hidden, 1.0);
+        let head = rng.normal_vec(vocab * hidden, 0.2);
+        let labels: Vec<i32> = (0..rows).map(|r| (r * 97 % vocab) as i32).collect();
+        let ce = cross_entropy::linear_cross_entropy(
+            &t(&x, &[rows, hidden], DType::F32),
+            &t(&head, &[vocab, hidden], DType::F32),
+            &labels,
+        )
+        .unwrap();
+        let (sum, count, lse) =
+            cpu::cross_entropy::linear_cross_entropy(&x, &head, &labels, hidden);
+        assert_eq!(ce.tokens, count);
+        assert!(
+            (ce.loss_sum - sum).abs() < 1e-6 * sum.abs(),
+            "{} vs {sum}",
+            ce.loss_sum
+        );
+        close(&ce.lse, &lse, 1e-6, "lse");
+    }
+}

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::gemm::{matmul_nt, Weights};
 
 /// Bytes of fp32 logits one block may hold.
-const BLOCK_BYTES: usize = 8 << 20;
+const BLOCK_BYTES: usize = 32 << 20;
 
 /// (sum of the losses in f64, tokens counted, logsumexp per row) for
 /// h [tokens, hidden] and the head w [vocab, hidden]; labels < 0 are ignored,
