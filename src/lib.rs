@@ -4,7 +4,10 @@
 //! Every op runs on three devices: [`Device::Cuda`] (the kernels in
 //! `kernels/`, built by nvcc for sm_80..sm_90), [`Device::Emulated`] (the same
 //! .cu source compiled for the host and run on a CUDA emulator) and
-//! [`Device::Cpu`] (the Rust reference implementations in [`cpu`]).
+//! [`Device::Cpu`]: multi-threaded f32 host code ([`host`], and the cosine
+//! top-k's own fast path) where it is written, the Rust reference
+//! implementations ([`cpu`]) elsewhere (the backward passes, 16-bit
+//! activations). The references are the oracle the tests compare with.
 //!
 //! ```
 //! use platypus::{ops, DType, Device, Tensor};

@@ -1,5 +1,6 @@
-//! Reference implementations in plain Rust: what every kernel is checked
-//! against, and what ops run on [`crate::Device::Cpu`]. f32 in and out,
+//! Reference implementations in plain Rust: what every kernel and the fast
+//! host code ([`crate::host`]) are checked against, and what ops run on
+//! [`crate::Device::Cpu`] where no host code is written yet. f32 in and out,
 //! f64 accumulation, written for clarity rather than speed.
 
 pub mod attention;
