@@ -97,6 +97,15 @@ fn rel_diff(got: &[f32], want: &[f32], rows: &[usize], width: usize) -> f64 {
     diff / scale
 }
 
+/// max |a − b| over two tensors' values.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 fn load_base(dir: &Path) -> Llama {
     Llama::load(dir, &Device::Cpu).unwrap()
 }
@@ -176,12 +185,7 @@ fn merge_matches_peft_merged_weights_and_keeps_the_loss() {
         peft.tensors().keys().collect::<Vec<_>>()
     );
     for name in peft.tensors().keys() {
-        let (a, b) = (ours.load_f32(name).unwrap(), peft.load_f32(name).unwrap());
-        let d = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
+        let d = max_diff(&ours.load_f32(name).unwrap(), &peft.load_f32(name).unwrap());
         assert!(d <= 1e-6, "{name}: max difference {d:e}");
     }
     for side in ["config.json", "generation_config.json"] {
@@ -219,12 +223,7 @@ fn two_adapters_merge_to_the_weighted_sum_of_their_deltas() {
     let two = SafetensorsFile::open(&scratch.path("two/model.safetensors")).unwrap();
     let one = SafetensorsFile::open(&scratch.path("one/model.safetensors")).unwrap();
     for name in one.tensors().keys() {
-        let (x, y) = (two.load_f32(name).unwrap(), one.load_f32(name).unwrap());
-        let d = x
-            .iter()
-            .zip(&y)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0.0, f32::max);
+        let d = max_diff(&two.load_f32(name).unwrap(), &one.load_f32(name).unwrap());
         assert!(d < 1e-6, "{name}: {d:e}");
     }
 }
@@ -297,11 +296,7 @@ fn a_sharded_checkpoint_gives_the_same_logits_and_merges_shard_by_shard() {
     let peft = SafetensorsFile::open(&dev_dir().join("merged/model.safetensors")).unwrap();
     for name in peft.tensors().keys() {
         let got = merged.file_of(name).unwrap().load_f32(name).unwrap();
-        let d = got
-            .iter()
-            .zip(peft.load_f32(name).unwrap())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
+        let d = max_diff(&got, &peft.load_f32(name).unwrap());
         assert!(d <= 1e-6, "{name}: {d:e}");
     }
     // A shard named in the index but missing is an error naming it.
