@@ -130,6 +130,41 @@ fn activation_dtype(device: &Device, stored: DType) -> DType {
     }
 }
 
+/// The MLP width the projections are held at on `device`: intermediate_size
+/// on the CPU, rounded up to a multiple of 8 on the kernel devices (their
+/// GEMM moves 16-byte rows). The extra gate/up rows and down columns are
+/// zeros, so they add silu(0) · 0 = 0 to the output: padding changes nothing.
+fn mlp_width(config: &LlamaConfig, device: &Device) -> usize {
+    match device {
+        Device::Cpu => config.intermediate_size,
+        _ => config.intermediate_size.next_multiple_of(8),
+    }
+}
+
+/// [out, in] of `module`'s weight as held: [`Module::shape`] with the MLP
+/// width `width` (see [`mlp_width`]).
+fn held_shape(module: Module, config: &LlamaConfig, width: usize) -> [usize; 2] {
+    let [out, inp] = module.shape(config);
+    match module {
+        Module::Gate | Module::Up => [width, inp],
+        Module::Down => [out, width],
+        _ => [out, inp],
+    }
+}
+
+/// A row-major [rows, cols] matrix zero-padded to [held[0], held[1]].
+fn pad_matrix(data: &[f32], [rows, cols]: [usize; 2], held: [usize; 2]) -> Vec<f32> {
+    let mut out = vec![0.0; held[0] * held[1]];
+    for (dst, src) in out
+        .chunks_exact_mut(held[1])
+        .zip(data.chunks_exact(cols))
+        .take(rows)
+    {
+        dst[..cols].copy_from_slice(src);
+    }
+    out
+}
+
 /// A tensor converted to `dtype` on its device (a copy only when it differs).
 fn to_dtype(t: Tensor, dtype: DType) -> Result<Tensor> {
     if t.dtype() == dtype {
@@ -184,12 +219,19 @@ impl Llama {
             }
         };
         let vector = |key: &str| to_dtype(load(key, &[h])?, dtype);
+        let width = mlp_width(&config, device);
+        let projection = |m: Module, layer: usize| -> Result<Linear> {
+            let (shape, held) = (m.shape(&config), held_shape(m, &config, width));
+            let mut weight = matrix(&m.weight_key(layer), &shape)?;
+            if held != shape {
+                let padded = pad_matrix(&weight.to_f32_vec()?, shape, held);
+                weight = Tensor::from_f32(&padded, &held, dtype, device)?;
+            }
+            Ok(Linear { weight, lora: None })
+        };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
-            let projections = Module::ALL.map(|m| {
-                matrix(&m.weight_key(i), &m.shape(&config))
-                    .map(|weight| Linear { weight, lora: None })
-            });
+            let projections = Module::ALL.map(|m| projection(m, i));
             let projections = projections.into_iter().collect::<Result<Vec<_>>>()?;
             layers.push(DecoderLayer {
                 input_norm: vector(&format!("model.layers.{i}.input_layernorm.weight"))?,
@@ -238,8 +280,10 @@ impl Llama {
                 p.lora = None;
             }
         }
+        let width = mlp_width(&self.config, &self.device);
         for (&(layer, module), f) in &adapter.factors {
             let [out, inp] = module.shape(&self.config);
+            let [held_out, held_in] = held_shape(module, &self.config, width);
             let target = self.layers.get_mut(layer).ok_or_else(|| Error::Invalid {
                 op: "Llama::attach",
                 arg: "adapter",
@@ -249,15 +293,24 @@ impl Llama {
                 ),
             })?;
             target.projections[module as usize].lora = Some(LoraFactors {
-                a: Tensor::from_slice(&f.a, &[r, inp], &self.device)?,
-                b: Tensor::from_slice(&f.b, &[out, r], &self.device)?,
+                a: Tensor::from_slice(
+                    &pad_matrix(&f.a, [r, inp], [r, held_in]),
+                    &[r, held_in],
+                    &self.device,
+                )?,
+                b: Tensor::from_slice(
+                    &pad_matrix(&f.b, [out, r], [held_out, r]),
+                    &[held_out, r],
+                    &self.device,
+                )?,
                 config: cfg,
             });
         }
         Ok(())
     }
 
-    /// Number of parameters (the tied head counted once).
+    /// Number of parameters (the tied head counted once; the kernel devices'
+    /// MLP padding not counted).
     pub fn parameters(&self) -> usize {
         let layers: usize = self
             .layers
@@ -265,9 +318,9 @@ impl Llama {
             .map(|l| {
                 l.input_norm.elem_count()
                     + l.post_attention_norm.elem_count()
-                    + l.projections
+                    + Module::ALL
                         .iter()
-                        .map(|p| p.weight.elem_count())
+                        .map(|m| m.shape(&self.config).iter().product::<usize>())
                         .sum::<usize>()
             })
             .sum();
