@@ -408,11 +408,11 @@ fn attention_matches_reference_on_long_sequences() {
 
 /// The row-wise ops of the model's host path against their references: the
 /// embedding gather (exact), SwiGLU, RMSNorm and the residual add fused with
-/// it, and the LM head fused with cross-entropy (blocks of rows smaller and
+/// it, RoPE (both pair styles, forward and inverse), and the LM head fused with cross-entropy (blocks of rows smaller and
 /// larger than one block of logits; ignored labels).
 mod row_ops {
     use super::*;
-    use platypus::ops::{cross_entropy, embedding, rmsnorm, swiglu};
+    use platypus::ops::{cross_entropy, embedding, rmsnorm, rope, swiglu};
     use platypus::{cpu, DType, Device, Tensor};
 
     fn t(v: &[f32], shape: &[usize], dtype: DType) -> Tensor {
@@ -472,6 +472,34 @@ mod row_ops {
             let scale = 1.0 + 0.1 * (hidden as f64).sqrt() * 4.0;
             prop_assert!((ce.loss_sum - sum).abs() <= 1e-5 * scale * count.max(1) as f64, "{} vs {sum}", ce.loss_sum);
             close(&ce.lse, &lse, 2e-6, "lse");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config(24))]
+
+        #[test]
+        fn rope_matches_its_reference(batch in 1usize..3, seq in 1usize..40, q_heads in 1usize..5, k_heads in 1usize..3, half_dim in 1usize..40, interleaved in any::<bool>(), inverse in any::<bool>(), seed in any::<u64>()) {
+            let head_dim = 2 * half_dim;
+            let mut rng = Rng::new(seed);
+            let positions: Vec<i32> = (0..batch * seq).map(|_| (rng.next_u64() % 4096) as i32).collect();
+            let q = rng.normal_vec(batch * seq * q_heads * head_dim, 1.0);
+            let k = rng.normal_vec(batch * seq * k_heads * head_dim, 1.0);
+            let cfg = rope::RopeConfig {
+                style: if interleaved { cpu::rope::RopeStyle::Interleaved } else { cpu::rope::RopeStyle::RotateHalf },
+                ..rope::RopeConfig::default()
+            };
+            let (mut qt, mut kt) = (t(&q, &[batch, seq, q_heads, head_dim], DType::F32), t(&k, &[batch, seq, k_heads, head_dim], DType::F32));
+            let pos = Tensor::from_slice(&positions, &[batch, seq], &Device::Cpu).unwrap();
+            if inverse {
+                rope::backward(&mut qt, &mut kt, &pos, &cfg).unwrap();
+            } else {
+                rope::forward(&mut qt, &mut kt, &pos, &cfg).unwrap();
+            }
+            for (got, mut want, heads, what) in [(qt, q, q_heads, "q"), (kt, k, k_heads, "k")] {
+                cpu::rope::apply(&mut want, &positions, heads, head_dim, cfg.theta, cfg.style, inverse);
+                close(&got.to_f32_vec().unwrap(), &want, 4e-7, what);
+            }
         }
     }
 

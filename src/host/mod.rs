@@ -6,4 +6,5 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod gemm;
+pub mod rope;
 pub mod view;

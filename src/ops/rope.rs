@@ -13,6 +13,7 @@ use crate::cpu;
 pub use crate::cpu::rope::RopeStyle;
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
+use crate::host;
 use crate::kernels::params::RopeParams;
 use crate::launch::LaunchConfig;
 use crate::tensor::Tensor;
@@ -108,6 +109,20 @@ fn apply(
     }
     let tokens = batch * seq;
     let device = q.device().clone();
+    if let (Device::Cpu, DType::F32) = (&device, q.dtype()) {
+        let pos = positions.to_vec::<i32>()?;
+        host::rope::apply(
+            host::view::f32s_mut(op, "q", q)?,
+            host::view::f32s_mut(op, "k", k)?,
+            &pos,
+            (q_heads, k_heads),
+            head_dim,
+            cfg.theta,
+            cfg.style,
+            inverse,
+        );
+        return Ok(());
+    }
     if let Device::Cpu = device {
         let pos = positions.to_vec::<i32>()?;
         for (t, heads) in [(q, q_heads), (k, k_heads)] {
