@@ -2,8 +2,8 @@
 //
 // Forward: O = softmax(scale * Q K^T + mask) V and the natural-log logsumexp
 // of every score row, without ever materialising the T x T matrix. A block
-// owns 128 query rows of one (sequence, head); each of its 4 warps owns 32 of
-// them and loops over tiles of 64 keys (32 at head dim 128) of K and V:
+// owns 128 query rows of one (sequence, head) (64 at head dim 128); each of
+// its 4 warps owns 32 of them (16) and loops over tiles of 64 keys of K and V:
 // S = Q K^T on mma.sync
 // (ldmatrix from swizzled shared memory), online softmax in fp32 with exp2
 // of log2-scaled logits, O += P V with P re-packed from the accumulator
@@ -29,8 +29,39 @@
 // dominate from T of a few hundred on. Shared-memory traffic per mma (one
 // ldmatrix.x4 moves 512 bytes, an A100 SM reads 128 bytes/clock and retires
 // one m16n8k16 per 2 clocks): forward 40 ldmatrix.x4 per 128 mma at head
-// dims 32/64 (32 rows per warp) and 72 per 128 at 128 (16 rows per warp),
+// dims 16/32/64 (32 rows per warp) and 72 per 128 at 128 (16 rows per warp),
 // backward 0.56 to 0.67 per mma (16 rows per warp).
+//
+// Head dims 16, 32, 64 and 128. At D = 16 Q K^T is one k16 step per key
+// tile and P V two n8 tiles per m16 tile: the kernels are bound by the
+// softmax and the K/V stream, not the tensor cores (a 32-byte row is two
+// 16-byte chunks, swizzled every 4 rows).
+//
+// KV cache (forward only; AttentionParams.kv_seq_stride > 0): sequence b's
+// keys are rows b * capacity .. b * capacity + kv_len of a [batch,
+// capacity, kv_heads, D] cache, and the causal mask is aligned to the end
+// (FlashAttention-2's bottom-right alignment: query i of `new` sees keys
+// j <= i + kv_len - new). Key tiles past the block's last diagonal are
+// skipped, the tiles crossing a warp's diagonal masked; rows past kv_len
+// are never read. Decoding (new = 1) runs one block per (sequence, query
+// head) holding a single valid query row in a 128-row tile (64 at D = 128):
+// 127/128 of its MMA rows are wasted, but decoding is bound by reading K and
+// V (2 * kv_len * D * 2 bytes per query head, once per query head even when
+// GQA heads share a kv head, the repeats then mostly L2 hits), and the
+// tensor-core time per 64-key tile is small next to its 16 KB (D = 64)
+// to 32 KB (D = 128) load. With only batch * q_heads blocks (32 for Llama 2
+// 7B at batch 1, a quarter of an H100's SMs) each streaming its cache
+// through a 2-stage cp.async pipeline, a long-cache decode reaches well
+// under half of HBM bandwidth; split-K (flash-decoding: several blocks per
+// head over slices of the cache, then a log-sum-exp combine) is what would
+// fill the GPU, and is not done. The GQA query heads of one kv head are not
+// folded into one tile's rows either.
+//
+// write_cache: appends the new tokens' K or V rows [batch, new, kv_heads,
+// D] to rows start .. start + new of the cache, one unit (16 bytes when the
+// rows and pointers allow, else 4 or 2) per thread, coalesced: reads and
+// writes batch * new * kv_heads * D elements once (memory-bound; a decode
+// step's few KB per layer are launch-latency bound).
 //
 // Layout: token-major [tokens, heads, D] (AttentionParams in params.h);
 // every row must start 16-byte aligned (D a multiple of 8, 16-byte aligned
@@ -61,6 +92,20 @@ struct Sequence {
 __device__ __forceinline__ Sequence sequence(const AttentionParams& p, int b) {
     if (p.cu_seqlens) return {p.cu_seqlens[b], p.cu_seqlens[b + 1] - p.cu_seqlens[b], false};
     return {b * p.max_seqlen, p.seq_lens ? p.seq_lens[b] : p.max_seqlen, true};
+}
+
+/// The keys of sequence b, whose queries are `q`: rows start .. start + len
+/// of k and v, and the causal offset len - q.len (query i sees keys j <= i
+/// + offset). Self-attention: the queries' own rows, offset 0.
+struct Keys {
+    int start;
+    int len;
+    int offset;
+};
+
+__device__ __forceinline__ Keys keys_of(const AttentionParams& p, const Sequence& q, int b) {
+    if (p.kv_seq_stride > 0) return {b * p.kv_seq_stride, p.kv_len, p.kv_len - q.len};
+    return {q.start, q.len, 0};
 }
 
 /// Rows [0, ROWS) of a tile a block owns, starting at row `first` of `seq`:
@@ -206,7 +251,8 @@ __device__ __forceinline__ float quad_sum(float v) {
 /// Sets to -inf the scores of a warp's 16 x NT*8 tile (rows row0 + g, +8 of
 /// the sequence, columns col0 ..) that a query may not see: keys at or beyond
 /// `len`, and with CAUSAL keys after the query. TRANSPOSED: rows are keys and
-/// columns queries (the dK/dV pass).
+/// columns queries (the dK/dV pass). Query indices are in key coordinates:
+/// a KV-cache forward passes its query rows plus the causal offset.
 template <bool CAUSAL, bool TRANSPOSED, int NT>
 __device__ __forceinline__ void mask_scores(float (&s)[NT][4], int row0, int col0, int len) {
     const int lane = threadIdx.x % 32;
@@ -256,6 +302,7 @@ __device__ __forceinline__ void forward(const AttentionParams& p) {
 
     const int m0 = blockIdx.x * BM, h = blockIdx.y;
     const Sequence seq = sequence(p, blockIdx.z);
+    const Keys keys = keys_of(p, seq, blockIdx.z);
     const TileRows rows = tile_rows<BM>(p, seq, m0);
     const int q_stride = p.q_heads * D, kv_stride = p.kv_heads * D;
     const size_t q_at = static_cast<size_t>(seq.start + m0) * q_stride + h * D;
@@ -268,11 +315,14 @@ __device__ __forceinline__ void forward(const AttentionParams& p) {
 
     if (rows.valid > 0) {
         const int kv_head = h / (p.q_heads / p.kv_heads);
-        const T* k = static_cast<const T*>(p.k) + static_cast<size_t>(seq.start) * kv_stride + kv_head * D;
-        const T* v = static_cast<const T*>(p.v) + static_cast<size_t>(seq.start) * kv_stride + kv_head * D;
-        const int n_tiles = div_ceil(CAUSAL ? m0 + rows.valid : seq.len, BN);
+        const T* k = static_cast<const T*>(p.k) + static_cast<size_t>(keys.start) * kv_stride + kv_head * D;
+        const T* v = static_cast<const T*>(p.v) + static_cast<size_t>(keys.start) * kv_stride + kv_head * D;
+        // Causal: key tiles past the last row's diagonal (row + offset) are
+        // skipped. At least one tile, so the loop's barriers retire the loads
+        // even if no key is visible (then o = 0, lse = 0).
+        const int n_tiles = max(1, div_ceil(CAUSAL ? m0 + rows.valid + keys.offset : keys.len, BN));
         load_tile_async<T, D, BM>(sQ, static_cast<const T*>(p.q) + q_at, q_stride, rows.valid);
-        load_kv_tile_async<T, D, BN>(sK, sV, k, v, kv_stride, 0, seq.len);
+        load_kv_tile_async<T, D, BN>(sK, sV, k, v, kv_stride, 0, keys.len);
         cp_async_commit();
 
         float acc[MW][DT][4] = {};
@@ -285,7 +335,7 @@ __device__ __forceinline__ void forward(const AttentionParams& p) {
         const float scale_log2 = p.scale * kLog2e;
         for (int j = 0; j < n_tiles; ++j) {
             const int n0 = j * BN;
-            if (j + 1 < n_tiles) load_kv_tile_async<T, D, BN>(sK, sV, k, v, kv_stride, j + 1, seq.len);
+            if (j + 1 < n_tiles) load_kv_tile_async<T, D, BN>(sK, sV, k, v, kv_stride, j + 1, keys.len);
             cp_async_commit();
             cp_async_wait<1>();
             __syncthreads();
@@ -294,9 +344,11 @@ __device__ __forceinline__ void forward(const AttentionParams& p) {
 
             float s[MW][NT][4] = {};
             warp_gemm_abt<T, D, MW, NT>(s, sQ, warp_row0, sKj);
-            if (n0 + BN > seq.len || (CAUSAL && n0 + BN - 1 > m0 + warp_row0)) {
+            // The last tile, and with CAUSAL a tile reaching past this warp's first diagonal, get masked.
+            const int diagonal0 = m0 + warp_row0 + keys.offset;
+            if (n0 + BN > keys.len || (CAUSAL && n0 + BN - 1 > diagonal0)) {
 #pragma unroll
-                for (int mw = 0; mw < MW; ++mw) mask_scores<CAUSAL, false>(s[mw], m0 + warp_row0 + 16 * mw, n0, seq.len);
+                for (int mw = 0; mw < MW; ++mw) mask_scores<CAUSAL, false>(s[mw], diagonal0 + 16 * mw, n0, keys.len);
             }
 
             // Online softmax, per accumulator row (elements 2r, 2r+1 of each n8 tile).
@@ -581,8 +633,36 @@ __device__ __forceinline__ void backward_dkdv(const AttentionParams& p) {
     store_tile<T, D, kBlockN>(static_cast<T*>(p.dv) + kv_at, kv_stride, sV, keys);
 }
 
+// ---- KV cache ----------------------------------------------------------------------------------
+
+constexpr int kCacheThreads = 256;
+/// The 16-byte unit of the cache write.
+using Unit16 = Vec<uint32_t, 4>;
+
+/// Thread i of block (x, b) copies unit x * kCacheThreads + i of sequence
+/// b's new rows into the cache (U: the 16-, 4- or 2-byte unit).
+template <typename U>
+__device__ __forceinline__ void write_cache(const CacheWriteParams& p) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * kCacheThreads + threadIdx.x;
+    if (i >= p.units) return;
+    const int64_t b = blockIdx.y;
+    const U* src = static_cast<const U*>(p.src) + b * p.units + i;
+    U* dst = static_cast<U*>(p.dst) + b * p.dst_seq_units + p.dst_offset_units + i;
+    *vector_at<U>(dst) = *vector_at<U>(src);
+}
+
 }  // namespace attn
 }  // namespace platypus
+
+#define WRITE_CACHE_KERNEL(name, U)                                                                              \
+    extern "C" __global__ void __launch_bounds__(platypus::attn::kCacheThreads) name(CacheWriteParams p) { \
+        platypus::attn::write_cache<U>(p);                                                                       \
+    }                                                                                                            \
+    PLATYPUS_EXPORT_KERNEL(name)
+
+WRITE_CACHE_KERNEL(attention_write_cache_16b, platypus::attn::Unit16)
+WRITE_CACHE_KERNEL(attention_write_cache_4b, uint32_t)
+WRITE_CACHE_KERNEL(attention_write_cache_2b, uint16_t)
 
 // One extern "C" entry point per (dtype, head dim, causal); the launcher in
 // src/ops/attention.rs picks the name and the shared-memory size.
@@ -600,9 +680,11 @@ __device__ __forceinline__ void backward_dkdv(const AttentionParams& p) {
     ATTENTION_VARIANT(T, tname, D, true, _causal)                                                  \
     ATTENTION_KERNEL(attention_backward_delta_##tname##_d##D, (platypus::attn::backward_delta<T, D>(p)))
 
+ATTENTION_HEAD_DIM(__nv_bfloat16, bf16, 16)
 ATTENTION_HEAD_DIM(__nv_bfloat16, bf16, 32)
 ATTENTION_HEAD_DIM(__nv_bfloat16, bf16, 64)
 ATTENTION_HEAD_DIM(__nv_bfloat16, bf16, 128)
+ATTENTION_HEAD_DIM(__half, f16, 16)
 ATTENTION_HEAD_DIM(__half, f16, 32)
 ATTENTION_HEAD_DIM(__half, f16, 64)
 ATTENTION_HEAD_DIM(__half, f16, 128)

@@ -193,12 +193,15 @@ PLATYPUS_EXPORT_KERNEL(lora_splitk_reduce)
 // Tile shapes: `wide` 128 x 128 (8 warps, 64 x 32 each; two blocks per SM,
 // which holds it to 128 registers without spills) for the full-size
 // products; `skinny` 128 x 32 (4 warps, 32 x 32) for N = r; `short` 32 x 128
-// (4 warps, 32 x 32) for M = r.
+// (4 warps, 32 x 32) for M = r. `nt_wide_f32out` is the wide x W^T product
+// with fp32 output: the LM head's logits chunks for the fused cross-entropy
+// (src/ops/cross_entropy.rs).
 #define LORA_GEMMS(T, tname)                                                                                                           \
     LORA_KERNEL(lora_gemm_nt_wide_##tname, 256, 2, (platypus::lora::gemm<T, T, true, true, 128, 128, 2, 4>(p)))                         \
     LORA_KERNEL(lora_gemm_nt_skinny_##tname, 128, 1, (platypus::lora::gemm<T, T, true, true, 128, 32, 4, 1>(p)))                        \
     LORA_KERNEL(lora_gemm_nn_wide_##tname, 256, 2, (platypus::lora::gemm<T, T, true, false, 128, 128, 2, 4>(p)))                        \
     LORA_KERNEL(lora_gemm_nn_skinny_##tname, 128, 1, (platypus::lora::gemm<T, T, true, false, 128, 32, 4, 1>(p)))                       \
+    LORA_KERNEL(lora_gemm_nt_wide_f32out_##tname, 256, 2, (platypus::lora::gemm<T, float, true, true, 128, 128, 2, 4>(p)))                 \
     LORA_KERNEL(lora_gemm_tn_short_f32out_##tname, 128, 1, (platypus::lora::gemm<T, float, false, false, 32, 128, 1, 4>(p)))            \
     LORA_KERNEL(lora_gemm_tn_skinny_f32out_##tname, 128, 1, (platypus::lora::gemm<T, float, false, false, 128, 32, 4, 1>(p)))           \
     extern "C" __global__ void __launch_bounds__(256) lora_merge_##tname(LoraMergeParams p) { platypus::lora::merge<T>(p); }                 \

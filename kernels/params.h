@@ -20,6 +20,19 @@ typedef struct RmsNormForwardParams {
     int32_t vectorized; ///< 1 if every row of x, w and y is 16-byte aligned: use 128-bit accesses
 } RmsNormForwardParams;
 
+/// Residual add fused with RMSNorm: h[r, :] += delta[r, :] in place (rounded
+/// to the storage type), then y[r, :] = rmsnorm(h[r, :]) of the rounded h.
+typedef struct RmsNormAddForwardParams {
+    void* h;            ///< [rows, hidden], read and written
+    const void* delta;  ///< [rows, hidden]
+    const void* w;      ///< [hidden]
+    void* y;            ///< [rows, hidden]
+    int32_t rows;
+    int32_t hidden;
+    float eps;
+    int32_t vectorized; ///< 1 if every row of h, delta, w and y is 16-byte aligned: use 128-bit accesses
+} RmsNormAddForwardParams;
+
 /// RMSNorm backward: dx, and per-block partial sums of dw when dw_partial is
 /// not null (reduced by rmsnorm_dw_reduce in a fixed order).
 typedef struct RmsNormBackwardParams {
@@ -41,6 +54,34 @@ typedef struct RmsNormDwReduceParams {
     int32_t parts;
     int32_t hidden;
 } RmsNormDwReduceParams;
+
+/// Embedding gather: out[i, :] = table[ids[i], :], the table in its stored
+/// type and out in its own (the kernel name fixes both). Every id is below
+/// the vocabulary size (checked on the host).
+typedef struct EmbeddingParams {
+    const void* table;     ///< [vocab, hidden]
+    const uint32_t* ids;   ///< [tokens]
+    void* out;             ///< [tokens, hidden]
+    int32_t tokens;
+    int32_t hidden;
+    int32_t vectorized;    ///< 1 if every row of table and out is 16-byte aligned: 128-bit accesses
+    int32_t pad0;
+} EmbeddingParams;
+
+/// SwiGLU over n elements, forward (m = silu(gate) * up) or backward
+/// (dgate = dm * up * silu'(gate), dup = dm * silu(gate)); the kernel name
+/// says which, and the pointers the other one uses are null.
+typedef struct SwigluParams {
+    const void* gate;
+    const void* up;
+    void* m;               ///< forward output
+    const void* dm;        ///< backward input
+    void* dgate;           ///< backward outputs
+    void* dup;
+    int64_t n;
+    int32_t vectorized;    ///< 1 if every pointer is 16-byte aligned: 128-bit accesses, a scalar tail
+    int32_t pad0;
+} SwigluParams;
 
 /// Rotary position embedding, in place, on q [tokens, q_heads, head_dim] and
 /// k [tokens, k_heads, head_dim] (tokens = batch * seq).
@@ -66,6 +107,13 @@ typedef struct RopeParams {
 /// batches have start_b = b * max_seqlen and len_b = seq_lens[b] (max_seqlen
 /// when seq_lens is null), and their rows len_b .. max_seqlen are padding
 /// that gets zero outputs and gradients.
+///
+/// Keys: with kv_seq_stride == 0 sequence b's keys are the rows of its
+/// queries (self-attention). The forward kernel also takes a KV cache:
+/// kv_seq_stride > 0 puts sequence b's keys at rows b * kv_seq_stride ..
+/// b * kv_seq_stride + kv_len of k and v ([batch, kv_seq_stride, kv_heads,
+/// D]), and the causal mask is aligned to the end: query i of a sequence of
+/// len_b queries sees keys j <= i + (kv_len - len_b).
 typedef struct AttentionParams {
     const void* q;
     const void* k;
@@ -86,7 +134,23 @@ typedef struct AttentionParams {
     int32_t q_heads;
     int32_t kv_heads;        ///< divides q_heads; query head h reads kv head h / (q_heads / kv_heads)
     float scale;             ///< softmax scale, usually 1 / sqrt(D)
+    int32_t kv_seq_stride;   ///< 0: keys are the queries' rows; else rows of k, v between sequences' keys (forward only)
+    int32_t kv_len;          ///< keys per sequence when kv_seq_stride > 0 (at most kv_seq_stride)
 } AttentionParams;
+
+/// Appends new rows to a KV cache (kernels/attention.cu): for every
+/// sequence b, the `units` units of src starting at unit b * units copy to
+/// dst from unit b * dst_seq_units + dst_offset_units on. A unit is the
+/// kernel's access width (16, 4 or 2 bytes); units = new rows * row bytes /
+/// unit, dst_seq_units = capacity * row bytes / unit, dst_offset_units =
+/// first new row * row bytes / unit.
+typedef struct CacheWriteParams {
+    const void* src;         ///< [batch, new, kv_heads, head_dim]
+    void* dst;               ///< [batch, capacity, kv_heads, head_dim]
+    int64_t units;
+    int64_t dst_seq_units;
+    int64_t dst_offset_units;
+} CacheWriteParams;
 
 /// One GEMM of the fused LoRA layer (kernels/lora.cu):
 /// C = out_scale * (A B + scale * mask(A2 B2)), 16-bit operands, fp32
@@ -217,6 +281,50 @@ typedef struct CosineMergeParams {
     int32_t k;
     int32_t pad0;
 } CosineMergeParams;
+
+/// Cross-entropy over rows of logits (kernels/cross_entropy.cu):
+/// lse[r] = logsumexp(logits[r, 0..vocab)), loss[r] = lse[r] - logits[r, labels[r]],
+/// or 0 where labels[r] < 0 (ignored). One block per row.
+typedef struct CrossEntropyRowsParams {
+    const void* logits;     ///< [rows, ld], dtype from the kernel name
+    const int32_t* labels;  ///< [rows], each < vocab
+    float* lse;             ///< [rows]
+    float* loss;            ///< [rows]
+    int64_t ld;             ///< row stride of logits, in elements (>= vocab)
+    int32_t rows;
+    int32_t vocab;
+    int32_t vectorized;     ///< 1 if every row of logits is 16-byte aligned: 128-bit loads
+    int32_t pad0;
+} CrossEntropyRowsParams;
+
+/// Greedy decoding (kernels/sampling.cu): ids[r] = the first index of the
+/// largest logits[r, :] (NaN counts as larger than any number). One block per row.
+typedef struct ArgmaxParams {
+    const void* logits;     ///< [rows, vocab], dtype from the kernel name
+    uint32_t* ids;          ///< [rows]
+    int32_t rows;
+    int32_t vocab;
+    int32_t vectorized;     ///< 1 if every row is 16-byte aligned (vocab * elem % 16 == 0)
+    int32_t pad0;
+} ArgmaxParams;
+
+/// Temperature / top-p sampling (kernels/sampling.cu), one block per row:
+/// w_i = exp((z_i - max z) / temperature); the nucleus is {i : w_i >= tau, w_i > 0}
+/// with tau the largest threshold whose kept mass is >= top_p * sum w (tau = 0
+/// when top_p == 1); ids[r] = the first kept i, in index order, whose running
+/// kept mass exceeds uniforms[r] * (kept mass), else the last kept i.
+/// ids[r] = 0xFFFFFFFF for a row with a NaN or +inf logit or no finite one.
+typedef struct SampleParams {
+    const void* logits;     ///< [rows, vocab], dtype from the kernel name
+    const double* uniforms; ///< [rows], each in [0, 1)
+    uint32_t* ids;          ///< [rows]
+    int32_t rows;
+    int32_t vocab;
+    float temperature;      ///< finite, > 0
+    float top_p;            ///< in (0, 1]
+    int32_t vectorized;     ///< as in ArgmaxParams
+    int32_t pad0;
+} SampleParams;
 
 /// Arguments of the emulator's self-test kernels (kernels/emu/selftest.cu).
 typedef struct EmuSelftestParams {

@@ -1,6 +1,9 @@
-// RMSNorm as Llama computes it, forward and backward.
+// RMSNorm as Llama computes it, forward and backward, and the residual add
+// fused with the forward.
 //
 //   forward:  r = rsqrt(mean(x^2) + eps),  y = w * x * r
+//   add:      h = round_T(h + delta) in place, then y = forward(h) of that
+//             rounded h (so y equals rmsnorm_forward of the updated h)
 //   backward: dx_j = r * w_j * dy_j - r^3 * x_j * mean(dy * w * x)
 //             dw_j = sum over rows of dy_j * x_j * r
 //
@@ -11,6 +14,10 @@
 // Memory traffic (E = bytes per element, R rows, H hidden):
 //   forward:  reads x once from HBM (the second pass over the row hits L1/L2,
 //             a row is at most 16 KiB at H = 8192 bf16), writes y: 2*R*H*E.
+//   add:      reads h and delta once, writes h and y: 4*R*H*E (the second
+//             pass rereads the h this thread just wrote, from L1/L2), where an
+//             add kernel then rmsnorm_forward would move 3 + 2 = 5*R*H*E, and
+//             two launches.
 //   backward: reads x and dy, writes dx: 3*R*H*E, plus 2 * 512 * H * 4 bytes
 //             of fp32 dw partial sums when dw is wanted.
 // Target: >= 90% of HBM bandwidth (A100 80GB: 2.0 TB/s, H100 SXM: 3.35 TB/s).
@@ -44,6 +51,52 @@ __device__ __forceinline__ void rmsnorm_forward_row(const RmsNormForwardParams& 
 #pragma unroll
         for (int i = 0; i < N; ++i) yv[i] = wv[i] * (xv[i] * r);
         store_floats<T, N>(y + j, yv);
+    }
+}
+
+/// Residual add then forward for one row, N elements per access. Pass 1
+/// adds in fp32, rounds to T, stores h and sums the squares of the rounded
+/// values; pass 2 rereads the elements of h this thread stored (same thread,
+/// same columns: no barrier needed) and writes y.
+template <typename T, int N>
+__device__ __forceinline__ void rmsnorm_add_forward_row(const RmsNormAddForwardParams& p, int row, float* scratch) {
+    const size_t offset = static_cast<size_t>(row) * p.hidden;
+    T* h = static_cast<T*>(p.h) + offset;
+    const T* delta = static_cast<const T*>(p.delta) + offset;
+    const T* w = static_cast<const T*>(p.w);
+    T* y = static_cast<T*>(p.y) + offset;
+
+    float sum_sq = 0.0f;
+    for (int j = threadIdx.x * N; j < p.hidden; j += blockDim.x * N) {
+        float hv[N], dv[N];
+        load_floats<T, N>(h + j, hv);
+        load_floats<T, N>(delta + j, dv);
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            hv[i] = to_float(from_float<T>(hv[i] + dv[i]));
+            sum_sq += hv[i] * hv[i];
+        }
+        store_floats<T, N>(h + j, hv);
+    }
+    const float r = rsqrtf(block_sum(sum_sq, scratch) / p.hidden + p.eps);
+
+    for (int j = threadIdx.x * N; j < p.hidden; j += blockDim.x * N) {
+        float xv[N], wv[N], yv[N];
+        load_floats<T, N>(h + j, xv);
+        load_floats<T, N>(w + j, wv);
+#pragma unroll
+        for (int i = 0; i < N; ++i) yv[i] = wv[i] * (xv[i] * r);
+        store_floats<T, N>(y + j, yv);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void rmsnorm_add_forward(const RmsNormAddForwardParams& p) {
+    PLATYPUS_SHARED(float, scratch, [32]);
+    if (p.vectorized) {
+        rmsnorm_add_forward_row<T, kVec16<T>>(p, blockIdx.x, scratch);
+    } else {
+        rmsnorm_add_forward_row<T, 1>(p, blockIdx.x, scratch);
     }
 }
 
@@ -146,6 +199,11 @@ __device__ __forceinline__ void rmsnorm_dw_reduce(const RmsNormDwReduceParams& p
         platypus::rmsnorm_forward<T>(p);                                                                        \
     }                                                                                                           \
     PLATYPUS_EXPORT_KERNEL(rmsnorm_forward_##SUFFIX)                                                            \
+    extern "C" __global__ void __launch_bounds__(platypus::kRmsNormThreads)                                     \
+        rmsnorm_add_forward_##SUFFIX(RmsNormAddForwardParams p) {                                               \
+        platypus::rmsnorm_add_forward<T>(p);                                                                    \
+    }                                                                                                           \
+    PLATYPUS_EXPORT_KERNEL(rmsnorm_add_forward_##SUFFIX)                                                        \
     extern "C" __global__ void __launch_bounds__(platypus::kRmsNormThreads)                                     \
         rmsnorm_backward_##SUFFIX(RmsNormBackwardParams p) {                                                    \
         platypus::rmsnorm_backward<T>(p);                                                                       \

@@ -115,13 +115,16 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 
 /// Element offset of (row, 8-element chunk) in a [rows][COLS] shared tile of
 /// 16-bit elements. The chunk index is XORed with bits of the row so that
-/// the 8 rows one ldmatrix phase reads (same logical chunk) land in 8
-/// different 16-byte bank groups.
+/// the 8 rows one ldmatrix phase reads (same logical chunk, rows 8i ..
+/// 8i + 7) land in 8 different 16-byte bank groups: a 128-byte bank line
+/// holds 8 / kChunks rows, so rows of 16 elements (2 chunks) flip the chunk
+/// every 4 rows, rows of 32 (4 chunks) rotate it every 2 rows, and rows of 64
+/// or more XOR it with row % 8.
 template <int COLS>
 __device__ __forceinline__ int swz(int row, int chunk) {
     constexpr int kChunks = COLS / 8;
-    static_assert(kChunks == 4 || kChunks % 8 == 0, "tile rows of 32 or a multiple of 64 elements");
-    const int x = kChunks >= 8 ? (row & 7) : ((row >> 1) & 3);
+    static_assert(kChunks == 2 || kChunks == 4 || kChunks % 8 == 0, "tile rows of 16, 32 or a multiple of 64 elements");
+    const int x = kChunks >= 8 ? (row & 7) : kChunks == 4 ? ((row >> 1) & 3) : ((row >> 2) & 1);
     return row * COLS + (chunk ^ x) * 8;
 }
 

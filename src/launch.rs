@@ -191,8 +191,12 @@ pub(crate) trait KernelParams {}
 impl KernelParams for params::RmsNormForwardParams {}
 impl KernelParams for params::RmsNormBackwardParams {}
 impl KernelParams for params::RmsNormDwReduceParams {}
+impl KernelParams for params::RmsNormAddForwardParams {}
+impl KernelParams for params::EmbeddingParams {}
+impl KernelParams for params::SwigluParams {}
 impl KernelParams for params::RopeParams {}
 impl KernelParams for params::AttentionParams {}
+impl KernelParams for params::CacheWriteParams {}
 impl KernelParams for params::LoraGemmParams {}
 impl KernelParams for params::LoraReduceParams {}
 impl KernelParams for params::LoraMergeParams {}
@@ -201,6 +205,9 @@ impl KernelParams for params::LoraAddParams {}
 impl KernelParams for params::CosinePrepareParams {}
 impl KernelParams for params::CosineSearchParams {}
 impl KernelParams for params::CosineMergeParams {}
+impl KernelParams for params::CrossEntropyRowsParams {}
+impl KernelParams for params::ArgmaxParams {}
+impl KernelParams for params::SampleParams {}
 
 impl Device {
     /// Launches `kernel` with `params` as its one argument. The same call runs

@@ -1,16 +1,20 @@
 //! The CUDA kernels, run on the host emulator, against the CPU references:
 //! random shapes (one row, odd sizes, hidden sizes not a multiple of the
-//! vector width), every float dtype, forward and backward.
+//! vector width), every float dtype, forward and backward. `PROPTEST_CASES`
+//! sets the case count of the attention, LoRA and elementwise (embedding,
+//! SwiGLU, add + RMSNorm) properties.
 
 mod common;
 
-use common::attention::{AttnCase, AttnLayout};
+use common::attention::{AttnCase, AttnLayout, CachedCase};
 use common::lora::LoraCase;
 use common::{assert_close, round_to, tolerance, Rng, FLOAT_DTYPES};
+use platypus::cpu;
 use platypus::ops::attention;
 use platypus::ops::lora::LoraConfig;
 use platypus::ops::rmsnorm;
 use platypus::ops::rope::{self, RopeConfig, RopeStyle};
+use platypus::ops::{embedding, swiglu};
 use platypus::{DType, Device, Tensor};
 use proptest::prelude::*;
 
@@ -303,6 +307,176 @@ fn attention_long_sequences_match_cpu() {
     }
 }
 
+/// New queries per sequence of a cached-attention case: decoding (1), short
+/// prefills, and counts around the forward's 64- and 128-row query tiles.
+fn cached_new() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        Just(1usize),
+        Just(3),
+        Just(17),
+        Just(64 + 5),
+        1usize..=8,
+        60usize..=70,
+        125usize..=131
+    ]
+}
+
+proptest! {
+    #![proptest_config(attention_config())]
+
+    #[test]
+    fn cached_attention_matches_cpu(
+        batch in 1usize..=2,
+        new in cached_new(),
+        // Keys before the new ones: none, within the first 64-key tile, across several.
+        earlier in prop_oneof![Just(0usize), 1usize..=70, 120usize..=200],
+        // Cache rows past kv_len (garbage the kernel must not read).
+        spare in prop_oneof![Just(0usize), 1usize..=70],
+        kv_heads in 1usize..=2,
+        group in prop::sample::select(vec![1usize, 2, 4]),
+        head_dim in prop::sample::select(attention::HEAD_DIMS.to_vec()),
+        dtype in prop::sample::select(vec![DType::F16, DType::BF16]),
+        causal in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let kv_len = new + earlier;
+        let case = CachedCase {
+            batch, new, kv_len, capacity: kv_len + spare,
+            q_heads: kv_heads * group, kv_heads, head_dim, dtype, causal,
+        };
+        if let Err(e) = case.check_against_cpu(&Device::Emulated, seed) {
+            return Err(TestCaseError::fail(format!("{case:?}: {e}")));
+        }
+    }
+}
+
+#[test]
+fn cached_attention_decode_and_prefill_shapes_match_cpu() {
+    // (batch, new, kv_len, capacity, q heads, kv heads, head dim, dtype, causal):
+    // Llama-like decode steps (one query, the cache from one row to many
+    // key tiles), a 64 + 5 prefill after a prompt, a prefill into an empty
+    // cache, and the test fixtures' head dim 16.
+    let cases = [
+        (2, 1, 1, 9, 4, 4, 128, DType::BF16, true),
+        (1, 1, 64, 64, 8, 2, 128, DType::F16, true),
+        (1, 1, 65, 96, 8, 2, 64, DType::BF16, true),
+        (2, 1, 300, 333, 4, 1, 128, DType::BF16, true),
+        (1, 64 + 5, 200, 256, 4, 2, 128, DType::F16, true),
+        (2, 69, 69, 100, 2, 1, 32, DType::BF16, true),
+        (1, 130, 400, 401, 4, 4, 16, DType::BF16, true),
+        (2, 5, 77, 80, 4, 2, 16, DType::F16, false),
+    ];
+    for (i, (batch, new, kv_len, capacity, q_heads, kv_heads, head_dim, dtype, causal)) in
+        cases.into_iter().enumerate()
+    {
+        let case = CachedCase {
+            batch,
+            new,
+            kv_len,
+            capacity,
+            q_heads,
+            kv_heads,
+            head_dim,
+            dtype,
+            causal,
+        };
+        if let Err(e) = case.check_against_cpu(&Device::Emulated, i as u64) {
+            panic!("{case:?}: {e}");
+        }
+    }
+}
+
+#[test]
+fn cached_attention_on_the_cpu_matches_the_reference() {
+    // f32: the host code; f16/bf16: the reference itself, through the op.
+    for (i, dtype) in FLOAT_DTYPES.into_iter().enumerate() {
+        let case = CachedCase {
+            batch: 2,
+            new: 3,
+            kv_len: 70,
+            capacity: 75,
+            q_heads: 4,
+            kv_heads: 2,
+            head_dim: 24,
+            dtype,
+            causal: i != 1,
+        };
+        if let Err(e) = case.check_against_cpu(&Device::Cpu, i as u64) {
+            panic!("{case:?}: {e}");
+        }
+    }
+}
+
+/// With the whole cache holding exactly the queries' own keys, cached
+/// attention is self-attention: the same kernel with the same tiles, so o
+/// and lse are bit-identical to [`attention::forward`] on a dense batch.
+#[test]
+fn cached_attention_of_a_full_cache_is_bit_identical_to_self_attention() {
+    let dev = Device::Emulated;
+    let mut rng = Rng::new(11);
+    for (b, t, h, kvh, d, dtype) in [
+        (2, 70, 4, 2, 64, DType::BF16),
+        (1, 131, 2, 2, 128, DType::F16),
+        (2, 33, 4, 1, 16, DType::BF16),
+    ] {
+        let mut gen = |heads: usize| {
+            Tensor::from_f32(
+                &rng.normal_vec(b * t * heads * d, 1.0),
+                &[b, t, heads, d],
+                dtype,
+                &dev,
+            )
+            .unwrap()
+        };
+        let (q, k, v) = (gen(h), gen(kvh), gen(kvh));
+        for causal in [false, true] {
+            let cfg = attention::AttentionConfig {
+                causal,
+                scale: None,
+            };
+            let dense = attention::forward(&q, &k, &v, attention::Batch::Dense, &cfg).unwrap();
+            let cached = attention::forward_cached(&q, &k, &v, t, &cfg).unwrap();
+            for (name, x, y) in [("o", &dense.o, &cached.o), ("lse", &dense.lse, &cached.lse)] {
+                assert_eq!(
+                    x.to_bytes().unwrap(),
+                    y.to_bytes().unwrap(),
+                    "{name} at batch {b}, seq {t}, head dim {d}, causal {causal}"
+                );
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// The cache write kernel (16-, 4- or 2-byte units as the rows allow)
+    /// against the host copy, byte for byte.
+    #[test]
+    fn write_cache_matches_cpu(
+        batch in 1usize..=3,
+        new in 1usize..=6,
+        start in 0usize..=9,
+        spare in 0usize..=4,
+        kv_heads in 1usize..=3,
+        head_dim in prop_oneof![1usize..=20, Just(64), Just(128)],
+        dtype in dtype(),
+        seed in any::<u64>(),
+    ) {
+        let capacity = start + new + spare;
+        let mut rng = Rng::new(seed);
+        let cache = rng.normal_vec(batch * capacity * kv_heads * head_dim, 1.0);
+        let fresh = rng.normal_vec(batch * new * kv_heads * head_dim, 1.0);
+        let run = |dev: &Device| {
+            let mut c = Tensor::from_f32(&cache, &[batch, capacity, kv_heads, head_dim], dtype, dev).unwrap();
+            let n = Tensor::from_f32(&fresh, &[batch, new, kv_heads, head_dim], dtype, dev).unwrap();
+            attention::write_cache(&mut c, &n, start).unwrap();
+            c.to_bytes().unwrap()
+        };
+        prop_assert_eq!(run(&Device::Emulated), run(&Device::Cpu));
+    }
+}
+
 proptest! {
     #![proptest_config(attention_config())]
 
@@ -449,6 +623,523 @@ fn lora_base_layer_and_unfused_sequence_match_cpu() {
         let names = ["linear", "linear_backward", "forward_unfused"];
         if let Err(e) = common::check_results(&names, &got, &want, |_| 4.0 * unit) {
             panic!("{dtype}: {e}");
+        }
+    }
+}
+
+fn elementwise_config() -> ProptestConfig {
+    common::proptest_config(48)
+}
+
+/// Bit patterns, so NaN-free results compare exactly.
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+proptest! {
+    #![proptest_config(elementwise_config())]
+
+    /// A gather moves values exactly: same dtypes copy the bits, other pairs
+    /// widen exactly or round once, as the reference rounded to `out_dtype` does.
+    #[test]
+    fn embedding_matches_cpu(
+        tokens in 1usize..=6,
+        vocab in 1usize..=9,
+        hidden in hidden_size(),
+        table_dtype in dtype(),
+        out_dtype in dtype(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng::new(seed);
+        let table = round_to(&rng.normal_vec(vocab * hidden, 1.0), table_dtype);
+        let ids: Vec<u32> = (0..tokens).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
+        let want = round_to(&cpu::embedding::forward(&table, hidden, &ids), out_dtype);
+        for device in [Device::Emulated, Device::Cpu] {
+            let t = Tensor::from_f32(&table, &[vocab, hidden], table_dtype, &device).unwrap();
+            let out = embedding::forward(&t, &ids, out_dtype).unwrap();
+            prop_assert_eq!(out.shape(), &[tokens, hidden][..]);
+            prop_assert_eq!(out.dtype(), out_dtype);
+            prop_assert_eq!(bits(&out.to_f32_vec().unwrap()), bits(&want), "{}", device);
+        }
+    }
+
+    #[test]
+    fn swiglu_forward_matches_cpu(rows in 1usize..=6, hidden in hidden_size(), dtype in dtype(), seed in any::<u64>()) {
+        let mut rng = Rng::new(seed);
+        let n = rows * hidden;
+        let gate = round_to(&rng.normal_vec(n, 2.0), dtype);
+        let up = round_to(&rng.normal_vec(n, 1.0), dtype);
+        let want = cpu::swiglu::forward(&gate, &up);
+        let (atol, rtol) = tolerance(dtype);
+        for device in [Device::Emulated, Device::Cpu] {
+            let t = |v: &[f32]| Tensor::from_f32(v, &[rows, hidden], dtype, &device).unwrap();
+            let m = swiglu::forward(&t(&gate), &t(&up)).unwrap();
+            prop_assert_eq!(m.dtype(), dtype);
+            assert_close(&format!("m on {device}"), &m.to_f32_vec().unwrap(), &want, atol, rtol);
+        }
+    }
+
+    #[test]
+    fn swiglu_backward_matches_cpu(rows in 1usize..=6, hidden in hidden_size(), dtype in dtype(), seed in any::<u64>()) {
+        let mut rng = Rng::new(seed);
+        let n = rows * hidden;
+        let gate = round_to(&rng.normal_vec(n, 2.0), dtype);
+        let up = round_to(&rng.normal_vec(n, 1.0), dtype);
+        let dm = round_to(&rng.normal_vec(n, 1.0), dtype);
+        let (want_dgate, want_dup) = cpu::swiglu::backward(&gate, &up, &dm);
+        let (atol, rtol) = tolerance(dtype);
+        for device in [Device::Emulated, Device::Cpu] {
+            let t = |v: &[f32]| Tensor::from_f32(v, &[rows, hidden], dtype, &device).unwrap();
+            let g = swiglu::backward(&t(&gate), &t(&up), &t(&dm)).unwrap();
+            assert_close(&format!("dgate on {device}"), &g.dgate.to_f32_vec().unwrap(), &want_dgate, atol, rtol);
+            assert_close(&format!("dup on {device}"), &g.dup.to_f32_vec().unwrap(), &want_dup, atol, rtol);
+        }
+    }
+
+    /// h is updated exactly as the reference rounds it; y matches the
+    /// reference and, on the emulator, equals rmsnorm::forward of the new h
+    /// bit for bit (the same reduction order).
+    #[test]
+    fn rmsnorm_add_forward_matches_cpu(rows in 1usize..=6, hidden in hidden_size(), dtype in dtype(), seed in any::<u64>()) {
+        let inputs = rmsnorm_inputs(rows, hidden, dtype, seed);
+        let (h0, w, delta) = (&inputs[0].0, &inputs[1].0, &inputs[2].0);
+        let (want_h, want_y) = cpu::rmsnorm::add_forward(h0, delta, w, hidden, 1e-5, dtype);
+        let (atol, rtol) = tolerance(dtype);
+        for device in [Device::Emulated, Device::Cpu] {
+            let [mut h, w, delta] = [0, 1, 2].map(|i| on(&device, &inputs[i], dtype));
+            let y = rmsnorm::add_forward(&mut h, &delta, &w, 1e-5).unwrap();
+            prop_assert_eq!(h.dtype(), dtype);
+            prop_assert_eq!(bits(&h.to_f32_vec().unwrap()), bits(&want_h), "h on {}", device);
+            assert_close(&format!("y on {device}"), &y.to_f32_vec().unwrap(), &want_y, atol, rtol);
+            if let Device::Emulated = device {
+                let norm = rmsnorm::forward(&h, &w, 1e-5).unwrap();
+                prop_assert_eq!(bits(&y.to_f32_vec().unwrap()), bits(&norm.to_f32_vec().unwrap()));
+            }
+        }
+    }
+}
+
+/// The Llama-7B row width on several rows, every dtype: the vector paths at
+/// full width (two 16-byte accesses per thread for 16-bit types).
+#[test]
+fn elementwise_ops_at_llama_width_match_cpu() {
+    let (rows, hidden) = (3, 4096);
+    for dtype in FLOAT_DTYPES {
+        let inputs = rmsnorm_inputs(rows, hidden, dtype, 11);
+        let (atol, rtol) = tolerance(dtype);
+        let dev = Device::Emulated;
+        let [mut h, w, delta] = [0, 1, 2].map(|i| on(&dev, &inputs[i], dtype));
+        let y = rmsnorm::add_forward(&mut h, &delta, &w, 1e-5).unwrap();
+        let (want_h, want_y) = cpu::rmsnorm::add_forward(
+            &inputs[0].0,
+            &inputs[2].0,
+            &inputs[1].0,
+            hidden,
+            1e-5,
+            dtype,
+        );
+        assert_eq!(bits(&h.to_f32_vec().unwrap()), bits(&want_h), "{dtype}");
+        assert_close("y", &y.to_f32_vec().unwrap(), &want_y, atol, rtol);
+
+        let m = swiglu::forward(&delta, &h).unwrap();
+        let want = cpu::swiglu::forward(&inputs[2].0, &want_h);
+        assert_close("m", &m.to_f32_vec().unwrap(), &want, atol, rtol);
+
+        let table = on(&dev, &inputs[0], dtype);
+        let ids = [2u32, 0, 0, 1];
+        let out = embedding::forward(&table, &ids, DType::F32).unwrap();
+        assert_eq!(
+            bits(&out.to_f32_vec().unwrap()),
+            bits(&cpu::embedding::forward(&inputs[0].0, hidden, &ids)),
+            "{dtype}"
+        );
+    }
+}
+
+/// No ids: an empty [0, hidden] output on every device, no launch.
+#[test]
+fn embedding_of_no_ids_is_empty() {
+    for dev in [Device::Cpu, Device::Emulated] {
+        let table = Tensor::zeros(&[4, 24], DType::BF16, &dev).unwrap();
+        let out = embedding::forward(&table, &[], DType::BF16).unwrap();
+        assert_eq!(out.shape(), &[0, 24]);
+    }
+}
+
+// ---- the LM head fused with cross-entropy, and the row kernel alone ----------------------------
+
+/// Labels for `rows` tokens of a `vocab`-token head: mostly real ids, about
+/// a fifth ignored (−100), or all ignored.
+fn ce_labels(rng: &mut Rng, rows: usize, vocab: usize, all_ignored: bool) -> Vec<i32> {
+    (0..rows)
+        .map(|_| {
+            if all_ignored || rng.next_u64() % 5 == 0 {
+                -100
+            } else {
+                (rng.next_u64() % vocab as u64) as i32
+            }
+        })
+        .collect()
+}
+
+/// Checks a cross-entropy result against the reference's (sum, count, lse)
+/// row by row. `logit_err[r]` bounds how far the kernel's fp32 logits of
+/// row r may be from the exact ones (0 for given logits); on top of it the
+/// row's fp32 softmax is allowed (vocab + 64) rounding units of its sum of
+/// exponentials and 4 units in the last place of lse and of the label's
+/// logit (so the loss). Both sides see the same rounded inputs, so nothing
+/// here is bf16 or f16 rounding: only fp32 accumulation.
+fn check_ce(
+    got: &platypus::ops::cross_entropy::CrossEntropy,
+    want: &(f64, usize, Vec<f32>),
+    labels: &[i32],
+    logit_err: &[f64],
+    vocab: usize,
+) -> Result<(), TestCaseError> {
+    let (sum, count, lse) = want;
+    prop_assert_eq!(got.tokens, *count);
+    prop_assert_eq!(got.lse.len(), lse.len());
+    let unit = f64::from(f32::EPSILON) / 2.0;
+    let mut sum_tol = 0.0;
+    for (r, ((&g, &w), &label)) in got.lse.iter().zip(lse).zip(labels).enumerate() {
+        let tol =
+            logit_err[r] + (vocab as f64 + 64.0) * unit + 8.0 * unit * f64::from(w.abs().max(1.0));
+        prop_assert!(
+            (f64::from(g) - f64::from(w)).abs() <= tol,
+            "lse[{}] = {}, want {} (tolerance {:e})",
+            r,
+            g,
+            w,
+            tol
+        );
+        if label >= 0 {
+            sum_tol += 2.0 * tol;
+        }
+    }
+    prop_assert!(
+        (got.loss_sum - sum).abs() <= sum_tol + 1e-12,
+        "loss_sum {} vs {} (tolerance {:e})",
+        got.loss_sum,
+        sum,
+        sum_tol
+    );
+    Ok(())
+}
+
+/// max over the vocabulary of Σ_k |h_k w_vk| per row: the scale of a
+/// logit's fp32 accumulation error.
+fn abs_product_bound(h: &[f32], w: &[f32], hidden: usize) -> Vec<f64> {
+    h.chunks_exact(hidden)
+        .map(|row| {
+            w.chunks_exact(hidden)
+                .map(|wr| {
+                    row.iter()
+                        .zip(wr)
+                        .map(|(&a, &b)| f64::from((a * b).abs()))
+                        .sum::<f64>()
+                })
+                .fold(0.0, f64::max)
+        })
+        .collect()
+}
+
+fn ce_config() -> ProptestConfig {
+    common::proptest_config(32)
+}
+
+proptest! {
+    #![proptest_config(ce_config())]
+
+    /// The fused head (GEMM into fp32 logits chunks, then the row kernel)
+    /// against the f64 reference on the same rounded h and W: vocabularies
+    /// that are no multiple of anything, ignored labels, all-ignored
+    /// batches, 1 to 5 chunks.
+    #[test]
+    fn linear_cross_entropy_matches_cpu(
+        tokens in prop_oneof![Just(1usize), 2usize..=40, 100usize..=200],
+        hidden in prop::sample::select(vec![8usize, 16, 40, 64, 136]),
+        vocab in prop_oneof![1usize..=20, 21usize..=400, Just(128), Just(259)],
+        chunks in 1usize..=5,
+        dtype in prop::sample::select(vec![DType::F16, DType::BF16]),
+        all_ignored in prop::bool::weighted(0.1),
+        seed in any::<u64>(),
+    ) {
+        use platypus::ops::cross_entropy;
+        let mut rng = Rng::new(seed);
+        let h = round_to(&rng.normal_vec(tokens * hidden, 1.0), dtype);
+        let w = round_to(&rng.normal_vec(vocab * hidden, 0.5), dtype);
+        let labels = ce_labels(&mut rng, tokens, vocab, all_ignored);
+        let dev = Device::Emulated;
+        let ht = Tensor::from_f32(&h, &[tokens, hidden], dtype, &dev).unwrap();
+        let wt = Tensor::from_f32(&w, &[vocab, hidden], dtype, &dev).unwrap();
+        // Chunks of ceil(tokens / chunks) rows of the 4-aligned fp32 logits.
+        let chunk_tokens = tokens.div_ceil(chunks);
+        let budget = chunk_tokens * 4 * vocab.div_ceil(4) * 4;
+        let got = cross_entropy::linear_cross_entropy_chunked(&ht, &wt, &labels, budget).unwrap();
+        let want = platypus::cpu::cross_entropy::linear_cross_entropy(&h, &w, &labels, hidden);
+        // fp32 accumulation of `hidden` exact products (a 16-bit product fits fp32).
+        let unit = f64::from(f32::EPSILON) / 2.0;
+        let logit_err: Vec<f64> = abs_product_bound(&h, &w, hidden)
+            .iter()
+            .map(|s| 2.0 * hidden as f64 * unit * s)
+            .collect();
+        check_ce(&got, &want, &labels, &logit_err, vocab)?;
+    }
+
+    /// The row kernel alone on given logits, every float dtype, vocabularies
+    /// on and off the 16-byte vector width.
+    #[test]
+    fn cross_entropy_forward_logits_matches_cpu(
+        rows in 1usize..=6,
+        vocab in prop_oneof![1usize..=40, Just(64), Just(1000), Just(4096), Just(32000), 41usize..=700],
+        dtype in dtype(),
+        scale in prop::sample::select(vec![0.1f32, 1.0, 8.0]),
+        all_ignored in prop::bool::weighted(0.1),
+        seed in any::<u64>(),
+    ) {
+        use platypus::ops::cross_entropy;
+        let mut rng = Rng::new(seed);
+        let z = round_to(&rng.normal_vec(rows * vocab, scale), dtype);
+        let labels = ce_labels(&mut rng, rows, vocab, all_ignored);
+        let zt = Tensor::from_f32(&z, &[rows, vocab], dtype, &Device::Emulated).unwrap();
+        let got = cross_entropy::forward_logits(&zt, &labels).unwrap();
+        let want = platypus::cpu::cross_entropy::from_logits(&z, &labels, vocab);
+        check_ce(&got, &want, &labels, &vec![0.0; rows], vocab)?;
+    }
+}
+
+/// The chunking changes nothing: every row is computed the same way in any
+/// chunk, so 1, 3 and 37 chunks and the default budget agree bit for bit;
+/// and the result is the reference's.
+#[test]
+fn linear_cross_entropy_is_independent_of_the_chunking() {
+    use platypus::ops::cross_entropy;
+    let (tokens, hidden, vocab, dtype) = (150, 64, 301, DType::BF16);
+    let mut rng = Rng::new(11);
+    let h = round_to(&rng.normal_vec(tokens * hidden, 1.0), dtype);
+    let w = round_to(&rng.normal_vec(vocab * hidden, 0.5), dtype);
+    let labels = ce_labels(&mut rng, tokens, vocab, false);
+    let dev = Device::Emulated;
+    let ht = Tensor::from_f32(&h, &[tokens, hidden], dtype, &dev).unwrap();
+    let wt = Tensor::from_f32(&w, &[vocab, hidden], dtype, &dev).unwrap();
+    let row_bytes = 4 * vocab.div_ceil(4) * 4;
+    let whole = cross_entropy::linear_cross_entropy(&ht, &wt, &labels).unwrap();
+    for chunk_tokens in [tokens, 50, 4, 1] {
+        let got = cross_entropy::linear_cross_entropy_chunked(
+            &ht,
+            &wt,
+            &labels,
+            chunk_tokens * row_bytes,
+        )
+        .unwrap();
+        assert_eq!(
+            got.loss_sum.to_bits(),
+            whole.loss_sum.to_bits(),
+            "{chunk_tokens} per chunk"
+        );
+        assert_eq!(
+            got.lse.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            whole.lse.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{chunk_tokens} per chunk"
+        );
+    }
+    let want = platypus::cpu::cross_entropy::linear_cross_entropy(&h, &w, &labels, hidden);
+    assert!(
+        (whole.loss_sum - want.0).abs() < 1e-5 * want.0.abs(),
+        "{} vs {}",
+        whole.loss_sum,
+        want.0
+    );
+    // Every row ignored: nothing counted, lse still there.
+    let none = vec![-100; tokens];
+    let got = cross_entropy::linear_cross_entropy(&ht, &wt, &none).unwrap();
+    assert_eq!((got.tokens, got.loss_sum), (0, 0.0));
+    assert_eq!(got.lse, whole.lse);
+}
+
+// ---- greedy argmax and top-p sampling ----------------------------------------------------------
+
+/// Vocabulary sizes for the sampling kernels: tiny, odd, on the vector
+/// width, and several tiles of the block.
+fn vocab_size() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        1usize..=40,
+        Just(64),
+        Just(1000),
+        Just(4096),
+        41usize..=700,
+        Just(5003)
+    ]
+}
+
+proptest! {
+    #![proptest_config(common::proptest_config(48))]
+
+    /// argmax is exact: the same id as the reference on every row, with
+    /// ties (16-bit rounding makes many; repeated maxima are added), ±0,
+    /// −inf and, in some rows, NaN.
+    #[test]
+    fn argmax_matches_cpu(rows in 1usize..=5, vocab in vocab_size(), dtype in dtype(), seed in any::<u64>()) {
+        let mut rng = Rng::new(seed);
+        let mut z = round_to(&rng.normal_vec(rows * vocab, 2.0), dtype);
+        for row in z.chunks_exact_mut(vocab) {
+            let n = row.len();
+            let pick = |rng: &mut Rng| (rng.next_u64() % n as u64) as usize;
+            match rng.next_u64() % 6 {
+                0 => {
+                    // The maximum repeated at later and earlier places.
+                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    for _ in 0..3 {
+                        let i = pick(&mut rng);
+                        row[i] = m;
+                    }
+                }
+                1 => {
+                    let i = pick(&mut rng);
+                    row[i] = f32::NAN;
+                    let i = pick(&mut rng);
+                    row[i] = f32::NAN;
+                }
+                2 => row.fill(f32::NEG_INFINITY),
+                3 => {
+                    // Only zeros of both signs.
+                    for (i, v) in row.iter_mut().enumerate() {
+                        *v = if (i * 7 + n) % 3 == 0 { -0.0 } else { 0.0 };
+                    }
+                }
+                4 => {
+                    let i = pick(&mut rng);
+                    row[i] = f32::INFINITY;
+                }
+                _ => {}
+            }
+        }
+        let got = platypus::ops::sampling::argmax(&Tensor::from_f32(&z, &[rows, vocab], dtype, &Device::Emulated).unwrap()).unwrap();
+        let want: Vec<u32> = z.chunks_exact(vocab).map(platypus::cpu::sampling::argmax).collect();
+        prop_assert_eq!(got, want);
+    }
+}
+
+/// How close the reference's decisions for (row, top_p, u) come to a
+/// boundary that fp32 sums could put on the other side: top_p · Σ w near
+/// the mass at or above some weight, the first weight left out within
+/// rounding of the threshold, or u · (kept mass) near a running sum.
+/// True when the kernel and the reference may then disagree.
+fn near_a_boundary(n: &platypus::cpu::sampling::Nucleus, top_p: f32, u: f64) -> bool {
+    const EPS: f64 = 1e-5;
+    if top_p < 1.0 {
+        let target = f64::from(top_p) * n.total;
+        let mut sorted: Vec<f64> = n.weights.iter().copied().filter(|&w| w > 0.0).collect();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let mut mass = 0.0;
+        for (i, &w) in sorted.iter().enumerate() {
+            mass += w;
+            let group_ends = sorted.get(i + 1) != Some(&w);
+            if group_ends && (mass - target).abs() <= EPS * n.total {
+                return true;
+            }
+        }
+        let left_out = sorted.iter().copied().find(|&w| w < n.threshold);
+        if left_out.is_some_and(|w| w >= n.threshold * (1.0 - EPS)) {
+            return true;
+        }
+    }
+    let target = u * n.kept_mass;
+    let mut cum = 0.0;
+    for (i, &w) in n.weights.iter().enumerate() {
+        if n.keeps(i) {
+            cum += w;
+            if (cum - target).abs() <= EPS * n.kept_mass {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// The kernel draws the reference's token on every row but those whose u
+/// or nucleus boundary sits within rounding of a cumulative-sum boundary;
+/// those are skipped and counted, and must be rare. Rows of every dtype,
+/// flat and peaked distributions, temperatures 0.3..2, top_p from 0.05 to 1.
+#[test]
+fn sample_matches_cpu_except_at_rounding_boundaries() {
+    let mut rng = Rng::new(2024);
+    let (mut compared, mut skipped) = (0usize, 0usize);
+    let vocabs = [1usize, 2, 7, 33, 100, 257, 1000, 2048, 3001];
+    let top_ps = [1.0f32, 0.95, 0.9, 0.7, 0.5, 0.2, 0.05];
+    for case in 0..126 {
+        let dtype = FLOAT_DTYPES[case % 3];
+        let vocab = vocabs[case % vocabs.len()];
+        let top_p = top_ps[case % top_ps.len()];
+        let rows = 1 + case % 3;
+        let scale = [0.5f32, 2.0, 6.0][case % 5 % 3];
+        let temperature = 0.3 + 1.7 * (rng.uniform() + 1.0) / 2.0;
+        let mut z = round_to(&rng.normal_vec(rows * vocab, scale), dtype);
+        if case % 4 == 0 {
+            // Masked tokens (−inf) are never drawn.
+            for i in (0..z.len()).step_by(3) {
+                if i % vocab != 0 {
+                    z[i] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let uniforms: Vec<f64> = (0..rows)
+            .map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
+            .collect();
+        let t = Tensor::from_f32(&z, &[rows, vocab], dtype, &Device::Emulated).unwrap();
+        let got = platypus::ops::sampling::sample(&t, temperature, top_p, &uniforms)
+            .unwrap_or_else(|e| panic!("case {case}: {e}"));
+        for (r, (row, &u)) in z.chunks_exact(vocab).zip(&uniforms).enumerate() {
+            let n = platypus::cpu::sampling::Nucleus::new(row, temperature, top_p).unwrap();
+            assert!(
+                n.keeps(got[r] as usize),
+                "case {case} row {r}: {} is outside the nucleus",
+                got[r]
+            );
+            if near_a_boundary(&n, top_p, u) {
+                skipped += 1;
+                continue;
+            }
+            compared += 1;
+            assert_eq!(
+                got[r],
+                n.pick(u),
+                "case {case} row {r}: vocab {vocab} {dtype} T {temperature} top_p {top_p} u {u}"
+            );
+        }
+    }
+    eprintln!(
+        "sampling: {compared} rows identical to the reference, {skipped} skipped at a boundary"
+    );
+    assert!(
+        skipped * 20 <= compared + skipped,
+        "{skipped} of {} rows within rounding of a boundary",
+        compared + skipped
+    );
+}
+
+/// Deterministic: the same draws give the same ids, run after run; and the
+/// CPU op gives the reference's.
+#[test]
+fn sample_is_deterministic_and_cpu_runs_the_reference() {
+    let (rows, vocab) = (3, 777);
+    let mut rng = Rng::new(3);
+    let z = rng.normal_vec(rows * vocab, 3.0);
+    let uniforms = [0.1, 0.5, 0.999];
+    for dev in [Device::Emulated, Device::Cpu] {
+        let t = Tensor::from_f32(&z, &[rows, vocab], DType::F32, &dev).unwrap();
+        let a = platypus::ops::sampling::sample(&t, 0.8, 0.9, &uniforms).unwrap();
+        assert_eq!(
+            a,
+            platypus::ops::sampling::sample(&t, 0.8, 0.9, &uniforms).unwrap()
+        );
+        if let Device::Cpu = dev {
+            let want: Vec<u32> = z
+                .chunks_exact(vocab)
+                .zip(uniforms)
+                .map(|(row, u)| platypus::cpu::sampling::sample(row, 0.8, 0.9, u).unwrap())
+                .collect();
+            assert_eq!(a, want);
         }
     }
 }

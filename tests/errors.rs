@@ -492,3 +492,405 @@ fn tensor_shapes_that_overflow_are_errors_not_panics() {
     let ok = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0], &[2, 2], &Device::Cpu).unwrap();
     assert!(cosine_topk::topk_self(&ok, 1, Exclude::SameIndex).is_ok());
 }
+
+#[test]
+fn embedding_rejects_bad_input() {
+    use platypus::ops::embedding;
+    for dev in [Device::Cpu, Device::Emulated] {
+        let table = ones(&[5, 8], DType::BF16, &dev);
+        let e = expect_err(
+            embedding::forward(&table, &[0, 5], DType::BF16),
+            "ids",
+            "ids[1] = 5 is not below the vocabulary size 5",
+        );
+        assert!(matches!(e, Error::Invalid { .. }), "{e:?}");
+        expect_err(
+            embedding::forward(&ones(&[5, 8, 1], DType::BF16, &dev), &[0], DType::BF16),
+            "table",
+            "[vocab, hidden]",
+        );
+        expect_err(
+            embedding::forward(&zeros(&[5, 8], DType::I32, &dev), &[0], DType::F32),
+            "table",
+            "expected f32, f16 or bf16",
+        );
+        expect_err(
+            embedding::forward(&zeros(&[5, 0], DType::F32, &dev), &[0], DType::F32),
+            "table",
+            "is empty",
+        );
+        expect_err(
+            embedding::forward(&table, &[0], DType::I32),
+            "dtype",
+            "expected f32, f16 or bf16",
+        );
+        // A failed call leaves its output as it was.
+        let mut out = ones(&[2, 8], DType::F32, &dev);
+        expect_err(
+            embedding::forward_into(&table, &[0, 1, 2], &mut out),
+            "out",
+            "[3, 8]",
+        );
+        expect_err(
+            embedding::forward_into(&table, &[0, 9], &mut out),
+            "ids",
+            "not below",
+        );
+        let other = if matches!(dev, Device::Cpu) {
+            Device::Emulated
+        } else {
+            Device::Cpu
+        };
+        let e = expect_err(
+            embedding::forward_into(&table, &[0, 1], &mut ones(&[2, 8], DType::F32, &other)),
+            "out",
+            "expected",
+        );
+        assert!(matches!(e, Error::Device { .. }), "{e:?}");
+        assert_eq!(out.to_vec::<f32>().unwrap(), vec![1.0; 16]);
+    }
+}
+
+#[test]
+fn swiglu_rejects_bad_input() {
+    use platypus::ops::swiglu;
+    for dev in [Device::Cpu, Device::Emulated] {
+        let gate = ones(&[3, 8], DType::F16, &dev);
+        let up = ones(&[3, 8], DType::F16, &dev);
+        expect_err(
+            swiglu::forward(&gate, &ones(&[3, 9], DType::F16, &dev)),
+            "up",
+            "[3, 9]",
+        );
+        let e = expect_err(
+            swiglu::forward(&gate, &ones(&[3, 8], DType::BF16, &dev)),
+            "up",
+            "expected f16",
+        );
+        assert!(
+            matches!(
+                e,
+                Error::DType {
+                    got: DType::BF16,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        expect_err(
+            swiglu::forward(&zeros(&[3, 8], DType::I32, &dev), &up),
+            "gate",
+            "expected f32, f16 or bf16",
+        );
+        expect_err(
+            swiglu::forward(
+                &zeros(&[0, 8], DType::F16, &dev),
+                &zeros(&[0, 8], DType::F16, &dev),
+            ),
+            "gate",
+            "is empty",
+        );
+        let other = if matches!(dev, Device::Cpu) {
+            Device::Emulated
+        } else {
+            Device::Cpu
+        };
+        let e = expect_err(
+            swiglu::forward(&gate, &ones(&[3, 8], DType::F16, &other)),
+            "up",
+            "expected",
+        );
+        assert!(matches!(e, Error::Device { .. }), "{e:?}");
+        expect_err(
+            swiglu::backward(&gate, &up, &ones(&[8, 3], DType::F16, &dev)),
+            "dm",
+            "[8, 3]",
+        );
+        expect_err(
+            swiglu::backward(&gate, &up, &ones(&[3, 8], DType::F32, &dev)),
+            "dm",
+            "expected f16",
+        );
+
+        // A failed call leaves its outputs as they were.
+        let mut m = ones(&[3, 8], DType::F16, &dev);
+        expect_err(
+            swiglu::forward_into(&gate, &ones(&[3, 7], DType::F16, &dev), &mut m),
+            "up",
+            "[3, 7]",
+        );
+        expect_err(
+            swiglu::forward_into(&gate, &up, &mut ones(&[3, 8], DType::F32, &dev)),
+            "m",
+            "expected f16",
+        );
+        let (mut dgate, mut dup) = (
+            ones(&[3, 8], DType::F16, &dev),
+            ones(&[24], DType::F16, &dev),
+        );
+        expect_err(
+            swiglu::backward_into(&gate, &up, &gate, &mut dgate, &mut dup),
+            "dup",
+            "[24]",
+        );
+        for t in [&m, &dgate] {
+            assert_eq!(t.to_f32_vec().unwrap(), vec![1.0; 24]);
+        }
+    }
+}
+
+#[test]
+fn rmsnorm_add_forward_rejects_bad_input() {
+    for dev in [Device::Cpu, Device::Emulated] {
+        let mut h = ones(&[3, 8], DType::BF16, &dev);
+        let delta = ones(&[3, 8], DType::BF16, &dev);
+        let w = ones(&[8], DType::BF16, &dev);
+        let e = expect_err(
+            rmsnorm::add_forward(&mut h, &ones(&[3, 9], DType::BF16, &dev), &w, 1e-5),
+            "delta",
+            "[3, 9]",
+        );
+        assert!(
+            matches!(
+                e,
+                Error::Shape {
+                    op: "rmsnorm::add_forward",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        expect_err(
+            rmsnorm::add_forward(&mut h, &ones(&[3, 8], DType::F16, &dev), &w, 1e-5),
+            "delta",
+            "expected bf16",
+        );
+        expect_err(
+            rmsnorm::add_forward(&mut h, &delta, &ones(&[7], DType::BF16, &dev), 1e-5),
+            "w",
+            "[7]",
+        );
+        expect_err(
+            rmsnorm::add_forward(&mut h, &delta, &w, -1.0),
+            "eps",
+            "not a finite value",
+        );
+        expect_err(
+            rmsnorm::add_forward(
+                &mut zeros(&[0, 8], DType::BF16, &dev),
+                &zeros(&[0, 8], DType::BF16, &dev),
+                &w,
+                1e-5,
+            ),
+            "h",
+            "is empty",
+        );
+        let other = if matches!(dev, Device::Cpu) {
+            Device::Emulated
+        } else {
+            Device::Cpu
+        };
+        let e = expect_err(
+            rmsnorm::add_forward(&mut h, &ones(&[3, 8], DType::BF16, &other), &w, 1e-5),
+            "delta",
+            "expected",
+        );
+        assert!(matches!(e, Error::Device { .. }), "{e:?}");
+        let mut y = ones(&[3, 8], DType::BF16, &dev);
+        expect_err(
+            rmsnorm::add_forward_into(
+                &mut h,
+                &delta,
+                &w,
+                &mut ones(&[3, 8], DType::F32, &dev),
+                1e-5,
+            ),
+            "y",
+            "expected bf16",
+        );
+        expect_err(
+            rmsnorm::add_forward_into(&mut h, &delta, &ones(&[9], DType::BF16, &dev), &mut y, 1e-5),
+            "w",
+            "[9]",
+        );
+        // Neither h nor y changed.
+        for t in [&h, &y] {
+            assert_eq!(t.to_f32_vec().unwrap(), vec![1.0; 24]);
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_rejects_bad_input() {
+    use platypus::ops::cross_entropy::{self, linear_cross_entropy};
+    for (dev, dtype) in [(Device::Cpu, DType::F32), (Device::Emulated, DType::BF16)] {
+        let h = ones(&[3, 16], dtype, &dev);
+        let w = ones(&[10, 16], dtype, &dev);
+        expect_err(
+            linear_cross_entropy(&h, &ones(&[10, 8], dtype, &dev), &[0, 1, 2]),
+            "w",
+            "[vocab, 16]",
+        );
+        expect_err(
+            linear_cross_entropy(&h, &ones(&[0, 16], dtype, &dev), &[-100; 3]),
+            "w",
+            "vocab >= 1",
+        );
+        expect_err(
+            linear_cross_entropy(&h, &w, &[0, 1]),
+            "labels",
+            "2 labels for 3 tokens",
+        );
+        expect_err(
+            linear_cross_entropy(&h, &w, &[0, 10, -100]),
+            "labels",
+            "labels[1] = 10 is not below the vocabulary size 10",
+        );
+        expect_err(
+            linear_cross_entropy(&zeros(&[3, 16], DType::I32, &dev), &w, &[0, 1, 2]),
+            "h",
+            "expected f32, f16 or bf16",
+        );
+        let z = ones(&[3, 10], dtype, &dev);
+        expect_err(
+            cross_entropy::forward_logits(&z, &[0, 1]),
+            "labels",
+            "2 labels",
+        );
+        expect_err(
+            cross_entropy::forward_logits(&z, &[0, 1, 10]),
+            "labels",
+            "not below the vocabulary size 10",
+        );
+        expect_err(
+            cross_entropy::forward_logits(&ones(&[30], dtype, &dev), &[0]),
+            "logits",
+            "[rows, vocab]",
+        );
+        expect_err(
+            cross_entropy::forward_logits(&zeros(&[3, 0], dtype, &dev), &[-1; 3]),
+            "logits",
+            "vocab >= 1",
+        );
+    }
+    // The kernels' GEMM: 16-bit h and W of one dtype, hidden a multiple of 8.
+    let dev = Device::Emulated;
+    let e = expect_err(
+        linear_cross_entropy(
+            &ones(&[3, 16], DType::F32, &dev),
+            &ones(&[10, 16], DType::F32, &dev),
+            &[0, 1, 2],
+        ),
+        "h",
+        "f16 or bf16",
+    );
+    assert!(
+        matches!(
+            e,
+            Error::DType {
+                got: DType::F32,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    expect_err(
+        linear_cross_entropy(
+            &ones(&[3, 16], DType::BF16, &dev),
+            &ones(&[10, 16], DType::F16, &dev),
+            &[0, 1, 2],
+        ),
+        "w",
+        "expected bf16",
+    );
+    expect_err(
+        linear_cross_entropy(
+            &ones(&[3, 12], DType::BF16, &dev),
+            &ones(&[10, 12], DType::BF16, &dev),
+            &[0, 1, 2],
+        ),
+        "h",
+        "multiple of 8",
+    );
+    expect_err(
+        linear_cross_entropy(
+            &ones(&[3, 16], DType::BF16, &Device::Cpu),
+            &ones(&[10, 16], DType::BF16, &dev),
+            &[0, 1, 2],
+        ),
+        "w",
+        "is on emulated",
+    );
+}
+
+#[test]
+fn sampling_rejects_bad_input() {
+    use platypus::ops::sampling::{argmax, sample};
+    for dev in [Device::Cpu, Device::Emulated] {
+        let z = ones(&[2, 5], DType::F32, &dev);
+        let u = [0.25, 0.5];
+        for t in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            expect_err(
+                sample(&z, t, 0.9, &u),
+                "temperature",
+                "not a finite value > 0",
+            );
+        }
+        for p in [0.0, -0.5, 1.5, f32::NAN] {
+            expect_err(sample(&z, 1.0, p, &u), "top_p", "not in (0, 1]");
+        }
+        expect_err(
+            sample(&z, 1.0, 0.9, &[0.5]),
+            "uniforms",
+            "1 values for 2 rows",
+        );
+        for bad in [1.0, -0.1, f64::NAN] {
+            expect_err(sample(&z, 1.0, 0.9, &[0.5, bad]), "uniforms", "uniforms[1]");
+        }
+        for t in [
+            ones(&[10], DType::F32, &dev),
+            ones(&[1, 2, 5], DType::F32, &dev),
+        ] {
+            expect_err(argmax(&t), "logits", "[rows, vocab]");
+            expect_err(sample(&t, 1.0, 1.0, &[0.5]), "logits", "[rows, vocab]");
+        }
+        for shape in [[0, 5], [2, 0]] {
+            expect_err(
+                argmax(&zeros(&shape, DType::F32, &dev)),
+                "logits",
+                "is empty",
+            );
+        }
+        expect_err(
+            argmax(&zeros(&[2, 5], DType::I32, &dev)),
+            "logits",
+            "expected f32, f16 or bf16",
+        );
+        // Rows that cannot be sampled: NaN, +inf, nothing above -inf.
+        for (bad, dtype) in [
+            (f32::NAN, DType::F32),
+            (f32::INFINITY, DType::BF16),
+            (f32::NEG_INFINITY, DType::F16),
+        ] {
+            let mut v = vec![1.0f32; 10];
+            if bad == f32::NEG_INFINITY {
+                v[5..].fill(bad);
+            } else {
+                v[7] = bad;
+            }
+            let t = Tensor::from_f32(&v, &[2, 5], dtype, &dev).unwrap();
+            expect_err(
+                sample(&t, 1.0, 0.9, &u),
+                "logits",
+                "row 1 has a NaN or +inf logit",
+            );
+            // argmax takes any row (NaN wins, as in torch).
+            let want = if bad.is_nan() || bad == f32::INFINITY {
+                2
+            } else {
+                0
+            };
+            assert_eq!(argmax(&t).unwrap(), vec![0, want], "{dev} {bad}");
+        }
+    }
+}

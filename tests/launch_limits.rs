@@ -18,6 +18,7 @@ use platypus::ops::cosine_topk::{self, Exclude};
 use platypus::ops::lora::{self, LoraConfig, LoraWeights};
 use platypus::ops::rmsnorm;
 use platypus::ops::rope::{self, RopeConfig, RopeStyle};
+use platypus::ops::{embedding, swiglu};
 use platypus::{DType, Device, Error, Result, Tensor};
 
 /// A zeroed emulated tensor (host pages stay untouched: planning reads nothing).
@@ -31,6 +32,28 @@ fn rmsnorm_plans(hidden: usize, rows: usize, dtype: DType) -> Result<()> {
     rmsnorm::forward(&x, &w, 1e-5)?;
     for want_dw in [false, true] {
         rmsnorm::backward(&x, &w, &x, 1e-5, want_dw)?;
+    }
+    let mut h = zeros(&[rows, hidden], dtype);
+    rmsnorm::add_forward(&mut h, &x, &w, 1e-5)?;
+    Ok(())
+}
+
+/// The embedding gather from a `dtype` table into every float dtype, and
+/// SwiGLU forward and backward, at small odd shapes and Llama 2 7B/13B ones
+/// at 4096 tokens (hidden 4096 and 5120, MLP widths 11008 and 13824).
+fn elementwise_plans(dtype: DType) -> Result<()> {
+    for (tokens, hidden) in [(5, 8), (3, 37), (4096, 4096), (4096, 5120), (7, 8192)] {
+        // A small vocabulary: planning never reads the ids.
+        let table = zeros(&[4, hidden], dtype);
+        let ids = vec![3u32; tokens];
+        for out in [DType::F32, DType::F16, DType::BF16] {
+            embedding::forward(&table, &ids, out)?;
+        }
+    }
+    for (rows, width) in [(1, 1), (3, 37), (5, 8), (4096, 11008), (4096, 13824)] {
+        let gate = zeros(&[rows, width], dtype);
+        swiglu::forward(&gate, &gate)?;
+        swiglu::backward(&gate, &gate, &gate)?;
     }
     Ok(())
 }
@@ -66,7 +89,7 @@ fn attention_plans(dtype: DType) -> Result<()> {
         (2, 1000, 8, 2),
         (3, 17, 4, 4),
     ] {
-        for d in [32, 64, 128] {
+        for d in attention::HEAD_DIMS {
             let q = zeros(&[batch, seq, heads, d], dtype);
             let kv = zeros(&[batch, seq, kv_heads, d], dtype);
             let lens: Vec<u32> = (0..batch as u32)
@@ -109,6 +132,39 @@ fn attention_plans(dtype: DType) -> Result<()> {
             scale: None,
         },
     )?;
+    // Decoding and chunked prefill against a KV cache: Llama 2 7B at a
+    // 4096-token cache, one new token and 517, and GQA.
+    for (new, heads, kv_heads, d) in [
+        (1, 32, 32, 128),
+        (517, 32, 32, 128),
+        (1, 8, 2, 64),
+        (3, 4, 4, 16),
+    ] {
+        let capacity = 4096;
+        let mut k_cache = zeros(&[1, capacity, kv_heads, d], dtype);
+        let v_cache = zeros(&[1, capacity, kv_heads, d], dtype);
+        attention::write_cache(
+            &mut k_cache,
+            &zeros(&[1, new, kv_heads, d], dtype),
+            capacity - new,
+        )?;
+        let q = zeros(&[1, new, heads, d], dtype);
+        attention::forward_cached(
+            &q,
+            &k_cache,
+            &v_cache,
+            capacity,
+            &AttentionConfig {
+                causal: true,
+                scale: None,
+            },
+        )?;
+    }
+    // The cache copy's narrower units: rows of 12 bytes (4-byte units) and 6 (2-byte).
+    for width in [6, 3] {
+        let mut cache = zeros(&[2, 9, 1, width], dtype);
+        attention::write_cache(&mut cache, &zeros(&[2, 5, 1, width], dtype), 4)?;
+    }
     Ok(())
 }
 
@@ -168,6 +224,27 @@ fn cosine_plans(dtype: DType) -> Result<()> {
     Ok(())
 }
 
+/// The LM head fused with cross-entropy at Llama 2 7B's (hidden 4096, vocab
+/// 32,000: two 2048-token chunks of 4096) and 13B's head, and at small odd
+/// shapes; the row kernel alone; argmax and sampling over 32,000-wide rows.
+fn head_plans(dtype: DType) -> Result<()> {
+    use platypus::ops::{cross_entropy, sampling};
+    if dtype != DType::F32 {
+        for (tokens, hidden, vocab) in [(4096, 4096, 32000), (4096, 5120, 32000), (37, 24, 301)] {
+            let h = zeros(&[tokens, hidden], dtype);
+            let w = zeros(&[vocab, hidden], dtype);
+            cross_entropy::linear_cross_entropy(&h, &w, &vec![0; tokens])?;
+        }
+    }
+    for (rows, vocab) in [(4096, 32000), (3, 301), (1, 1)] {
+        let z = zeros(&[rows, vocab], dtype);
+        cross_entropy::forward_logits(&z, &vec![0; rows])?;
+        sampling::argmax(&z)?;
+        sampling::sample(&z, 0.7, 0.9, &vec![0.5; rows])?;
+    }
+    Ok(())
+}
+
 /// The launches `plans` makes on `arch`; each must be an error-free plan.
 fn plan_all(arch: u32, what: &str, plans: impl FnOnce() -> Result<()>) -> Vec<PlannedLaunch> {
     let (result, launches) = emu::plan(arch, plans);
@@ -194,8 +271,14 @@ fn every_kernel_launches_within_every_archs_limits() {
             launches.extend(plan_all(arch, &format!("rope {dtype}"), || {
                 rope_plans(dtype)
             }));
+            launches.extend(plan_all(arch, &format!("elementwise {dtype}"), || {
+                elementwise_plans(dtype)
+            }));
             launches.extend(plan_all(arch, &format!("cosine {dtype}"), || {
                 cosine_plans(dtype)
+            }));
+            launches.extend(plan_all(arch, &format!("head {dtype}"), || {
+                head_plans(dtype)
             }));
             if dtype != DType::F32 {
                 launches.extend(plan_all(arch, &format!("attention {dtype}"), || {

@@ -32,17 +32,32 @@ fn every_kernel_is_built_for_sm80_and_sm90_and_the_emulator() {
         "rmsnorm_forward_bf16",
         "rmsnorm_backward_f16",
         "rmsnorm_dw_reduce_f32",
+        "rmsnorm_add_forward_f16",
+        "embedding_bf16_bf16",
+        "embedding_f16_f32",
+        "embedding_f32_bf16",
+        "swiglu_forward_bf16",
+        "swiglu_backward_f32",
         "rope_bf16",
         "rope_f32",
         "attention_forward_bf16_d128_causal",
         "attention_backward_dkdv_f16_d64",
         "lora_gemm_nt_wide_bf16",
         "lora_gemm_tn_short_f32out_f16",
+        "lora_gemm_nt_wide_f32out_bf16",
+        "lora_gemm_nt_wide_f32out_f16",
         "lora_merge_bf16",
         "cosine_prepare_f32",
         "cosine_topk_bf16",
         "cosine_threshold_f16",
         "cosine_merge",
+        "cross_entropy_rows_f32",
+        "cross_entropy_rows_f16",
+        "cross_entropy_rows_bf16",
+        "argmax_f32",
+        "argmax_bf16",
+        "sample_f16",
+        "sample_bf16",
     ] {
         assert!(
             names.contains(&expected),
@@ -117,8 +132,10 @@ fn matrix_kernels_run_on_tensor_cores_without_stray_atomics() {
     // (module, which of its kernels are tensor-core products, which may use
     // atomics: the threshold search's slot counter and the bad-row flag)
     type Select = fn(&str) -> bool;
-    let modules: [(&str, Select, Select); 3] = [
+    let modules: [(&str, Select, Select); 5] = [
         ("attention", |name| !name.contains("delta"), |_| false),
+        ("cross_entropy", |_| false, |_| false),
+        ("sampling", |_| false, |_| false),
         ("lora", |name| name.contains("gemm"), |_| false),
         (
             "cosine",

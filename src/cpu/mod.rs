@@ -6,8 +6,10 @@
 pub mod attention;
 pub mod cosine_topk;
 pub mod cross_entropy;
+pub mod embedding;
 pub mod lora;
 pub mod philox;
 pub mod rmsnorm;
 pub mod rope;
+pub mod sampling;
 pub mod swiglu;

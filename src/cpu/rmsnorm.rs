@@ -1,5 +1,7 @@
 //! RMSNorm reference: y = w * x * rsqrt(mean(x^2) + eps) over the last dimension.
 
+use crate::DType;
+
 /// Forward over rows of `hidden` elements: returns y, shaped like `x`.
 pub fn forward(x: &[f32], w: &[f32], hidden: usize, eps: f32) -> Vec<f32> {
     assert_eq!(w.len(), hidden);
@@ -11,6 +13,29 @@ pub fn forward(x: &[f32], w: &[f32], hidden: usize, eps: f32) -> Vec<f32> {
         }
     }
     y
+}
+
+/// The residual add then the norm: h' = h + delta in f32, rounded to `dtype`
+/// (what a tensor of that dtype holds), then y = [`forward`] of h'. Returns
+/// (h', y).
+pub fn add_forward(
+    h: &[f32],
+    delta: &[f32],
+    w: &[f32],
+    hidden: usize,
+    eps: f32,
+    dtype: DType,
+) -> (Vec<f32>, Vec<f32>) {
+    assert_eq!(h.len(), delta.len(), "h and delta have one shape");
+    let round = |v: f32| match dtype {
+        DType::F32 => v,
+        DType::F16 => half::f16::from_f32(v).to_f32(),
+        DType::BF16 => half::bf16::from_f32(v).to_f32(),
+        other => panic!("no float rounding for {other}"),
+    };
+    let sum: Vec<f32> = h.iter().zip(delta).map(|(&a, &b)| round(a + b)).collect();
+    let y = forward(&sum, w, hidden, eps);
+    (sum, y)
 }
 
 /// Backward: returns (dx, dw), dw summed over all rows.

@@ -6,29 +6,35 @@
 //!   head_dim] for [`Batch::Dense`] and [`Batch::Padded`]; [tokens, heads,
 //!   head_dim] for [`Batch::Packed`]. kv_heads divides q_heads (grouped- and
 //!   multi-query attention): query head h reads kv head h / (q_heads / kv_heads).
-//! - head_dim 32, 64 or 128; f16 or bf16 on the GPU and the emulator (fp32
-//!   accumulation on tensor cores), also f32 on [`Device::Cpu`].
+//! - head_dim 16, 32, 64 or 128 ([`HEAD_DIMS`]); f16 or bf16 on the GPU and
+//!   the emulator (fp32 accumulation on tensor cores), also f32 and any head
+//!   dim on [`Device::Cpu`].
 //! - The logsumexp `lse` is [q_heads, tokens] fp32 (natural log), tokens =
 //!   batch · seq for dense and padded batches.
 //! - Padding rows (past a sequence's length in a padded batch) get zero
 //!   outputs, logsumexp and gradients; a sequence of length 0 is legal.
 //! - Backward is deterministic: no atomics, fixed summation order.
+//! - Decoding: [`write_cache`] appends new keys and values to a KV cache
+//!   [batch, capacity, kv_heads, head_dim], [`forward_cached`] attends new
+//!   queries to its first `kv_len` rows (forward only).
 //!
 //! Kernels: `kernels/attention.cu`. CPU reference: [`crate::cpu::attention`].
 
-use super::{check_device, check_dtype, check_float, check_nonempty, check_shape, to_i32};
+use super::{
+    check_aligned, check_device, check_dtype, check_float, check_nonempty, check_shape, to_i32,
+};
 use crate::cpu;
 use crate::cpu::attention::{AttentionDims, SeqSpan};
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
 use crate::host;
 use crate::host::attention::KvDims;
-use crate::kernels::params::AttentionParams;
+use crate::kernels::params::{AttentionParams, CacheWriteParams};
 use crate::launch::LaunchConfig;
 use crate::tensor::Tensor;
 
 /// Head dims with a kernel.
-pub const HEAD_DIMS: [usize; 3] = [32, 64, 128];
+pub const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
 /// Threads per block of every attention kernel (4 warps).
 const THREADS: u32 = 128;
@@ -40,8 +46,11 @@ fn forward_rows(d: usize) -> usize {
         128
     }
 }
-/// Query rows per dQ block, keys per dK/dV block (kBlockM, kBlockN).
+/// Query rows per dQ block, keys per dK/dV block (kBlockM, kBlockN), keys
+/// per forward tile (kFwdBlockN).
 const BLOCK_ROWS: usize = 64;
+/// Threads per block of the KV-cache write (kCacheThreads).
+const CACHE_THREADS: u32 = 256;
 
 /// How the sequences of a batch sit in q, k and v.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,8 +153,14 @@ pub fn forward(
 /// Attention of new queries to a KV cache, as decoding needs it: q [batch,
 /// new, q_heads, head_dim] against the first `kv_len` rows of k_cache and
 /// v_cache [batch, capacity, kv_heads, head_dim] (the new tokens' keys
-/// already written there), the causal mask aligned to the end (query i of
-/// the `new` sees keys j ≤ i + kv_len − new), as FlashAttention-2 has it.
+/// already written there, see [`write_cache`]), the causal mask aligned to
+/// the end (query i of the `new` sees keys j ≤ i + kv_len − new), as
+/// FlashAttention-2 has it. Rows past `kv_len` are never read. Returns o
+/// like q and lse [q_heads, batch · new].
+///
+/// Runs on the forward kernel (f16, bf16, [`HEAD_DIMS`]) on the GPU and the
+/// emulator; on [`Device::Cpu`], f32 on the host code and f16/bf16 on the
+/// reference [`crate::cpu::attention::forward_kv`].
 pub fn forward_cached(
     q: &Tensor,
     k_cache: &Tensor,
@@ -155,6 +170,8 @@ pub fn forward_cached(
 ) -> Result<AttentionOutput> {
     const OP: &str = "attention::forward_cached";
     check_float(OP, "q", q)?;
+    check_nonempty(OP, "q", q)?;
+    let device = q.device().clone();
     let &[b, t, q_heads, d] = q.shape() else {
         return Err(Error::Shape {
             op: OP,
@@ -163,12 +180,13 @@ pub fn forward_cached(
             got: q.shape().to_vec(),
         });
     };
+    check_kernel_input(OP, q, d)?;
     let kv_heads = k_cache.shape().get(2).copied().unwrap_or(0);
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
     for (arg, c) in [("k_cache", k_cache), ("v_cache", v_cache)] {
         check_shape(OP, arg, c, &[b, capacity, kv_heads, d])?;
         check_dtype(OP, arg, c, q.dtype())?;
-        check_device(OP, arg, c, q.device())?;
+        check_device(OP, arg, c, &device)?;
     }
     if kv_heads == 0 || q_heads % kv_heads != 0 {
         return Err(Error::Invalid {
@@ -184,9 +202,7 @@ pub fn forward_cached(
             what: format!("{kv_len} is not between the {t} new tokens and the capacity {capacity}"),
         });
     }
-    if !(matches!(q.device(), Device::Cpu) && q.dtype() == DType::F32) {
-        return Err(super::no_kernel_yet(OP, q.device()));
-    }
+    let scale = check_scale(OP, cfg, d)?;
     let dims = KvDims {
         q_tokens: b * t,
         kv_tokens: b * capacity,
@@ -206,10 +222,74 @@ pub fn forward_cached(
             len: kv_len,
         })
         .collect();
-    let scale = cfg.scale.unwrap_or(1.0 / (d as f32).sqrt());
-    host_forward(
-        OP, q, k_cache, v_cache, &dims, &q_spans, &kv_spans, scale, cfg.causal,
-    )
+    let lse_shape = [q_heads, b * t];
+    match (&device, q.dtype()) {
+        (Device::Cpu, DType::F32) => {
+            return host_forward(
+                OP, q, k_cache, v_cache, &dims, &q_spans, &kv_spans, scale, cfg.causal,
+            )
+        }
+        (Device::Cpu, _) => {
+            let (o, lse) = cpu::attention::forward_kv(
+                &q.to_f32_vec()?,
+                &k_cache.to_f32_vec()?,
+                &v_cache.to_f32_vec()?,
+                &dims,
+                &q_spans,
+                &kv_spans,
+                scale,
+                cfg.causal,
+            );
+            return Ok(AttentionOutput {
+                o: Tensor::from_f32(&o, q.shape(), q.dtype(), &device)?,
+                lse: Tensor::from_slice(&lse, &lse_shape, &device)?,
+            });
+        }
+        _ => {}
+    }
+    for (arg, t) in [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)] {
+        check_aligned16(OP, arg, t)?;
+    }
+    // Every index the kernel forms stays in i32.
+    to_i32(OP, "q", b * t * q_heads * d)?;
+    to_i32(OP, "k_cache", b * capacity * kv_heads * d)?;
+    let o = Tensor::zeros(q.shape(), q.dtype(), &device)?;
+    let lse = Tensor::zeros(&lse_shape, DType::F32, &device)?;
+    let mut params = AttentionParams {
+        q: q.device_address() as *const _,
+        k: k_cache.device_address() as *const _,
+        v: v_cache.device_address() as *const _,
+        o: std::ptr::null(),
+        dout: std::ptr::null(),
+        out: o.device_address() as *mut _,
+        lse: lse.device_address() as *mut f32,
+        delta: std::ptr::null_mut(),
+        dq: std::ptr::null_mut(),
+        dk: std::ptr::null_mut(),
+        dv: std::ptr::null_mut(),
+        cu_seqlens: std::ptr::null(),
+        seq_lens: std::ptr::null(),
+        batch: to_i32(OP, "q", b)?,
+        max_seqlen: to_i32(OP, "q", t)?,
+        tokens: to_i32(OP, "q", b * t)?,
+        q_heads: to_i32(OP, "q", q_heads)?,
+        kv_heads: to_i32(OP, "k_cache", kv_heads)?,
+        scale,
+        kv_seq_stride: to_i32(OP, "k_cache", capacity)?,
+        kv_len: to_i32(OP, "kv_len", kv_len)?,
+    };
+    let grid = grid(OP, t.div_ceil(forward_rows(d)), q_heads, b)?;
+    let launch = LaunchConfig {
+        grid,
+        block: [THREADS, 1, 1],
+        shared_bytes: forward_smem(d),
+    };
+    device.launch(
+        &kernel_name("attention_forward", q.dtype(), d, cfg),
+        launch,
+        &mut params,
+    )?;
+    Ok(AttentionOutput { o, lse })
 }
 
 /// The host attention on f32 CPU tensors.
@@ -243,7 +323,9 @@ fn host_forward(
 }
 
 /// Writes `new` [batch, t, kv_heads, head_dim] into rows `start .. start + t`
-/// of `cache` [batch, capacity, kv_heads, head_dim].
+/// of `cache` [batch, capacity, kv_heads, head_dim], any dtype. On the GPU
+/// and the emulator a copy kernel does it (in stream order, like the
+/// attention that reads the cache next), on [`Device::Cpu`] a host copy.
 pub fn write_cache(cache: &mut Tensor, new: &Tensor, start: usize) -> Result<()> {
     const OP: &str = "attention::write_cache";
     let &[b, t, h, d] = new.shape() else {
@@ -266,14 +348,55 @@ pub fn write_cache(cache: &mut Tensor, new: &Tensor, start: usize) -> Result<()>
         });
     }
     let row = h * d * new.dtype().size();
-    let (Some(src), Some(dst)) = (new.host_bytes(), cache.host_bytes_mut()) else {
-        return Err(super::no_kernel_yet(OP, new.device()));
-    };
-    for i in 0..b {
-        dst[(i * capacity + start) * row..][..t * row]
-            .copy_from_slice(&src[i * t * row..][..t * row]);
+    if let Device::Cpu = new.device() {
+        let (Some(src), Some(dst)) = (new.host_bytes(), cache.host_bytes_mut()) else {
+            unreachable!("CPU tensors live in host memory");
+        };
+        for i in 0..b {
+            dst[(i * capacity + start) * row..][..t * row]
+                .copy_from_slice(&src[i * t * row..][..t * row]);
+        }
+        return Ok(());
     }
-    Ok(())
+    check_aligned(OP, "new", new)?;
+    check_aligned(OP, "cache", cache)?;
+    if b * t * row == 0 {
+        return Ok(());
+    }
+    // The widest unit that divides the rows and both addresses (every dtype
+    // is at least 2 bytes, and the addresses are aligned to it).
+    let aligned = |unit: usize| {
+        row % unit == 0
+            && new.device_address() % unit as u64 == 0
+            && cache.device_address() % unit as u64 == 0
+    };
+    let unit = [16, 4, 2]
+        .into_iter()
+        .find(|&u| aligned(u))
+        .expect("2-byte aligned rows");
+    let units = t * row / unit;
+    let mut params = CacheWriteParams {
+        src: new.device_address() as *const _,
+        dst: cache.device_address() as *mut _,
+        units: units as i64,
+        dst_seq_units: (capacity * row / unit) as i64,
+        dst_offset_units: (start * row / unit) as i64,
+    };
+    let blocks = units.div_ceil(CACHE_THREADS as usize);
+    let launch = LaunchConfig {
+        grid: [
+            to_u32(OP, "new", blocks)?,
+            limit(OP, "new", "sequences", b)?,
+            1,
+        ],
+        block: [CACHE_THREADS, 1, 1],
+        shared_bytes: 0,
+    };
+    new.device().launch(
+        &format!("attention_write_cache_{unit}b"),
+        launch,
+        &mut params,
+    )
 }
 
 /// Attention backward: gradients for upstream `dout` (like q), given the
@@ -360,7 +483,10 @@ pub fn backward(
 /// Every attention kernel with its launch shape: (name, threads per block,
 /// dynamic shared memory bytes), for occupancy reports.
 pub fn kernel_launch_shapes() -> Vec<(String, u32, u32)> {
-    let mut shapes = Vec::new();
+    let mut shapes: Vec<(String, u32, u32)> = [16, 4, 2]
+        .iter()
+        .map(|unit| (format!("attention_write_cache_{unit}b"), CACHE_THREADS, 0))
+        .collect();
     for dtype in ["bf16", "f16"] {
         for d in HEAD_DIMS {
             shapes.push((format!("attention_backward_delta_{dtype}_d{d}"), THREADS, 0));
@@ -428,15 +554,6 @@ impl Problem {
         check_float(op, "q", q)?;
         check_nonempty(op, "q", q)?;
         let device = q.device();
-        if !matches!(device, Device::Cpu) && q.dtype() == DType::F32 {
-            return Err(Error::DType {
-                op,
-                arg: "q",
-                expected: "f16 or bf16 (the kernels run on tensor cores; f32 runs on Device::Cpu)"
-                    .into(),
-                got: q.dtype(),
-            });
-        }
         let packed = matches!(batch, Batch::Packed(_));
         let (lead, q_heads, head_dim) = match (packed, q.shape()) {
             (false, &[b, t, h, d]) => (vec![b, t], h, d),
@@ -455,13 +572,7 @@ impl Problem {
                 })
             }
         };
-        if !matches!(device, Device::Cpu) && !HEAD_DIMS.contains(&head_dim) {
-            return Err(Error::Invalid {
-                op,
-                arg: "q",
-                what: format!("head_dim {head_dim} has no kernel; supported: {HEAD_DIMS:?}"),
-            });
-        }
+        check_kernel_input(op, q, head_dim)?;
         let kv_heads = k.shape().get(lead.len()).copied().unwrap_or(0);
         let mut kv_shape = lead.clone();
         kv_shape.extend([kv_heads, head_dim]);
@@ -482,14 +593,7 @@ impl Problem {
                 check_aligned16(op, arg, t)?;
             }
         }
-        let scale = cfg.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
-        if !scale.is_finite() {
-            return Err(Error::Invalid {
-                op,
-                arg: "cfg.scale",
-                what: format!("{scale} is not finite"),
-            });
-        }
+        let scale = check_scale(op, cfg, head_dim)?;
         let tokens = lead.iter().product::<usize>();
         let (spans, max_seqlen, lengths) = match batch {
             Batch::Dense => {
@@ -630,28 +734,14 @@ impl Problem {
             q_heads: to_i32(op, "q", self.dims.q_heads)?,
             kv_heads: to_i32(op, "k", self.dims.kv_heads)?,
             scale: self.scale,
+            kv_seq_stride: 0,
+            kv_len: 0,
         })
     }
 
     /// Grid of `rows`-row tiles x `heads` x sequences.
     fn grid(&self, op: &'static str, rows: usize, heads: usize) -> Result<[u32; 3]> {
-        let tiles = self.max_seqlen.div_ceil(rows).max(1);
-        let limit = |arg, what: &str, n: usize| -> Result<u32> {
-            if n <= 65535 {
-                Ok(n as u32)
-            } else {
-                Err(Error::Invalid {
-                    op,
-                    arg,
-                    what: format!("{n} {what}: a grid holds at most 65535"),
-                })
-            }
-        };
-        Ok([
-            to_u32(op, "q", tiles)?,
-            limit("q", "heads", heads)?,
-            limit("batch", "sequences", self.spans.len())?,
-        ])
+        grid(op, self.max_seqlen.div_ceil(rows), heads, self.spans.len())
     }
 
     fn launch(&self, grid: [u32; 3], shared_bytes: u32) -> LaunchConfig {
@@ -664,12 +754,75 @@ impl Problem {
 
     /// `{base}_{dtype}_d{head_dim}[_causal]`.
     fn kernel(&self, base: &str, q: &Tensor, cfg: &AttentionConfig) -> String {
-        let causal = if cfg.causal { "_causal" } else { "" };
-        format!(
-            "{base}_{}_d{}{causal}",
-            q.dtype().kernel_suffix(),
-            self.dims.head_dim
-        )
+        kernel_name(base, q.dtype(), self.dims.head_dim, cfg)
+    }
+}
+
+/// `{base}_{dtype}_d{head_dim}[_causal]`.
+fn kernel_name(base: &str, dtype: DType, head_dim: usize, cfg: &AttentionConfig) -> String {
+    let causal = if cfg.causal { "_causal" } else { "" };
+    format!("{base}_{}_d{head_dim}{causal}", dtype.kernel_suffix())
+}
+
+/// On a kernel device (not [`Device::Cpu`]): q must be f16 or bf16 and the
+/// head dim one of [`HEAD_DIMS`].
+fn check_kernel_input(op: &'static str, q: &Tensor, head_dim: usize) -> Result<()> {
+    if matches!(q.device(), Device::Cpu) {
+        return Ok(());
+    }
+    if q.dtype() == DType::F32 {
+        return Err(Error::DType {
+            op,
+            arg: "q",
+            expected: "f16 or bf16 (the kernels run on tensor cores; f32 runs on Device::Cpu)"
+                .into(),
+            got: q.dtype(),
+        });
+    }
+    if !HEAD_DIMS.contains(&head_dim) {
+        return Err(Error::Invalid {
+            op,
+            arg: "q",
+            what: format!("head_dim {head_dim} has no kernel; supported: {HEAD_DIMS:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// The softmax scale: `cfg.scale`, else 1 / sqrt(head_dim); finite.
+fn check_scale(op: &'static str, cfg: &AttentionConfig, head_dim: usize) -> Result<f32> {
+    let scale = cfg.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
+    if scale.is_finite() {
+        Ok(scale)
+    } else {
+        Err(Error::Invalid {
+            op,
+            arg: "cfg.scale",
+            what: format!("{scale} is not finite"),
+        })
+    }
+}
+
+/// A launch grid of `tiles` (at least 1) x `heads` x `batch`, the last two
+/// within the 65535 a grid's y and z hold.
+fn grid(op: &'static str, tiles: usize, heads: usize, batch: usize) -> Result<[u32; 3]> {
+    Ok([
+        to_u32(op, "q", tiles.max(1))?,
+        limit(op, "q", "heads", heads)?,
+        limit(op, "batch", "sequences", batch)?,
+    ])
+}
+
+/// `n` as a grid's y or z dimension (at most 65535).
+fn limit(op: &'static str, arg: &'static str, what: &str, n: usize) -> Result<u32> {
+    if n <= 65535 {
+        Ok(n as u32)
+    } else {
+        Err(Error::Invalid {
+            op,
+            arg,
+            what: format!("{n} {what}: a grid holds at most 65535"),
+        })
     }
 }
 

@@ -3,11 +3,37 @@
 //! tokens whose label is not ignored (negative: transformers' −100), without
 //! the fp32 logits of all tokens at once (Liger's fused linear cross-entropy).
 //!
+//! On the kernel devices the tokens go in chunks: for each, the fused LoRA
+//! layer's tensor-core GEMM (`kernels/lora.cu`, fp32 output) writes the
+//! logits chunk [chunk, vocab] = h_chunk Wᵀ, and `kernels/cross_entropy.cu`
+//! reads it once, one block per row (online max and sum of exp, fp32),
+//! writing each row's logsumexp and loss; the counted losses are summed on
+//! the host in f64, in token order (deterministic). The chunk holds at most
+//! [`DEFAULT_CHUNK_BYTES`] of fp32 logits ([`linear_cross_entropy_chunked`]
+//! takes another budget). h and W are f16 or bf16 there (the GEMM runs on
+//! tensor cores); f32 runs on [`Device::Cpu`].
+//!
+//! [`forward_logits`] is the row kernel alone, on logits the caller has.
+//!
 //! Host code: [`crate::host::cross_entropy`]. Reference: [`crate::cpu::cross_entropy`].
 
-use super::{check_device, check_float, no_kernel_yet};
+use super::{check_aligned, check_device, check_dtype, check_float, threads_for_row, to_i32};
+use super::{lora, vectorizable};
+use crate::cpu;
 use crate::host;
-use crate::{Device, Error, Result, Tensor};
+use crate::kernels::params::CrossEntropyRowsParams;
+use crate::launch::LaunchConfig;
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// Bytes of fp32 logits one chunk of tokens may hold on the kernel devices:
+/// 2048 tokens at Llama's vocabulary of 32,000.
+pub const DEFAULT_CHUNK_BYTES: usize = 256 << 20;
+
+/// Threads per block of the row kernel (its `__launch_bounds__`).
+const ROW_THREADS: u32 = 256;
+
+/// Rows of the GEMM's tiles: chunks of at least this many tokens are a multiple of it.
+const GEMM_TILE_ROWS: usize = 128;
 
 /// What the fused head computes.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,8 +53,23 @@ impl CrossEntropy {
     }
 }
 
-/// Cross-entropy of `labels` [tokens] under logits h Wᵀ.
+/// Cross-entropy of `labels` [tokens] under logits h Wᵀ, the fp32 logits
+/// computed [`DEFAULT_CHUNK_BYTES`] at a time on the kernel devices.
 pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, labels: &[i32]) -> Result<CrossEntropy> {
+    linear_cross_entropy_chunked(h, w, labels, DEFAULT_CHUNK_BYTES)
+}
+
+/// [`linear_cross_entropy`] with at most `chunk_bytes` of fp32 logits per
+/// chunk of tokens on the kernel devices (at least one token per chunk;
+/// chunks of 128 tokens or more are whole GEMM tiles). [`Device::Cpu`]'s
+/// host code picks its own blocks. The result does not depend on the
+/// chunking: every row is computed the same way in any chunk.
+pub fn linear_cross_entropy_chunked(
+    h: &Tensor,
+    w: &Tensor,
+    labels: &[i32],
+    chunk_bytes: usize,
+) -> Result<CrossEntropy> {
     const OP: &str = "cross_entropy::linear_cross_entropy";
     check_float(OP, "h", h)?;
     check_float(OP, "w", w)?;
@@ -43,43 +84,263 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, labels: &[i32]) -> Result<Cr
             got: w.shape().to_vec(),
         });
     };
-    if w_hidden != hidden {
+    if w_hidden != hidden || vocab == 0 {
         return Err(Error::Shape {
             op: OP,
             arg: "w",
-            expected: format!("[vocab, {hidden}]"),
+            expected: format!("[vocab, {hidden}] with vocab >= 1"),
             got: w.shape().to_vec(),
         });
     }
-    if labels.len() != tokens {
+    check_labels(OP, labels, tokens, vocab)?;
+    if let Device::Cpu = h.device() {
+        let (loss_sum, tokens, lse) = host::cross_entropy::linear_cross_entropy(
+            host::view::f32s(OP, "h", h)?,
+            host::view::weights(OP, "w", w)?,
+            labels,
+            hidden,
+            vocab,
+        );
+        return Ok(CrossEntropy {
+            loss_sum,
+            tokens,
+            lse,
+        });
+    }
+    for (arg, t) in [("h", h), ("w", w)] {
+        if !matches!(t.dtype(), DType::F16 | DType::BF16) {
+            return Err(Error::DType {
+                op: OP,
+                arg,
+                expected: "f16 or bf16 (the head's GEMM runs on tensor cores, which have no f32 path here; f32 runs on Device::Cpu)".into(),
+                got: t.dtype(),
+            });
+        }
+    }
+    check_dtype(OP, "w", w, h.dtype())?;
+    if hidden % 8 != 0 {
         return Err(Error::Invalid {
             op: OP,
+            arg: "h",
+            what: format!("hidden size {hidden}: the kernels need a multiple of 8 (16-byte rows)"),
+        });
+    }
+    for (arg, t) in [("h", h), ("w", w)] {
+        if t.device_address() % 16 != 0 {
+            return Err(Error::Invalid {
+                op: OP,
+                arg,
+                what: format!("address 0x{:x} is not 16-byte aligned", t.device_address()),
+            });
+        }
+    }
+    to_i32(OP, "h", tokens)?;
+    to_i32(OP, "h", hidden)?;
+    to_i32(OP, "w", vocab)?;
+    let device = h.device();
+    // Rows of the chunk 16-byte aligned: the row kernel's loads are 128-bit.
+    let ld = vocab.div_ceil(4) * 4;
+    let rows = chunk_rows(chunk_bytes, ld, tokens);
+    let out = RowOutputs::new(labels, device)?;
+    if tokens == 0 {
+        return out.finish(labels);
+    }
+    let chunk = Tensor::zeros(&[rows, ld], DType::F32, device)?;
+    let h_row_bytes = (hidden * h.dtype().size()) as u64;
+    for start in (0..tokens).step_by(rows) {
+        let n = rows.min(tokens - start);
+        lora::matmul_nt_f32out(
+            OP,
+            device,
+            h.dtype(),
+            [
+                h.device_address() + start as u64 * h_row_bytes,
+                w.device_address(),
+                chunk.device_address(),
+            ],
+            ld,
+            n,
+            vocab,
+            hidden,
+        )?;
+        out.launch_rows(
+            OP,
+            device,
+            DType::F32,
+            chunk.device_address(),
+            ld,
+            true,
+            start,
+            n,
+            vocab,
+        )?;
+    }
+    out.finish(labels)
+}
+
+/// Cross-entropy of `labels` [rows] under given `logits` [rows, vocab]
+/// (f32, f16 or bf16): the fused head's row kernel alone, one pass per row.
+pub fn forward_logits(logits: &Tensor, labels: &[i32]) -> Result<CrossEntropy> {
+    const OP: &str = "cross_entropy::forward_logits";
+    check_float(OP, "logits", logits)?;
+    let &[rows, vocab] = logits.shape() else {
+        return Err(Error::Shape {
+            op: OP,
+            arg: "logits",
+            expected: "[rows, vocab]".into(),
+            got: logits.shape().to_vec(),
+        });
+    };
+    if vocab == 0 {
+        return Err(Error::Shape {
+            op: OP,
+            arg: "logits",
+            expected: "[rows, vocab] with vocab >= 1".into(),
+            got: logits.shape().to_vec(),
+        });
+    }
+    check_labels(OP, labels, rows, vocab)?;
+    check_aligned(OP, "logits", logits)?;
+    let device = logits.device();
+    if let Device::Cpu = device {
+        let (loss_sum, tokens, lse) =
+            cpu::cross_entropy::from_logits(&logits.to_f32_vec()?, labels, vocab);
+        return Ok(CrossEntropy {
+            loss_sum,
+            tokens,
+            lse,
+        });
+    }
+    to_i32(OP, "logits", rows)?;
+    to_i32(OP, "logits", vocab)?;
+    let out = RowOutputs::new(labels, device)?;
+    if rows > 0 {
+        let vectorized = vectorizable(&[logits], vocab * logits.dtype().size());
+        out.launch_rows(
+            OP,
+            device,
+            logits.dtype(),
+            logits.device_address(),
+            vocab,
+            vectorized,
+            0,
+            rows,
+            vocab,
+        )?;
+    }
+    out.finish(labels)
+}
+
+/// Checks labels [tokens]: one per token, each < vocab (negative: ignored).
+fn check_labels(op: &'static str, labels: &[i32], tokens: usize, vocab: usize) -> Result<()> {
+    if labels.len() != tokens {
+        return Err(Error::Invalid {
+            op,
             arg: "labels",
             what: format!("has {} labels for {tokens} tokens", labels.len()),
         });
     }
-    if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l >= vocab as i32) {
+    if let Some((i, l)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l >= 0 && l as usize >= vocab)
+    {
         return Err(Error::Invalid {
-            op: OP,
+            op,
             arg: "labels",
             what: format!("labels[{i}] = {l} is not below the vocabulary size {vocab}"),
         });
     }
-    match h.device() {
-        Device::Cpu => {
-            let (loss_sum, tokens, lse) = host::cross_entropy::linear_cross_entropy(
-                host::view::f32s(OP, "h", h)?,
-                host::view::weights(OP, "w", w)?,
-                labels,
-                hidden,
-                vocab,
-            );
-            Ok(CrossEntropy {
-                loss_sum,
-                tokens,
-                lse,
-            })
+    Ok(())
+}
+
+/// Tokens per logits chunk: as many fp32 rows of `ld` as `chunk_bytes`
+/// holds, whole GEMM tiles from 128 rows on, at least 1, at most `tokens`.
+fn chunk_rows(chunk_bytes: usize, ld: usize, tokens: usize) -> usize {
+    let rows = (chunk_bytes / (4 * ld)).max(1);
+    let rows = if rows >= GEMM_TILE_ROWS {
+        rows / GEMM_TILE_ROWS * GEMM_TILE_ROWS
+    } else {
+        rows
+    };
+    rows.min(tokens.max(1))
+}
+
+/// The row kernel's inputs and outputs on the device: labels, lse and loss [tokens].
+struct RowOutputs {
+    labels: Tensor,
+    lse: Tensor,
+    loss: Tensor,
+}
+
+impl RowOutputs {
+    fn new(labels: &[i32], device: &Device) -> Result<RowOutputs> {
+        let n = labels.len();
+        Ok(RowOutputs {
+            labels: Tensor::from_slice(labels, &[n], device)?,
+            lse: Tensor::zeros(&[n], DType::F32, device)?,
+            loss: Tensor::zeros(&[n], DType::F32, device)?,
+        })
+    }
+
+    /// Launches the row kernel on logits rows `start .. start + rows` (at
+    /// `logits`, row stride `ld` elements of `dtype`) into those rows of
+    /// lse and loss.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_rows(
+        &self,
+        op: &'static str,
+        device: &Device,
+        dtype: DType,
+        logits: u64,
+        ld: usize,
+        vectorized: bool,
+        start: usize,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        let at = |t: &Tensor| t.device_address() + 4 * start as u64;
+        let mut params = CrossEntropyRowsParams {
+            logits: logits as *const _,
+            labels: at(&self.labels) as *const i32,
+            lse: at(&self.lse) as *mut f32,
+            loss: at(&self.loss) as *mut f32,
+            ld: ld as i64,
+            rows: to_i32(op, "labels", rows)?,
+            vocab: to_i32(op, "labels", vocab)?,
+            vectorized: vectorized as i32,
+            pad0: 0,
+        };
+        let per_access = if vectorized { 16 / dtype.size() } else { 1 };
+        let cfg = LaunchConfig::linear(
+            rows as u32,
+            threads_for_row(vocab, per_access, ROW_THREADS),
+            0,
+        );
+        device.launch(
+            &format!("cross_entropy_rows_{}", dtype.kernel_suffix()),
+            cfg,
+            &mut params,
+        )
+    }
+
+    /// The per-row results back on the host, the counted losses summed in
+    /// f64 in token order.
+    fn finish(self, labels: &[i32]) -> Result<CrossEntropy> {
+        let lse = self.lse.to_vec::<f32>()?;
+        let loss = self.loss.to_vec::<f32>()?;
+        let mut loss_sum = 0.0f64;
+        let mut tokens = 0;
+        for (&l, &label) in loss.iter().zip(labels) {
+            if label >= 0 {
+                loss_sum += l as f64;
+                tokens += 1;
+            }
         }
-        _ => Err(no_kernel_yet(OP, h.device())),
+        Ok(CrossEntropy {
+            loss_sum,
+            tokens,
+            lse,
+        })
     }
 }

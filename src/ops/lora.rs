@@ -355,6 +355,65 @@ pub fn linear_backward(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(dx)
 }
 
+/// The fused layer's wide GEMM with fp32 output, on raw addresses of
+/// `device`: C = A Bᵀ for A [m, k] and B [n, k] (16-bit `dtype`, rows k
+/// elements apart) into C [m, ldc] fp32 (columns n.. of each row untouched).
+/// The LM head's logits chunks (`ops::cross_entropy`) go through it. The
+/// caller has checked what the kernel needs: `dtype` f16 or bf16, k a
+/// multiple of 8, A and B 16-byte aligned, ldc ≥ n and even, sizes in i32.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_nt_f32out(
+    op: &'static str,
+    device: &Device,
+    dtype: DType,
+    [a, b, c]: [u64; 3],
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    debug_assert!(matches!(dtype, DType::F16 | DType::BF16) && k % 8 == 0 && ldc >= n);
+    let layer = Layer {
+        device: device.clone(),
+        dtype,
+        dims: LoraDims {
+            tokens: m,
+            in_features: k,
+            out_features: n,
+            rank: 0,
+        },
+        r16: 0,
+        scale: 1.0,
+        dropout: None,
+    };
+    let mut p = LoraGemmParams {
+        a: a as *const _,
+        b: b as *const _,
+        lda: k as i64,
+        ldb: k as i64,
+        k: to_i32(op, "h", k)?,
+        k2: 0,
+        a2: std::ptr::null(),
+        b2: std::ptr::null(),
+        lda2: 0,
+        ldb2: 0,
+        c: c as *mut _,
+        ldc: ldc as i64,
+        m: to_i32(op, "h", m)?,
+        n: to_i32(op, "w", n)?,
+        k_per_split: 0,
+        mask: 0,
+        scale: 1.0,
+        out_scale: 1.0,
+        dropout_p: 0.0,
+        pad0: 0,
+        seed: 0,
+        offset: 0,
+        mask_cols: k as i64,
+    };
+    layer.run(op, "lora_gemm_nt_wide_f32out", Tile::WIDE, &mut p, 1)
+}
+
 /// The PEFT sequence unfused, for comparison with [`forward`]: y = x Wᵀ,
 /// u = dropout(x) Aᵀ, t = u Bᵀ, y += s t — three GEMMs and an add, with the
 /// full-size t written and read once more.
@@ -469,6 +528,7 @@ pub fn kernel_launch_shapes() -> Vec<(String, u32, u32)> {
         ("lora_gemm_nt_skinny", Tile::SKINNY),
         ("lora_gemm_nn_wide", Tile::WIDE),
         ("lora_gemm_nn_skinny", Tile::SKINNY),
+        ("lora_gemm_nt_wide_f32out", Tile::WIDE),
         ("lora_gemm_tn_short_f32out", Tile::SHORT),
         ("lora_gemm_tn_skinny_f32out", Tile::SKINNY),
     ];

@@ -10,6 +10,7 @@ pub mod embedding;
 pub mod lora;
 pub mod rmsnorm;
 pub mod rope;
+pub mod sampling;
 pub mod swiglu;
 
 use crate::device::{DType, Device};
@@ -123,13 +124,4 @@ fn vectorizable(tensors: &[&Tensor], row_bytes: usize) -> bool {
 fn threads_for_row(elems: usize, per_access: usize, max: u32) -> u32 {
     let accesses = elems.div_ceil(per_access);
     (accesses.div_ceil(32) * 32).clamp(32, max as usize) as u32
-}
-
-/// The error of an op whose kernel is not written yet: it runs on
-/// [`Device::Cpu`] only, for now.
-fn no_kernel_yet(op: &'static str, device: &Device) -> Error {
-    Error::Launch {
-        kernel: op.into(),
-        message: format!("has no kernel yet; it runs on the cpu device, not on {device}"),
-    }
 }

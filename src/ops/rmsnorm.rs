@@ -1,6 +1,8 @@
 //! RMSNorm over the last dimension, as Llama computes it:
 //! `y = w * x * rsqrt(mean(x^2) + eps)`, fp32 accumulation, storage f32/f16/bf16.
 //!
+//! [`add_forward`] fuses the residual add before the norm.
+//!
 //! Kernels: `kernels/rmsnorm.cu`. CPU reference: [`crate::cpu::rmsnorm`].
 
 use super::{
@@ -11,7 +13,9 @@ use crate::cpu;
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
 use crate::host;
-use crate::kernels::params::{RmsNormBackwardParams, RmsNormDwReduceParams, RmsNormForwardParams};
+use crate::kernels::params::{
+    RmsNormAddForwardParams, RmsNormBackwardParams, RmsNormDwReduceParams, RmsNormForwardParams,
+};
 use crate::launch::LaunchConfig;
 use crate::tensor::Tensor;
 
@@ -30,11 +34,17 @@ pub struct Grads {
     pub dw: Option<Tensor>,
 }
 
-/// Checks x [.., hidden] and w [hidden]; returns (rows, hidden).
-fn check_inputs(op: &'static str, x: &Tensor, w: &Tensor, eps: f32) -> Result<(usize, usize)> {
-    check_float(op, "x", x)?;
-    check_nonempty(op, "x", x)?;
-    check_aligned(op, "x", x)?;
+/// Checks x [.., hidden] (called `x_arg` in errors) and w [hidden]; returns (rows, hidden).
+fn check_inputs(
+    op: &'static str,
+    x_arg: &'static str,
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+) -> Result<(usize, usize)> {
+    check_float(op, x_arg, x)?;
+    check_nonempty(op, x_arg, x)?;
+    check_aligned(op, x_arg, x)?;
     check_aligned(op, "w", w)?;
     let hidden = *x.shape().last().unwrap_or(&0);
     check_shape(op, "w", w, &[hidden])?;
@@ -60,7 +70,7 @@ pub fn forward(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
 /// Like [`forward`], writing into `y` (same shape, dtype and device as x).
 pub fn forward_into(x: &Tensor, w: &Tensor, y: &mut Tensor, eps: f32) -> Result<()> {
     const OP: &str = "rmsnorm::forward";
-    let (rows, hidden) = check_inputs(OP, x, w, eps)?;
+    let (rows, hidden) = check_inputs(OP, "x", x, w, eps)?;
     check_shape(OP, "y", y, x.shape())?;
     check_dtype(OP, "y", y, x.dtype())?;
     check_device(OP, "y", y, x.device())?;
@@ -94,27 +104,74 @@ pub fn forward_into(x: &Tensor, w: &Tensor, y: &mut Tensor, eps: f32) -> Result<
     )
 }
 
-/// The residual add fused with the next norm: h += delta, then returns
-/// rmsnorm(h) (a new tensor like h). One pass over h instead of two.
+/// The residual add fused with the next norm: h += delta in place (rounded
+/// to h's dtype), then returns rmsnorm(h) of that rounded h, a new tensor
+/// like h: equal to [`forward`] of the updated h. One read of h and delta,
+/// a write of h and y (4 row passes where an add then the norm take 5).
 pub fn add_forward(h: &mut Tensor, delta: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
-    const OP: &str = "rmsnorm::add_forward";
-    let (_, hidden) = check_inputs(OP, h, w, eps)?;
-    check_shape(OP, "delta", delta, h.shape())?;
-    check_dtype(OP, "delta", delta, h.dtype())?;
-    check_device(OP, "delta", delta, h.device())?;
-    if !matches!(h.device(), Device::Cpu) {
-        return Err(super::no_kernel_yet(OP, h.device()));
-    }
     let mut y = Tensor::zeros(h.shape(), h.dtype(), h.device())?;
-    host::elementwise::add_rmsnorm(
-        host::view::f32s_mut(OP, "h", h)?,
-        host::view::f32s(OP, "delta", delta)?,
-        host::view::f32s(OP, "w", w)?,
-        hidden,
-        eps,
-        host::view::f32s_mut(OP, "y", &mut y)?,
-    );
+    add_forward_into(h, delta, w, &mut y, eps)?;
     Ok(y)
+}
+
+/// Like [`add_forward`], writing y into `y` (same shape, dtype and device as h).
+pub fn add_forward_into(
+    h: &mut Tensor,
+    delta: &Tensor,
+    w: &Tensor,
+    y: &mut Tensor,
+    eps: f32,
+) -> Result<()> {
+    const OP: &str = "rmsnorm::add_forward";
+    let (rows, hidden) = check_inputs(OP, "h", h, w, eps)?;
+    for (arg, t) in [("delta", delta), ("y", &*y)] {
+        check_shape(OP, arg, t, h.shape())?;
+        check_dtype(OP, arg, t, h.dtype())?;
+        check_device(OP, arg, t, h.device())?;
+        check_aligned(OP, arg, t)?;
+    }
+    if let (Device::Cpu, DType::F32) = (h.device(), h.dtype()) {
+        host::elementwise::add_rmsnorm(
+            host::view::f32s_mut(OP, "h", h)?,
+            host::view::f32s(OP, "delta", delta)?,
+            host::view::f32s(OP, "w", w)?,
+            hidden,
+            eps,
+            host::view::f32s_mut(OP, "y", y)?,
+        );
+        return Ok(());
+    }
+    if let Device::Cpu = h.device() {
+        let (sum, out) = cpu::rmsnorm::add_forward(
+            &h.to_f32_vec()?,
+            &delta.to_f32_vec()?,
+            &w.to_f32_vec()?,
+            hidden,
+            eps,
+            h.dtype(),
+        );
+        *h = Tensor::from_f32(&sum, h.shape(), h.dtype(), h.device())?;
+        *y = Tensor::from_f32(&out, h.shape(), h.dtype(), h.device())?;
+        return Ok(());
+    }
+    let vectorized = vectorizable(&[h, delta, w, y], hidden * h.dtype().size());
+    let per_access = if vectorized { 16 / h.dtype().size() } else { 1 };
+    let mut params = RmsNormAddForwardParams {
+        h: h.device_address() as *mut _,
+        delta: delta.device_address() as *const _,
+        w: w.device_address() as *const _,
+        y: y.device_address() as *mut _,
+        rows: to_i32(OP, "h", rows)?,
+        hidden: to_i32(OP, "h", hidden)?,
+        eps,
+        vectorized: vectorized as i32,
+    };
+    let cfg = LaunchConfig::linear(rows as u32, threads_for_row(hidden, per_access, THREADS), 0);
+    h.device().launch(
+        &format!("rmsnorm_add_forward_{}", h.dtype().kernel_suffix()),
+        cfg,
+        &mut params,
+    )
 }
 
 /// Gradients of [`forward`] given dy (like x). `dw` is computed only when
@@ -125,7 +182,7 @@ pub fn add_forward(h: &mut Tensor, delta: &Tensor, w: &Tensor, eps: f32) -> Resu
 /// then summed in block order (no float atomics).
 pub fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f32, want_dw: bool) -> Result<Grads> {
     const OP: &str = "rmsnorm::backward";
-    let (rows, hidden) = check_inputs(OP, x, w, eps)?;
+    let (rows, hidden) = check_inputs(OP, "x", x, w, eps)?;
     check_shape(OP, "dy", dy, x.shape())?;
     check_dtype(OP, "dy", dy, x.dtype())?;
     check_device(OP, "dy", dy, x.device())?;

@@ -2,6 +2,9 @@
 //! reference (shared by the emulated proptests and the GPU test).
 
 use super::{check_results, round_to, rounding_unit, Measured, Rng};
+use platypus::cpu;
+use platypus::cpu::attention::SeqSpan;
+use platypus::host::attention::KvDims;
 use platypus::ops::attention::{self, AttentionConfig, Batch};
 use platypus::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -355,4 +358,132 @@ fn axpy_f64(acc: &mut [f64], x: &[f64]) {
 /// dst = src rounded to f32.
 fn copy_f64(dst: &mut [f32], src: &[f64]) {
     dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v as f32);
+}
+
+/// Attention of `new` queries per sequence to a KV cache: the new keys and
+/// values written with [`attention::write_cache`] at rows kv_len − new ..
+/// kv_len of a cache of `capacity` rows, then [`attention::forward_cached`],
+/// checked against [`platypus::cpu::attention::forward_kv`].
+#[derive(Debug, Clone)]
+pub struct CachedCase {
+    pub batch: usize,
+    pub new: usize,
+    pub kv_len: usize,
+    pub capacity: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: DType,
+    pub causal: bool,
+}
+
+impl CachedCase {
+    /// Runs the case on `device` with random inputs from `seed`: the cache
+    /// holds random earlier keys and values, and past kv_len large finite
+    /// garbage (16× the values' scale, so a key read there would dominate
+    /// its row's softmax). Checks that the written cache is the old one with
+    /// exactly the new rows replaced, and o and lse against the reference on
+    /// the same rounded inputs. Returns each result's error.
+    pub fn check_against_cpu(&self, device: &Device, seed: u64) -> Result<Vec<Measured>, String> {
+        let (b, t, n, cap) = (self.batch, self.new, self.kv_len, self.capacity);
+        let (h, kvh, d) = (self.q_heads, self.kv_heads, self.head_dim);
+        assert!(t <= n && n <= cap, "{self:?}");
+        let mut rng = Rng::new(seed);
+        let q = round_to(&rng.normal_vec(b * t * h * d, 1.0), self.dtype);
+        let row = kvh * d;
+        let cache = |rng: &mut Rng| {
+            let mut c = rng.normal_vec(b * cap * row, 1.0);
+            for (i, x) in c.iter_mut().enumerate() {
+                if (i / row) % cap >= n {
+                    *x *= 16.0;
+                }
+            }
+            round_to(&c, self.dtype)
+        };
+        let (k_old, v_old) = (cache(&mut rng), cache(&mut rng));
+        let k_new = round_to(&rng.normal_vec(b * t * row, 1.0), self.dtype);
+        let v_new = round_to(&rng.normal_vec(b * t * row, 1.0), self.dtype);
+        // The caches as write_cache must leave them.
+        let written = |old: &[f32], new: &[f32]| {
+            let mut c = old.to_vec();
+            for s in 0..b {
+                c[(s * cap + n - t) * row..][..t * row]
+                    .copy_from_slice(&new[s * t * row..][..t * row]);
+            }
+            c
+        };
+        let (k_want, v_want) = (written(&k_old, &k_new), written(&v_old, &v_new));
+
+        let cache_shape = [b, cap, kvh, d];
+        let new_shape = [b, t, kvh, d];
+        let tensor = |x: &[f32], shape: &[usize]| {
+            Tensor::from_f32(x, shape, self.dtype, device).map_err(|e| e.to_string())
+        };
+        let (mut kc, mut vc) = (tensor(&k_old, &cache_shape)?, tensor(&v_old, &cache_shape)?);
+        let err = |e: platypus::Error| e.to_string();
+        attention::write_cache(&mut kc, &tensor(&k_new, &new_shape)?, n - t).map_err(err)?;
+        attention::write_cache(&mut vc, &tensor(&v_new, &new_shape)?, n - t).map_err(err)?;
+        for (name, got, want) in [("k_cache", &kc, &k_want), ("v_cache", &vc, &v_want)] {
+            let got = got.to_f32_vec().map_err(err)?;
+            if let Some(i) = (0..want.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+                return Err(format!(
+                    "{name}[{i}] = {} after write_cache, want {}",
+                    got[i], want[i]
+                ));
+            }
+        }
+        let cfg = AttentionConfig {
+            causal: self.causal,
+            scale: None,
+        };
+        let out = attention::forward_cached(&tensor(&q, &[b, t, h, d])?, &kc, &vc, n, &cfg)
+            .map_err(err)?;
+        if out.o.shape() != [b, t, h, d] || out.lse.shape() != [h, b * t] {
+            return Err(format!(
+                "shapes o {:?}, lse {:?}",
+                out.o.shape(),
+                out.lse.shape()
+            ));
+        }
+        let got = [
+            out.o.to_f32_vec().map_err(err)?,
+            out.lse.to_f32_vec().map_err(err)?,
+        ];
+
+        let dims = KvDims {
+            q_tokens: b * t,
+            kv_tokens: b * cap,
+            q_heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+        };
+        let spans = |len: usize, stride: usize| -> Vec<SeqSpan> {
+            (0..b)
+                .map(|s| SeqSpan {
+                    start: s * stride,
+                    len,
+                })
+                .collect()
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let (o, lse) = cpu::attention::forward_kv(
+            &q,
+            &k_want,
+            &v_want,
+            &dims,
+            &spans(t, t),
+            &spans(n, cap),
+            scale,
+            self.causal,
+        );
+        // f32 runs the host code against the f64 reference.
+        let unit = if self.dtype == DType::F32 {
+            1e-5
+        } else {
+            rounding_unit(self.dtype)
+        };
+        check_results(&["o", "lse"], &got, &[o, lse], |name| {
+            attention_tolerance(name, unit)
+        })
+    }
 }
