@@ -1,20 +1,25 @@
 //! `generate`: decoding with a KV cache preallocated for the prompt and the
 //! new tokens. Greedy by default (the highest logit, the lowest id on a
-//! tie, as torch's argmax); with a temperature, sampling from the top-p
-//! nucleus with a seeded generator, so a run reproduces.
+//! tie, as torch's argmax), and with temperature 0; with a temperature > 0,
+//! sampling from the top-p nucleus with a seeded generator, so a run
+//! reproduces. Both are [`crate::ops::sampling`] on the logits' device (the
+//! definition a GPU and the CPU share: the nucleus cut at a weight
+//! threshold, its tokens walked in index order).
 
 use std::time::Instant;
 
 use super::model::KvCache;
 use super::Llama;
-use crate::{Error, Result, Tensor};
+use crate::ops::sampling;
+use crate::{cpu, Device, Error, Result, Tensor};
 
 /// Sampling instead of greedy decoding.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sampling {
-    /// Logits are divided by it (> 0).
+    /// Logits are divided by it (> 0; 0 decodes greedily).
     pub temperature: f32,
-    /// Smallest set of most likely tokens whose probability reaches top_p, in (0, 1].
+    /// Smallest set of most likely tokens whose probability reaches top_p
+    /// (with the tokens tied with its least likely one), in (0, 1].
     pub top_p: f32,
     /// Seed of the random stream.
     pub seed: u64,
@@ -75,11 +80,13 @@ pub fn generate(model: &Llama, prompt: &[u32], cfg: &GenerateConfig) -> Result<G
             ),
         ));
     }
-    if let Some(s) = cfg.sampling {
+    // Temperature 0 is greedy decoding (as the CLI's --temperature 0).
+    let sampler = cfg.sampling.filter(|s| s.temperature != 0.0);
+    if let Some(s) = sampler {
         if !(s.temperature > 0.0 && s.temperature.is_finite()) {
             return Err(invalid(
                 "temperature",
-                format!("{} is not > 0", s.temperature),
+                format!("{} is not >= 0 (0: greedy)", s.temperature),
             ));
         }
         if !(s.top_p > 0.0 && s.top_p <= 1.0) {
@@ -88,7 +95,7 @@ pub fn generate(model: &Llama, prompt: &[u32], cfg: &GenerateConfig) -> Result<G
     }
     let start = Instant::now();
     let mut cache = KvCache::new(model, 1, (prompt.len() + cfg.max_new_tokens).max(1))?;
-    let mut rng = SplitMix(cfg.sampling.map_or(0, |s| s.seed));
+    let mut rng = SplitMix(sampler.map_or(0, |s| s.seed));
     let mut out = Generation {
         ids: Vec::new(),
         prompt_tokens: prompt.len(),
@@ -102,16 +109,17 @@ pub fn generate(model: &Llama, prompt: &[u32], cfg: &GenerateConfig) -> Result<G
     while out.ids.len() < cfg.max_new_tokens {
         let hidden = model.forward_cached(&next, &mut cache)?;
         let last = last_row(&hidden)?;
-        let logits = model.logits(&last)?.to_f32_vec()?;
+        // [1, vocab] on the model's device: only the id comes back.
+        let logits = model.logits(&last)?;
+        let id = match sampler {
+            None => sampling::argmax(&logits)?[0],
+            Some(s) => sampling::sample(&logits, s.temperature, s.top_p, &[rng.next_f64()])?[0],
+        };
         if out.ids.is_empty() {
             out.prefill_s = start.elapsed().as_secs_f64();
         }
-        let id = match cfg.sampling {
-            None => argmax(&logits),
-            Some(s) => sample(&logits, s, &mut rng),
-        };
         if cfg.keep_logits {
-            out.logits.push(logits);
+            out.logits.push(logits.to_f32_vec()?);
         }
         out.ids.push(id);
         if cfg.stop.contains(&id) {
@@ -133,44 +141,19 @@ fn last_row(hidden: &Tensor) -> Result<Tensor> {
     Tensor::from_f32(row, &[1, width], hidden.dtype(), hidden.device())
 }
 
-/// The index of the largest logit (the first of equals).
+/// The index of the largest logit (the first of equals; NaN above every
+/// number): [`sampling::argmax`] on a host row.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+    cpu::sampling::argmax(logits)
 }
 
-/// A token drawn from softmax(logits / T) restricted to the top-p nucleus.
-pub fn sample(logits: &[f32], s: Sampling, rng: &mut SplitMix) -> u32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(f64, u32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &z)| ((((z - max) / s.temperature) as f64).exp(), i as u32))
-        .collect();
-    probs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let total: f64 = probs.iter().map(|p| p.0).sum();
-    let mut kept = 0.0;
-    let mut n = 0;
-    for p in &probs {
-        kept += p.0;
-        n += 1;
-        if kept >= s.top_p as f64 * total {
-            break;
-        }
-    }
-    let mut u = rng.next_f64() * kept;
-    for &(p, id) in &probs[..n] {
-        if u < p {
-            return id;
-        }
-        u -= p;
-    }
-    probs[n - 1].1
+/// A token drawn from softmax(logits / T) restricted to the top-p nucleus
+/// with the next draw of `rng`: [`sampling::sample`] on a host row (an
+/// error for bad parameters, or a row with a NaN or +inf logit or none
+/// above −inf).
+pub fn sample(logits: &[f32], s: Sampling, rng: &mut SplitMix) -> Result<u32> {
+    let row = Tensor::from_slice(logits, &[1, logits.len()], &Device::Cpu)?;
+    Ok(sampling::sample(&row, s.temperature, s.top_p, &[rng.next_f64()])?[0])
 }
 
 /// The splitmix64 generator: seeded, reproducible sampling.
