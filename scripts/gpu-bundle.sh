@@ -31,6 +31,7 @@ echo "== building the bundle's executables (release, sm_80 + sm_90, in $target)"
 PLATYPUS_CUDA_ARCHS="80;90" PLATYPUS_REQUIRE_CUDA=1 CARGO_TARGET_DIR=$target \
     cargo build --release --bin platypus --test gpu \
     --bench rmsnorm --bench rope --bench attention --bench lora --bench cosine_topk \
+    --bench elementwise --bench head \
     --message-format=json-render-diagnostics >"$target/artifacts.json"
 
 stage=$(mktemp -d "$target/stage.XXXXXX")

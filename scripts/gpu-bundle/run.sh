@@ -14,7 +14,9 @@
 #              against the CPU reference and the emulator, small and model shapes
 #   sanitizer  compute-sanitizer memcheck, racecheck, synccheck, initcheck over
 #              the tests' small shapes (PLATYPUS_GPU_QUICK=1)
-#   benches    rmsnorm (+ copy bandwidth), rope, lora, attention, cosine_topk
+#   benches    rmsnorm (+ copy bandwidth), rope, elementwise (embedding, SwiGLU,
+#              add + RMSNorm), lora, attention, cosine_topk, head (fused
+#              cross-entropy, argmax, sampling)
 #   peers      the same work through the machine's PyTorch (peers.py)
 # Without a GPU every GPU step is recorded as "skipped: no GPU (...)" and the
 # script exits 0. PLATYPUS_BUNDLE_EMULATE=1 runs the tests step on the host
@@ -126,7 +128,7 @@ done
 # 4. The benches, GPU groups only (criterion's filter), short measurements.
 export CRITERION_HOME=$scratch/criterion PLATYPUS_BENCH_JSON=$steps/bench.jsonl
 rm -f "$PLATYPUS_BENCH_JSON"
-for bench in rmsnorm:25 rope:15 lora:45 attention:90 cosine_topk:40; do
+for bench in rmsnorm:25 rope:15 elementwise:25 lora:45 attention:90 cosine_topk:40 head:30; do
     name=${bench%:*} limit=${bench#*:}
     if [ "$gpu" -eq 0 ]; then
         skip "bench-$name" "$limit" "$no_gpu"
