@@ -5,7 +5,7 @@
 
 mod common;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::Criterion;
 use platypus::{ops, DType, Tensor};
 
 use common::{bytes, random_f32, Target};
@@ -104,14 +104,4 @@ fn bench_target(c: &mut Criterion, mut target: Target, shapes: &[Shape]) {
     target.report(&name);
 }
 
-/// The CPU benches, then the GPU ones if there is a GPU.
-fn benches(c: &mut Criterion) {
-    common::cpu_then_gpu(c, bench_target, CPU_SHAPES, GPU_SHAPES);
-}
-
-criterion_group! {
-    name = group;
-    config = common::config();
-    targets = benches
-}
-criterion_main!(group);
+common::cpu_then_gpu_main!(bench_target, CPU_SHAPES, GPU_SHAPES);

@@ -8,7 +8,7 @@
 
 mod common;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::Criterion;
 use platypus::ops::{cross_entropy, lora, sampling};
 use platypus::{DType, Tensor};
 
@@ -113,14 +113,4 @@ fn bench_target(c: &mut Criterion, mut target: Target, shapes: &[Shapes]) {
     target.report(&name);
 }
 
-/// The CPU benches, then the GPU ones if there is a GPU.
-fn benches(c: &mut Criterion) {
-    common::cpu_then_gpu(c, bench_target, CPU, GPU);
-}
-
-criterion_group! {
-    name = group;
-    config = common::config();
-    targets = benches
-}
-criterion_main!(group);
+common::cpu_then_gpu_main!(bench_target, CPU, GPU);

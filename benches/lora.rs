@@ -9,7 +9,7 @@
 
 mod common;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::Criterion;
 use platypus::ops::lora::{self, LoraConfig, LoraWeights};
 use platypus::{DType, Tensor};
 
@@ -109,13 +109,4 @@ fn bench_target(c: &mut Criterion, mut target: Target, shapes: &[Shape]) {
     target.report(&name);
 }
 
-fn benches(c: &mut Criterion) {
-    common::cpu_then_gpu(c, bench_target, CPU_SHAPES, GPU_SHAPES);
-}
-
-criterion_group! {
-    name = group;
-    config = common::config();
-    targets = benches
-}
-criterion_main!(group);
+common::cpu_then_gpu_main!(bench_target, CPU_SHAPES, GPU_SHAPES);

@@ -28,6 +28,20 @@ namespace platypus {
 
 constexpr int kRmsNormThreads = 256;
 
+/// y = w * (x * r) over one row of `hidden` elements, N per access: the
+/// second pass of both forwards (the thread walks the columns it summed).
+template <typename T, int N>
+__device__ __forceinline__ void rmsnorm_scale_row(const T* x, const T* w, T* y, int hidden, float r) {
+    for (int j = threadIdx.x * N; j < hidden; j += blockDim.x * N) {
+        float xv[N], wv[N], yv[N];
+        load_floats<T, N>(x + j, xv);
+        load_floats<T, N>(w + j, wv);
+#pragma unroll
+        for (int i = 0; i < N; ++i) yv[i] = wv[i] * (xv[i] * r);
+        store_floats<T, N>(y + j, yv);
+    }
+}
+
 /// Forward for one row, N elements per access.
 template <typename T, int N>
 __device__ __forceinline__ void rmsnorm_forward_row(const RmsNormForwardParams& p, int row, float* scratch) {
@@ -44,14 +58,7 @@ __device__ __forceinline__ void rmsnorm_forward_row(const RmsNormForwardParams& 
     }
     const float r = rsqrtf(block_sum(sum_sq, scratch) / p.hidden + p.eps);
 
-    for (int j = threadIdx.x * N; j < p.hidden; j += blockDim.x * N) {
-        float xv[N], wv[N], yv[N];
-        load_floats<T, N>(x + j, xv);
-        load_floats<T, N>(w + j, wv);
-#pragma unroll
-        for (int i = 0; i < N; ++i) yv[i] = wv[i] * (xv[i] * r);
-        store_floats<T, N>(y + j, yv);
-    }
+    rmsnorm_scale_row<T, N>(x, w, y, p.hidden, r);
 }
 
 /// Residual add then forward for one row, N elements per access. Pass 1
@@ -80,14 +87,7 @@ __device__ __forceinline__ void rmsnorm_add_forward_row(const RmsNormAddForwardP
     }
     const float r = rsqrtf(block_sum(sum_sq, scratch) / p.hidden + p.eps);
 
-    for (int j = threadIdx.x * N; j < p.hidden; j += blockDim.x * N) {
-        float xv[N], wv[N], yv[N];
-        load_floats<T, N>(h + j, xv);
-        load_floats<T, N>(w + j, wv);
-#pragma unroll
-        for (int i = 0; i < N; ++i) yv[i] = wv[i] * (xv[i] * r);
-        store_floats<T, N>(y + j, yv);
-    }
+    rmsnorm_scale_row<T, N>(h, w, y, p.hidden, r);
 }
 
 template <typename T>

@@ -8,13 +8,16 @@ use crate::error::Result;
 
 /// Where tensors live and ops run.
 ///
-/// - `Cpu`: host memory, ops run the Rust reference implementations in [`crate::cpu`].
+/// - `Cpu`: host memory; ops run the multi-threaded host code
+///   (`src/host`: GEMM, attention, RoPE, the model's elementwise ops, the
+///   fused loss; `ops::cosine_topk`'s host path) where there is one, and the
+///   references in [`crate::cpu`] otherwise.
 /// - `Emulated`: host memory, ops launch the CUDA kernels on the host emulator
 ///   (same .cu source, launch configuration and arguments as on the GPU).
 /// - `Cuda`: a GPU through the CUDA driver (loaded at run time).
 #[derive(Clone)]
 pub enum Device {
-    /// The CPU reference path.
+    /// Host memory and host code.
     Cpu,
     /// The CUDA kernels, run on the host emulator.
     Emulated,

@@ -28,6 +28,23 @@ fn expect_err<T: std::fmt::Debug>(r: platypus::Result<T>, arg: &str, text: &str)
     e
 }
 
+/// The device the cross-device checks pair `dev` with.
+fn other_device(dev: &Device) -> Device {
+    if matches!(dev, Device::Cpu) {
+        Device::Emulated
+    } else {
+        Device::Cpu
+    }
+}
+
+/// Asserts `e` is a dtype error that names `got` as what was given.
+fn assert_dtype_got(e: &Error, got: DType) {
+    assert!(
+        matches!(e, Error::DType { got: g, .. } if *g == got),
+        "{e:?}"
+    );
+}
+
 #[test]
 fn rmsnorm_rejects_bad_input() {
     for dev in [Device::Cpu, Device::Emulated] {
@@ -53,16 +70,7 @@ fn rmsnorm_rejects_bad_input() {
             "w",
             "expected f32",
         );
-        assert!(
-            matches!(
-                e,
-                Error::DType {
-                    got: DType::BF16,
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
+        assert_dtype_got(&e, DType::BF16);
         expect_err(
             rmsnorm::forward(&zeros(&[3, 8], DType::I32, &dev), &w, 1e-5),
             "x",
@@ -78,11 +86,7 @@ fn rmsnorm_rejects_bad_input() {
             "eps",
             "not a finite value",
         );
-        let other = if matches!(dev, Device::Cpu) {
-            Device::Emulated
-        } else {
-            Device::Cpu
-        };
+        let other = other_device(&dev);
         let e = expect_err(
             rmsnorm::forward(&x, &ones(&[8], DType::F32, &other), 1e-5),
             "w",
@@ -319,16 +323,7 @@ fn attention_rejects_bad_input() {
         "q",
         "f16 or bf16",
     );
-    assert!(
-        matches!(
-            e,
-            Error::DType {
-                got: DType::F32,
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    assert_dtype_got(&e, DType::F32);
 }
 
 #[test]
@@ -536,11 +531,7 @@ fn embedding_rejects_bad_input() {
             "ids",
             "not below",
         );
-        let other = if matches!(dev, Device::Cpu) {
-            Device::Emulated
-        } else {
-            Device::Cpu
-        };
+        let other = other_device(&dev);
         let e = expect_err(
             embedding::forward_into(&table, &[0, 1], &mut ones(&[2, 8], DType::F32, &other)),
             "out",
@@ -567,16 +558,7 @@ fn swiglu_rejects_bad_input() {
             "up",
             "expected f16",
         );
-        assert!(
-            matches!(
-                e,
-                Error::DType {
-                    got: DType::BF16,
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
+        assert_dtype_got(&e, DType::BF16);
         expect_err(
             swiglu::forward(&zeros(&[3, 8], DType::I32, &dev), &up),
             "gate",
@@ -590,11 +572,7 @@ fn swiglu_rejects_bad_input() {
             "gate",
             "is empty",
         );
-        let other = if matches!(dev, Device::Cpu) {
-            Device::Emulated
-        } else {
-            Device::Cpu
-        };
+        let other = other_device(&dev);
         let e = expect_err(
             swiglu::forward(&gate, &ones(&[3, 8], DType::F16, &other)),
             "up",
@@ -685,11 +663,7 @@ fn rmsnorm_add_forward_rejects_bad_input() {
             "h",
             "is empty",
         );
-        let other = if matches!(dev, Device::Cpu) {
-            Device::Emulated
-        } else {
-            Device::Cpu
-        };
+        let other = other_device(&dev);
         let e = expect_err(
             rmsnorm::add_forward(&mut h, &ones(&[3, 8], DType::BF16, &other), &w, 1e-5),
             "delta",
@@ -784,16 +758,7 @@ fn cross_entropy_rejects_bad_input() {
         "h",
         "f16 or bf16",
     );
-    assert!(
-        matches!(
-            e,
-            Error::DType {
-                got: DType::F32,
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    assert_dtype_got(&e, DType::F32);
     expect_err(
         linear_cross_entropy(
             &ones(&[3, 16], DType::BF16, &dev),

@@ -451,6 +451,135 @@ fn cosine_against_cpu_path(
     }
 }
 
+/// Embedding gather, SwiGLU forward/backward and residual add + RMSNorm at
+/// odd sizes and Llama 2 7B shapes (hidden 4096, MLP 11008, vocab 32000),
+/// against the fast CPU path on the same rounded inputs.
+#[test]
+fn elementwise_matches_cpu_on_the_gpu() {
+    use platypus::ops::{embedding, swiglu};
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(17);
+    // (rows, hidden, mlp width, vocab)
+    let all = [(3, 130, 36, 11), (512, 4096, 11008, 32000)];
+    for dtype in FLOAT_DTYPES {
+        let tol = tolerance(dtype);
+        for (rows, hidden, mlp, vocab) in shapes(&all, 1) {
+            let case = format!("{dtype} rows {rows} hidden {hidden} mlp {mlp}");
+            let vec =
+                |n: usize, scale: f32, rng: &mut Rng| round_to(&rng.normal_vec(n, scale), dtype);
+            let (h, delta, w) = (
+                vec(rows * hidden, 1.0, &mut rng),
+                vec(rows * hidden, 1.0, &mut rng),
+                vec(hidden, 1.0, &mut rng),
+            );
+            let (gate, up, dm) = (
+                vec(rows * mlp, 2.0, &mut rng),
+                vec(rows * mlp, 1.0, &mut rng),
+                vec(rows * mlp, 1.0, &mut rng),
+            );
+            let table = vec(vocab * hidden, 1.0, &mut rng);
+            let ids: Vec<u32> = (0..rows)
+                .map(|_| (rng.next_u64() % vocab as u64) as u32)
+                .collect();
+            let run = |dev: &Device| {
+                let t = |v: &[f32], s: &[usize]| Tensor::from_f32(v, s, dtype, dev).unwrap();
+                let mut ht = t(&h, &[rows, hidden]);
+                let y = rmsnorm::add_forward(
+                    &mut ht,
+                    &t(&delta, &[rows, hidden]),
+                    &t(&w, &[hidden]),
+                    1e-5,
+                )
+                .unwrap();
+                let (g, u, d) = (
+                    t(&gate, &[rows, mlp]),
+                    t(&up, &[rows, mlp]),
+                    t(&dm, &[rows, mlp]),
+                );
+                let m = swiglu::forward(&g, &u).unwrap();
+                let grads = swiglu::backward(&g, &u, &d).unwrap();
+                let gathered =
+                    embedding::forward(&t(&table, &[vocab, hidden]), &ids, dtype).unwrap();
+                [ht, y, m, grads.dgate, grads.dup, gathered].map(|x| x.to_f32_vec().unwrap())
+            };
+            let got = run(&gpu);
+            let want = run(&Device::Cpu);
+            for (i, what) in ["h", "y", "m", "dgate", "dup", "embedding"]
+                .iter()
+                .enumerate()
+            {
+                // The sum and the gather are exact in the storage type.
+                let exact = matches!(*what, "h" | "embedding");
+                let tol = if exact { (0.0, 0.0) } else { tol };
+                check_close("elementwise", &case, what, &got[i], &want[i], tol);
+            }
+        }
+    }
+}
+
+/// The LM head fused with cross-entropy (fp32 logits in chunks), the head
+/// GEMM alone and argmax over its logits, at a 7B head (hidden 4096, vocab 32000) and odd sizes,
+/// against the CPU path on the same rounded h and W.
+#[test]
+fn head_matches_cpu_on_the_gpu() {
+    use platypus::ops::cross_entropy::CrossEntropy;
+    use platypus::ops::{cross_entropy, lora, sampling};
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(19);
+    // (tokens, hidden, vocab)
+    let all = [(5, 40, 264), (64, 4096, 32000)];
+    for dtype in [DType::BF16, DType::F16] {
+        for (tokens, hidden, vocab) in shapes(&all, 1) {
+            let case = format!("{dtype} tokens {tokens} hidden {hidden} vocab {vocab}");
+            let h = round_to(&rng.normal_vec(tokens * hidden, 1.0), dtype);
+            let w = round_to(&rng.normal_vec(vocab * hidden, 0.02), dtype);
+            let labels: Vec<i32> = (0..tokens)
+                .map(|i| {
+                    if i % 7 == 3 {
+                        -100
+                    } else {
+                        (rng.next_u64() % vocab as u64) as i32
+                    }
+                })
+                .collect();
+            // The CPU path computes in f32, on the same (rounded) values.
+            let run = |dev: &Device, dtype: DType| {
+                let ht = Tensor::from_f32(&h, &[tokens, hidden], dtype, dev).unwrap();
+                let wt = Tensor::from_f32(&w, &[vocab, hidden], dtype, dev).unwrap();
+                let ce = cross_entropy::linear_cross_entropy(&ht, &wt, &labels).unwrap();
+                // The head GEMM alone, logits in the storage type.
+                let logits = lora::linear(&ht, &wt).unwrap();
+                let ids = sampling::argmax(&logits).unwrap();
+                (ce, logits.to_f32_vec().unwrap(), ids)
+            };
+            let (got, got_logits, got_ids) = run(&gpu, dtype);
+            let (want, want_logits, _) = run(&Device::Cpu, DType::F32);
+            assert_eq!(got.tokens, want.tokens, "{case}");
+            // The fused head's fp32 logits: fp32 accumulation over `hidden`
+            // products on both sides. The GEMM's own logits are rounded to
+            // the storage type.
+            let tol = (1e-5 * (hidden as f32).sqrt(), 1e-5);
+            check_close(
+                "head",
+                &case,
+                "logits",
+                &got_logits,
+                &want_logits,
+                tolerance(dtype),
+            );
+            check_close("head", &case, "lse", &got.lse, &want.lse, tol);
+            let mean = |c: &CrossEntropy| (c.loss_sum / c.tokens as f64) as f32;
+            check_close("head", &case, "loss", &[mean(&got)], &[mean(&want)], tol);
+            // argmax of the GPU's own logits, exactly.
+            let want_ids: Vec<u32> = got_logits
+                .chunks_exact(vocab)
+                .map(platypus::cpu::sampling::argmax)
+                .collect();
+            assert_eq!(got_ids, want_ids, "{case}: argmax");
+        }
+    }
+}
+
 #[test]
 fn tensor_copies_stay_exact_on_the_gpu() {
     let Some(gpu) = gpu() else { return };

@@ -179,7 +179,7 @@ fn the_walkthrough_eval_generate_merge_runs_and_the_merged_model_keeps_the_loss(
 }
 
 #[test]
-fn eval_of_the_fixture_batch_gives_transformers_loss() {
+fn eval_and_generate_of_the_fixture_give_transformers_loss_and_ids_on_cpu_and_emulated() {
     let dir = Scratch::new("llama-cli-fixture");
     let dev = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/dev");
     let step = SafetensorsFile::open(&dev.join("step.safetensors")).unwrap();
@@ -196,19 +196,51 @@ fn eval_of_the_fixture_batch_gives_transformers_loss() {
     let data = dir.path("batch.jsonl");
     std::fs::write(&data, rows).unwrap();
     let want = step.load_f32("loss").unwrap()[0] as f64;
+    // fp32 on the CPU; bf16 on the kernels (README, "Parity on the kernels").
+    for (device, tol) in [("cpu", 1e-5), ("emulated", 1e-2)] {
+        let got = ok_json(platypus(&[
+            &"eval",
+            &"--model",
+            &dev.join("base_model"),
+            &"--adapter",
+            &dev.join("adapter"),
+            &"--data",
+            &data,
+            &"--device",
+            &device,
+            &"--json",
+        ]));
+        let loss = got["loss"].as_f64().unwrap();
+        assert!(
+            ((loss - want) / want).abs() < tol,
+            "{device}: {loss} vs {want}"
+        );
+        assert_eq!(got["label_tokens"], 25);
+    }
+    // Greedy decoding on the kernels gives transformers' ids too.
+    let gen = |name: &str| -> String {
+        ints(name)
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let want = ints("generated_new_ids");
     let got = ok_json(platypus(&[
-        &"eval",
+        &"generate",
         &"--model",
-        &dev.join("base_model"),
-        &"--adapter",
-        &dev.join("adapter"),
-        &"--data",
-        &data,
+        &dev.join("merged"),
+        &"--prompt-ids",
+        &gen("gen_prompt_ids"),
+        &"--max-new-tokens",
+        &want.len().to_string(),
+        &"--ignore-eos",
+        &"--device",
+        &"emulated",
         &"--json",
     ]));
-    let loss = got["loss"].as_f64().unwrap();
-    assert!(((loss - want) / want).abs() < 1e-5, "{loss} vs {want}");
-    assert_eq!(got["label_tokens"], 25);
+    let ids: Vec<i64> = serde_json::from_value(got["ids"].clone()).unwrap();
+    assert_eq!(ids, want);
 }
 
 #[test]

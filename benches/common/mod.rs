@@ -127,7 +127,7 @@ impl Gpu {
 
 /// Where a bench runs.
 pub enum Target {
-    /// The CPU reference path.
+    /// `Device::Cpu` (the host code where the op has it, else the reference).
     Cpu,
     /// CUDA device 0.
     Cuda(Gpu),
@@ -268,3 +268,22 @@ pub fn cpu_then_gpu<S>(
         bench_target(c, target, gpu);
     }
 }
+
+/// The `main` of a bench binary: `bench_target` on the CPU shapes, then on
+/// the GPU shapes if there is a GPU ([`cpu_then_gpu`]), under [`config`].
+#[allow(unused_macros)] // as dead_code above
+macro_rules! cpu_then_gpu_main {
+    ($bench_target:expr, $cpu:expr, $gpu:expr) => {
+        fn benches(c: &mut criterion::Criterion) {
+            common::cpu_then_gpu(c, $bench_target, $cpu, $gpu);
+        }
+        criterion::criterion_group! {
+            name = group;
+            config = common::config();
+            targets = benches
+        }
+        criterion::criterion_main!(group);
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use cpu_then_gpu_main;

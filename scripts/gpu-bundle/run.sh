@@ -115,11 +115,11 @@ fi
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 for tool in memcheck racecheck synccheck initcheck; do
     if [ "$gpu" -eq 0 ]; then
-        skip "sanitizer-$tool" 20 "$no_gpu"
+        skip "sanitizer-$tool" 18 "$no_gpu"
     elif [ -z "$sanitizer" ]; then
-        skip "sanitizer-$tool" 20 "compute-sanitizer not found (PATH, /usr/local/cuda/bin)"
+        skip "sanitizer-$tool" 18 "compute-sanitizer not found (PATH, /usr/local/cuda/bin)"
     else
-        step "sanitizer-$tool" 20 env PLATYPUS_GPU_QUICK=1 PLATYPUS_EMU_MEMCHECK=0 \
+        step "sanitizer-$tool" 18 env PLATYPUS_GPU_QUICK=1 PLATYPUS_EMU_MEMCHECK=0 \
             "$sanitizer" --tool "$tool" --error-exitcode 99 \
             "$bin/gpu-tests" --test-threads 1 --skip model_shape_checks
     fi
@@ -128,7 +128,7 @@ done
 # 4. The benches, GPU groups only (criterion's filter), short measurements.
 export CRITERION_HOME=$scratch/criterion PLATYPUS_BENCH_JSON=$steps/bench.jsonl
 rm -f "$PLATYPUS_BENCH_JSON"
-for bench in rmsnorm:25 rope:15 elementwise:25 lora:45 attention:90 cosine_topk:40 head:30; do
+for bench in rmsnorm:25 rope:15 elementwise:20 lora:40 attention:70 cosine_topk:35 head:20; do
     name=${bench%:*} limit=${bench#*:}
     if [ "$gpu" -eq 0 ]; then
         skip "bench-$name" "$limit" "$no_gpu"

@@ -33,7 +33,7 @@ import os
 import re
 import sys
 
-KERNELS = ["rmsnorm", "rope", "attention", "lora", "cosine_topk"]
+KERNELS = ["rmsnorm", "rope", "elementwise", "attention", "lora", "cosine_topk", "head"]
 # Test functions of tests/gpu.rs by name prefix.
 TEST_PREFIX = {
     "rmsnorm": "rmsnorm",
@@ -41,6 +41,8 @@ TEST_PREFIX = {
     "attention": "attention",
     "lora": "lora",
     "cosine": "cosine_topk",
+    "elementwise": "elementwise",
+    "head": "head",
 }
 SANITIZER_TOOLS = ["memcheck", "racecheck", "synccheck", "initcheck"]
 # Ceilings the issue gives for an H200, used when the run measured none.
@@ -118,7 +120,12 @@ def kernel_of_test(name):
 
 
 # Kernel-name prefixes of each kernel's GPU functions (as compute-sanitizer names them).
-KERNEL_FUNCTION_PREFIX = {k: ("cosine_" if k == "cosine_topk" else k + "_") for k in KERNELS}
+KERNEL_FUNCTION_PREFIX = {k: k + "_" for k in KERNELS} | {
+    "cosine_topk": "cosine_",
+    # rmsnorm_add_forward_* counts as rmsnorm's and elementwise's.
+    "elementwise": "(?:embedding|swiglu|rmsnorm_add)_",
+    "head": "(?:cross_entropy|argmax|sample)_",
+}
 
 
 def sanitizer(log, status, kernel):

@@ -19,7 +19,7 @@ BENCHES = ["rmsnorm", "rope", "elementwise", "lora", "attention", "cosine_topk",
 STEPS = (["unpack", "info", "tests"] + [f"sanitizer-{t}" for t in ("memcheck", "racecheck", "synccheck", "initcheck")]
          + [f"bench-{b}" for b in BENCHES] + ["peers"])
 # The kernels summary.py reports correctness for (tests/gpu.rs by name prefix).
-KERNELS = ["rmsnorm", "rope", "attention", "lora", "cosine_topk"]
+KERNELS = ["rmsnorm", "rope", "elementwise", "attention", "lora", "cosine_topk", "head"]
 
 
 def run(out, **env):
