@@ -118,6 +118,11 @@ pub struct Llama {
     pub norm: Tensor,
     /// LM head [vocab, hidden]; `None` when tied to the embedding.
     pub lm_head: Option<Tensor>,
+    /// On the kernel devices, when vocab is no multiple of 8 (the GEMM's
+    /// output rows must be 16-byte aligned): the head with zero rows up to
+    /// the next multiple, for [`Llama::logits`]. The fused loss reads the
+    /// head itself.
+    pub padded_head: Option<Tensor>,
 }
 
 /// The activation dtype on `device` for weights stored as `stored`: f32 on
@@ -253,11 +258,23 @@ impl Llama {
                 })
             }
         };
+        let embed = matrix("model.embed_tokens.weight", &[v, h])?;
+        let padded_head = match device {
+            Device::Cpu => None,
+            _ if v % 8 == 0 => None,
+            _ => {
+                let held = [v.next_multiple_of(8), h];
+                let head = lm_head.as_ref().unwrap_or(&embed).to_f32_vec()?;
+                let padded = pad_matrix(&head, [v, h], held);
+                Some(Tensor::from_f32(&padded, &held, dtype, device)?)
+            }
+        };
         Ok(Llama {
-            embed: matrix("model.embed_tokens.weight", &[v, h])?,
+            embed,
             norm: vector("model.norm.weight")?,
             layers,
             lm_head,
+            padded_head,
             dtype,
             device: device.clone(),
             config,
@@ -444,7 +461,22 @@ impl Llama {
 
     /// Logits [rows, vocab] of final hidden states [rows, hidden].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        lora::linear(hidden, self.head())
+        let Some(padded) = &self.padded_head else {
+            return lora::linear(hidden, self.head());
+        };
+        // The GEMM writes [rows, vocab rounded up to 8]; the real columns
+        // go through the host (exact: the values keep their dtype), one copy
+        // of the logits each way, one row per decoding step.
+        let wide = lora::linear(hidden, padded)?;
+        let (vocab, held) = (self.config.vocab_size, padded.shape()[0]);
+        let values = wide.to_f32_vec()?;
+        let rows = values.len() / held;
+        let narrow: Vec<f32> = values
+            .chunks_exact(held)
+            .flat_map(|row| &row[..vocab])
+            .copied()
+            .collect();
+        Tensor::from_f32(&narrow, &[rows, vocab], self.dtype, &self.device)
     }
 
     /// The causal-LM loss as transformers computes it: token t's logits
