@@ -11,7 +11,7 @@ use std::time::Instant;
 use super::model::KvCache;
 use super::Llama;
 use crate::ops::sampling;
-use crate::{cpu, Device, Error, Result, Tensor};
+use crate::{Error, Result, Tensor};
 
 /// Sampling instead of greedy decoding.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -108,7 +108,7 @@ pub fn generate(model: &Llama, prompt: &[u32], cfg: &GenerateConfig) -> Result<G
     let mut next: Vec<u32> = prompt.to_vec();
     while out.ids.len() < cfg.max_new_tokens {
         let hidden = model.forward_cached(&next, &mut cache)?;
-        let last = last_row(&hidden)?;
+        let last = last_row(hidden)?;
         // [1, vocab] on the model's device: only the id comes back.
         let logits = model.logits(&last)?;
         let id = match sampler {
@@ -133,27 +133,17 @@ pub fn generate(model: &Llama, prompt: &[u32], cfg: &GenerateConfig) -> Result<G
     Ok(out)
 }
 
-/// The last row of hidden states [tokens, hidden] as a [1, hidden] tensor.
-fn last_row(hidden: &Tensor) -> Result<Tensor> {
+/// The last row of hidden states [tokens, hidden] as a [1, hidden] tensor:
+/// a decoding step's single row as it is, on its device; the prompt's last
+/// row through the host, once per generation.
+fn last_row(hidden: Tensor) -> Result<Tensor> {
     let width = *hidden.shape().last().expect("[tokens, hidden]");
+    if hidden.elem_count() == width {
+        return hidden.reshape(&[1, width]);
+    }
     let values = hidden.to_f32_vec()?;
     let row = &values[values.len() - width..];
     Tensor::from_f32(row, &[1, width], hidden.dtype(), hidden.device())
-}
-
-/// The index of the largest logit (the first of equals; NaN above every
-/// number): [`sampling::argmax`] on a host row.
-pub fn argmax(logits: &[f32]) -> u32 {
-    cpu::sampling::argmax(logits)
-}
-
-/// A token drawn from softmax(logits / T) restricted to the top-p nucleus
-/// with the next draw of `rng`: [`sampling::sample`] on a host row (an
-/// error for bad parameters, or a row with a NaN or +inf logit or none
-/// above −inf).
-pub fn sample(logits: &[f32], s: Sampling, rng: &mut SplitMix) -> Result<u32> {
-    let row = Tensor::from_slice(logits, &[1, logits.len()], &Device::Cpu)?;
-    Ok(sampling::sample(&row, s.temperature, s.top_p, &[rng.next_f64()])?[0])
 }
 
 /// The splitmix64 generator: seeded, reproducible sampling.

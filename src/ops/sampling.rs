@@ -22,7 +22,7 @@
 //! Kernels: `kernels/sampling.cu`. CPU reference: [`crate::cpu::sampling`]
 //! (what [`Device::Cpu`] runs).
 
-use super::{check_aligned, check_float, threads_for_row, to_i32, vectorizable};
+use super::{check_aligned, check_float, check_nonempty, threads_for_row, to_i32, vectorizable};
 use crate::cpu;
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
@@ -47,13 +47,7 @@ fn check_logits(op: &'static str, logits: &Tensor) -> Result<(usize, usize)> {
             got: logits.shape().to_vec(),
         });
     };
-    if rows == 0 || vocab == 0 {
-        return Err(Error::Invalid {
-            op,
-            arg: "logits",
-            what: format!("is empty (shape {:?})", logits.shape()),
-        });
-    }
+    check_nonempty(op, "logits", logits)?;
     check_aligned(op, "logits", logits)?;
     to_i32(op, "logits", rows)?;
     to_i32(op, "logits", vocab)?;
