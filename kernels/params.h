@@ -297,6 +297,49 @@ typedef struct CrossEntropyRowsParams {
     int32_t pad0;
 } CrossEntropyRowsParams;
 
+/// The fused head's gradient (kernels/cross_entropy.cu), one block per row of
+/// an fp32 logits chunk whose lse the row kernel wrote: grad[r, v] =
+/// scale * (exp(logits[r, v] - lse[r]) - [v == labels[r]]) for v < vocab and
+/// labels[r] >= 0; 0 for ignored rows and for the columns vocab .. ld.
+typedef struct CrossEntropyGradParams {
+    const float* logits;    ///< [rows, ld] fp32
+    const float* lse;       ///< [rows]
+    const int32_t* labels;  ///< [rows]
+    void* grad;             ///< [rows, ld], dtype from the kernel name (f16/bf16)
+    int64_t ld;             ///< a multiple of 8
+    int32_t rows;
+    int32_t vocab;
+    float scale;
+    int32_t pad0;
+} CrossEntropyGradParams;
+
+/// One chunk of one trainable tensor for the multi-tensor AdamW
+/// (kernels/adamw.cu): n <= kChunk elements at each (already offset) pointer.
+typedef struct AdamWChunk {
+    float* param;
+    const float* grad;
+    float* m;
+    float* v;
+    int64_t n;
+} AdamWChunk;
+
+/// The AdamW update and the gradients' squared norm (kernels/adamw.cu), one
+/// block per chunk. decay = 1 - lr * weight_decay, step_size = lr / (1 -
+/// beta1^t), bias_correction2_sqrt = sqrt(1 - beta2^t), clip multiplies the
+/// gradients (the global-norm factor).
+typedef struct AdamWParams {
+    const AdamWChunk* chunks;  ///< [gridDim.x]
+    float* partial;            ///< adamw_sumsq: [gridDim.x] sums of grad^2
+    float beta1;
+    float beta2;
+    float eps;
+    float decay;
+    float step_size;
+    float bias_correction2_sqrt;
+    float clip;
+    int32_t pad0;
+} AdamWParams;
+
 /// Greedy decoding (kernels/sampling.cu): ids[r] = the first index of the
 /// largest logits[r, :] (NaN counts as larger than any number). One block per row.
 typedef struct ArgmaxParams {

@@ -206,6 +206,8 @@ impl KernelParams for params::CosinePrepareParams {}
 impl KernelParams for params::CosineSearchParams {}
 impl KernelParams for params::CosineMergeParams {}
 impl KernelParams for params::CrossEntropyRowsParams {}
+impl KernelParams for params::CrossEntropyGradParams {}
+impl KernelParams for params::AdamWParams {}
 impl KernelParams for params::ArgmaxParams {}
 impl KernelParams for params::SampleParams {}
 

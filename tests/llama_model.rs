@@ -7,8 +7,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use common::dev::{dev_dir, Step};
 use common::Scratch;
 use platypus::formats::safetensors::{self as st, Checkpoint, SafetensorsFile, TensorBytes};
 use platypus::llama::generate::{generate, GenerateConfig, Sampling};
@@ -17,69 +18,6 @@ use platypus::llama::model::{Forward, KvCache};
 use platypus::llama::{Adapter, Llama, LlamaConfig, TokenBatch};
 use platypus::output::Outputs;
 use platypus::{DType, Device, Error, Tensor};
-
-fn dev_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/dev")
-}
-
-/// The fixture batch: ids, labels (unshifted), per-row lengths, batch, seq.
-struct Step {
-    file: SafetensorsFile,
-    ids: Vec<u32>,
-    labels: Vec<i64>,
-    lens: Vec<u32>,
-    batch: usize,
-    seq: usize,
-}
-
-impl Step {
-    fn load() -> Step {
-        let file = SafetensorsFile::open(&dev_dir().join("step.safetensors")).unwrap();
-        let ints = |name: &str| -> Vec<i64> {
-            bytemuck::cast_slice::<u8, i64>(file.bytes(name).unwrap()).to_vec()
-        };
-        let shape = file.info("input_ids").unwrap().shape.clone();
-        let (batch, seq) = (shape[0], shape[1]);
-        let ids = ints("input_ids").iter().map(|&v| v as u32).collect();
-        let mask = ints("attention_mask");
-        let lens = mask
-            .chunks(seq)
-            .map(|row| row.iter().sum::<i64>() as u32)
-            .collect();
-        Step {
-            ids,
-            labels: ints("labels"),
-            lens,
-            batch,
-            seq,
-            file,
-        }
-    }
-
-    fn batch(&self) -> TokenBatch<'_> {
-        TokenBatch {
-            ids: &self.ids,
-            batch: self.batch,
-            seq: self.seq,
-            lens: &self.lens,
-        }
-    }
-
-    fn f32s(&self, name: &str) -> Vec<f32> {
-        self.file.load_f32(name).unwrap()
-    }
-
-    fn scalar(&self, name: &str) -> f64 {
-        self.f32s(name)[0] as f64
-    }
-
-    /// Indices (token rows) of the real, unpadded tokens.
-    fn real_rows(&self) -> Vec<usize> {
-        (0..self.batch)
-            .flat_map(|b| (0..self.lens[b] as usize).map(move |t| b * self.seq + t))
-            .collect()
-    }
-}
 
 /// max |got − want| over the real tokens' rows (of `width`), relative to
 /// the largest |want| there.

@@ -54,6 +54,11 @@ fn every_kernel_is_built_for_sm80_and_sm90_and_the_emulator() {
         "cross_entropy_rows_f32",
         "cross_entropy_rows_f16",
         "cross_entropy_rows_bf16",
+        "cross_entropy_grad_f16",
+        "cross_entropy_grad_bf16",
+        "adamw_sumsq",
+        "adamw_step",
+        "adamw_accumulate",
         "argmax_f32",
         "argmax_bf16",
         "sample_f16",
@@ -132,13 +137,14 @@ fn matrix_kernels_run_on_tensor_cores_without_stray_atomics() {
     // (module, which of its kernels are tensor-core products, which may use
     // atomics: the threshold search's slot counter and the bad-row flag)
     type Select = fn(&str) -> bool;
-    let modules: [(&str, Select, Select); 5] = [
+    let modules: [(&str, Select, Select); 6] = [
         (
             "attention",
             |name| !name.contains("delta") && !name.contains("write_cache"),
             |_| false,
         ),
         ("cross_entropy", |_| false, |_| false),
+        ("adamw", |_| false, |_| false),
         ("sampling", |_| false, |_| false),
         ("lora", |name| name.contains("gemm"), |_| false),
         (

@@ -52,3 +52,44 @@ fn reduce(rows: impl Iterator<Item = Vec<f64>>, labels: &[i32]) -> (f64, usize, 
     }
     (sum, count, lse)
 }
+
+/// dL/dh for L = `scale` · Σ loss_t over the counted tokens (h, w, labels as
+/// in [`linear_cross_entropy`]): dh_t = scale · (softmax(h_t Wᵀ) − onehot(label_t)) W,
+/// zero for ignored tokens. In f64, rounded once to f32.
+pub fn linear_cross_entropy_grad(
+    h: &[f32],
+    w: &[f32],
+    labels: &[i32],
+    hidden: usize,
+    scale: f32,
+) -> Vec<f32> {
+    assert_eq!(h.len(), labels.len() * hidden, "h is [tokens, hidden]");
+    let mut dh = vec![0.0f32; h.len()];
+    for ((row, &label), out) in h
+        .chunks_exact(hidden)
+        .zip(labels)
+        .zip(dh.chunks_exact_mut(hidden))
+    {
+        if label < 0 {
+            continue;
+        }
+        let logits: Vec<f64> = w
+            .chunks_exact(hidden)
+            .map(|wr| row.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum())
+            .collect();
+        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = logits.iter().map(|z| (z - max).exp()).sum();
+        let mut acc = vec![0.0f64; hidden];
+        for (v, (z, wr)) in logits.iter().zip(w.chunks_exact(hidden)).enumerate() {
+            let onehot = if v == label as usize { 1.0 } else { 0.0 };
+            let g = scale as f64 * ((z - max).exp() / sum - onehot);
+            for (a, &wv) in acc.iter_mut().zip(wr) {
+                *a += g * wv as f64;
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = a as f32;
+        }
+    }
+    dh
+}

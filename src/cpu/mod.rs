@@ -3,6 +3,7 @@
 //! [`crate::Device::Cpu`] where no host code is written yet. f32 in and out,
 //! f64 accumulation, written for clarity rather than speed.
 
+pub mod adamw;
 pub mod attention;
 pub mod cosine_topk;
 pub mod cross_entropy;

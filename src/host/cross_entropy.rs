@@ -1,23 +1,37 @@
 //! The LM head fused with cross-entropy on the host: logits are computed for
 //! a block of tokens at a time (never [tokens, vocab] at once), reduced to
-//! each row's logsumexp and its label's logit, and dropped.
+//! each row's logsumexp and its label's logit, and — when the gradient is
+//! asked for — turned in place into dlogits and multiplied back through the
+//! head into dh, then dropped (the loss is the graph's end, so its gradient
+//! is known while the logits are at hand: one GEMM fewer than a separate
+//! backward pass).
 
 use rayon::prelude::*;
 
-use super::gemm::{matmul_nt, Weights};
+use super::gemm::{matmul_nn, matmul_nt, Weights};
+
+/// Where the gradient of `scale` · Σ loss goes: dh [tokens, hidden].
+pub struct Grad<'a> {
+    /// Factor of the summed loss (1 / tokens of the global batch for a mean).
+    pub scale: f32,
+    /// dL/dh, overwritten.
+    pub dh: &'a mut [f32],
+}
 
 /// Bytes of fp32 logits one block may hold.
 const BLOCK_BYTES: usize = 32 << 20;
 
 /// (sum of the losses in f64, tokens counted, logsumexp per row) for
 /// h [tokens, hidden] and the head w [vocab, hidden]; labels < 0 are ignored,
-/// every other label is < vocab (checked by the op).
+/// every other label is < vocab (checked by the op). With `grad`, also
+/// dh_t = scale · (softmax(h_t Wᵀ) − onehot(label_t)) W (zero for ignored tokens).
 pub fn linear_cross_entropy(
     h: &[f32],
     w: Weights<'_>,
     labels: &[i32],
     hidden: usize,
     vocab: usize,
+    mut grad: Option<Grad<'_>>,
 ) -> (f64, usize, Vec<f32>) {
     let tokens = labels.len();
     assert_eq!(h.len(), tokens * hidden, "h is [tokens, hidden]");
@@ -44,12 +58,30 @@ pub fn linear_cross_entropy(
             .zip(&labels[start..start + rows])
             .map(|(row, &label)| (logsumexp(row), (label >= 0).then(|| row[label as usize])))
             .collect();
-        for (i, (l, target)) in picked.into_iter().enumerate() {
+        for (i, &(l, target)) in picked.iter().enumerate() {
             lse[start + i] = l;
             if let Some(t) = target {
                 sum += l as f64 - t as f64;
                 count += 1;
             }
+        }
+        if let Some(g) = grad.as_mut() {
+            let scale = g.scale;
+            z.par_chunks_mut(vocab)
+                .zip(&labels[start..start + rows])
+                .zip(&picked)
+                .for_each(|((row, &label), &(l, _))| {
+                    if label < 0 {
+                        row.fill(0.0);
+                        return;
+                    }
+                    for v in row.iter_mut() {
+                        *v = scale * (*v - l).exp();
+                    }
+                    row[label as usize] -= scale;
+                });
+            let dh = &mut g.dh[start * hidden..][..rows * hidden];
+            matmul_nn(z, w, rows, vocab, hidden, 1.0, 0.0, dh);
         }
     }
     (sum, count, lse)

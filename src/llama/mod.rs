@@ -10,6 +10,7 @@ pub mod init;
 pub mod merge;
 pub mod model;
 pub mod tokenizer;
+pub mod train;
 
 pub use adapter::{Adapter, AdapterConfig, Module};
 pub use config::LlamaConfig;

@@ -9,9 +9,10 @@
 //! f16/bf16 directly; activations are f32); the norms, a few KiB, are widened
 //! to the activation dtype. LoRA factors are fp32 masters on every device.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::adapter::{Adapter, Module};
+use super::adapter::{Adapter, AdapterConfig, Factors, Module};
 use super::LlamaConfig;
 use crate::formats::safetensors::Checkpoint;
 use crate::ops::attention::{self, AttentionConfig, Batch};
@@ -324,6 +325,58 @@ impl Llama {
             });
         }
         Ok(())
+    }
+
+    /// The attached LoRA factors, in (layer, module) order.
+    pub fn lora_factors(&self) -> Vec<((usize, Module), &LoraFactors)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (m, p) in Module::ALL.iter().zip(&layer.projections) {
+                if let Some(f) = &p.lora {
+                    out.push(((i, *m), f));
+                }
+            }
+        }
+        out
+    }
+
+    /// [`Llama::lora_factors`], mutable (what the optimizer updates).
+    pub fn lora_factors_mut(&mut self) -> Vec<((usize, Module), &mut LoraFactors)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (m, p) in Module::ALL.iter().zip(&mut layer.projections) {
+                if let Some(f) = &mut p.lora {
+                    out.push(((i, *m), f));
+                }
+            }
+        }
+        out
+    }
+
+    /// The attached factors as an adapter under `config` (fp32, the kernel
+    /// devices' MLP padding cut off): what training saves.
+    pub fn adapter(&self, config: &AdapterConfig) -> Result<Adapter> {
+        let r = config.r;
+        let mut factors = BTreeMap::new();
+        for ((layer, module), f) in self.lora_factors() {
+            let [out, inp] = module.shape(&self.config);
+            let (a, b) = (f.a.to_f32_vec()?, f.b.to_f32_vec()?);
+            let held_in = a.len() / r;
+            factors.insert(
+                (layer, module),
+                Factors {
+                    a: a.chunks_exact(held_in)
+                        .flat_map(|row| &row[..inp])
+                        .copied()
+                        .collect(),
+                    b: b[..out * r].to_vec(),
+                },
+            );
+        }
+        Ok(Adapter {
+            config: config.clone(),
+            factors,
+        })
     }
 
     /// Number of parameters (the tied head counted once; the kernel devices'

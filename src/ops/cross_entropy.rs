@@ -21,7 +21,7 @@ use super::{check_aligned, check_device, check_dtype, check_float, threads_for_r
 use super::{lora, vectorizable};
 use crate::cpu;
 use crate::host;
-use crate::kernels::params::CrossEntropyRowsParams;
+use crate::kernels::params::{CrossEntropyGradParams, CrossEntropyRowsParams};
 use crate::launch::LaunchConfig;
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -70,15 +70,71 @@ pub fn linear_cross_entropy_chunked(
     labels: &[i32],
     chunk_bytes: usize,
 ) -> Result<CrossEntropy> {
-    const OP: &str = "cross_entropy::linear_cross_entropy";
-    check_float(OP, "h", h)?;
-    check_float(OP, "w", w)?;
-    check_device(OP, "w", w, h.device())?;
+    Ok(fused_head(
+        "cross_entropy::linear_cross_entropy",
+        h,
+        w,
+        labels,
+        chunk_bytes,
+        None,
+    )?
+    .0)
+}
+
+/// The loss of [`linear_cross_entropy`] and its gradient dh (like h) for
+/// L = `scale` · Σ loss_t: dh_t = scale · (softmax(h_t Wᵀ) − onehot(label_t)) W,
+/// zero for ignored tokens. The loss is the end of the graph, so the
+/// gradient is taken while each chunk's logits are at hand (Liger's fused
+/// linear cross-entropy): no logits recomputed, none kept. On the kernel
+/// devices each chunk's dlogits are rounded to h's dtype for the GEMM back
+/// through the head (fp32 accumulation).
+pub fn linear_cross_entropy_grad(
+    h: &Tensor,
+    w: &Tensor,
+    labels: &[i32],
+    scale: f32,
+) -> Result<(CrossEntropy, Tensor)> {
+    linear_cross_entropy_grad_chunked(h, w, labels, scale, DEFAULT_CHUNK_BYTES)
+}
+
+/// [`linear_cross_entropy_grad`] with at most `chunk_bytes` of fp32 logits
+/// per chunk (see [`linear_cross_entropy_chunked`]).
+pub fn linear_cross_entropy_grad_chunked(
+    h: &Tensor,
+    w: &Tensor,
+    labels: &[i32],
+    scale: f32,
+    chunk_bytes: usize,
+) -> Result<(CrossEntropy, Tensor)> {
+    const OP: &str = "cross_entropy::linear_cross_entropy_grad";
+    if !scale.is_finite() {
+        return Err(Error::Invalid {
+            op: OP,
+            arg: "scale",
+            what: format!("{scale} is not finite"),
+        });
+    }
+    let (ce, dh) = fused_head(OP, h, w, labels, chunk_bytes, Some(scale))?;
+    Ok((ce, dh.expect("asked for")))
+}
+
+/// The fused head: loss, and dh when `grad_scale` is given.
+fn fused_head(
+    op: &'static str,
+    h: &Tensor,
+    w: &Tensor,
+    labels: &[i32],
+    chunk_bytes: usize,
+    grad_scale: Option<f32>,
+) -> Result<(CrossEntropy, Option<Tensor>)> {
+    check_float(op, "h", h)?;
+    check_float(op, "w", w)?;
+    check_device(op, "w", w, h.device())?;
     let hidden = *h.shape().last().unwrap_or(&0);
     let tokens = h.elem_count() / hidden.max(1);
     let &[vocab, w_hidden] = w.shape() else {
         return Err(Error::Shape {
-            op: OP,
+            op,
             arg: "w",
             expected: format!("[vocab, {hidden}]"),
             got: w.shape().to_vec(),
@@ -86,41 +142,55 @@ pub fn linear_cross_entropy_chunked(
     };
     if w_hidden != hidden || vocab == 0 {
         return Err(Error::Shape {
-            op: OP,
+            op,
             arg: "w",
             expected: format!("[vocab, {hidden}] with vocab >= 1"),
             got: w.shape().to_vec(),
         });
     }
-    check_labels(OP, labels, tokens, vocab)?;
-    if let Device::Cpu = h.device() {
+    check_labels(op, labels, tokens, vocab)?;
+    let device = h.device();
+    if let Device::Cpu = device {
+        let mut dh = match grad_scale {
+            Some(_) => Some(Tensor::zeros(h.shape(), DType::F32, device)?),
+            None => None,
+        };
+        let grad = match (&mut dh, grad_scale) {
+            (Some(dh), Some(scale)) => Some(host::cross_entropy::Grad {
+                scale,
+                dh: host::view::f32s_mut(op, "dh", dh)?,
+            }),
+            _ => None,
+        };
         let (loss_sum, tokens, lse) = host::cross_entropy::linear_cross_entropy(
-            host::view::f32s(OP, "h", h)?,
-            host::view::weights(OP, "w", w)?,
+            host::view::f32s(op, "h", h)?,
+            host::view::weights(op, "w", w)?,
             labels,
             hidden,
             vocab,
+            grad,
         );
-        return Ok(CrossEntropy {
+        let ce = CrossEntropy {
             loss_sum,
             tokens,
             lse,
-        });
+        };
+        return Ok((ce, dh));
     }
     for (arg, t) in [("h", h), ("w", w)] {
         if !matches!(t.dtype(), DType::F16 | DType::BF16) {
             return Err(Error::DType {
-                op: OP,
+                op,
                 arg,
                 expected: "f16 or bf16 (the head's GEMM runs on tensor cores, which have no f32 path here; f32 runs on Device::Cpu)".into(),
                 got: t.dtype(),
             });
         }
     }
-    check_dtype(OP, "w", w, h.dtype())?;
+    check_dtype(op, "w", w, h.dtype())?;
     if hidden % 8 != 0 {
         return Err(Error::Invalid {
-            op: OP,
+            op,
             arg: "h",
             what: format!("hidden size {hidden}: the kernels need a multiple of 8 (16-byte rows)"),
         });
@@ -128,43 +198,55 @@ pub fn linear_cross_entropy_chunked(
     for (arg, t) in [("h", h), ("w", w)] {
         if t.device_address() % 16 != 0 {
             return Err(Error::Invalid {
-                op: OP,
+                op,
                 arg,
                 what: format!("address 0x{:x} is not 16-byte aligned", t.device_address()),
             });
         }
     }
-    to_i32(OP, "h", tokens)?;
-    to_i32(OP, "h", hidden)?;
-    to_i32(OP, "w", vocab)?;
-    let device = h.device();
-    // Rows of the chunk 16-byte aligned: the row kernel's loads are 128-bit.
-    let ld = vocab.div_ceil(4) * 4;
+    to_i32(op, "h", tokens)?;
+    to_i32(op, "h", hidden)?;
+    to_i32(op, "w", vocab)?;
+    // Rows of the chunk 16-byte aligned: the row kernel's loads are 128-bit;
+    // with the gradient, whole 8-element groups (the dlogits GEMM's K).
+    let ld = match grad_scale {
+        None => vocab.div_ceil(4) * 4,
+        Some(_) => vocab.next_multiple_of(8),
+    };
     let rows = chunk_rows(chunk_bytes, ld, tokens);
     let out = RowOutputs::new(labels, device)?;
+    let dtype = h.dtype();
+    let dh = match grad_scale {
+        Some(_) => Some(Tensor::zeros(h.shape(), dtype, device)?),
+        None => None,
+    };
     if tokens == 0 {
-        return out.finish(labels);
+        return Ok((out.finish(labels)?, dh));
     }
     let chunk = Tensor::zeros(&[rows, ld], DType::F32, device)?;
-    let h_row_bytes = (hidden * h.dtype().size()) as u64;
+    // The backward GEMM runs over K = ld: the head with zero rows up to it.
+    let grad_bufs = match grad_scale {
+        Some(_) => Some((
+            Tensor::zeros(&[rows, ld], dtype, device)?,
+            padded_rows(w, ld)?,
+        )),
+        None => None,
+    };
+    let h_row_bytes = (hidden * dtype.size()) as u64;
     for start in (0..tokens).step_by(rows) {
         let n = rows.min(tokens - start);
-        lora::matmul_nt_f32out(
-            OP,
+        let h_at = h.device_address() + start as u64 * h_row_bytes;
+        lora::gemm_raw(
+            op,
             device,
-            h.dtype(),
-            [
-                h.device_address() + start as u64 * h_row_bytes,
-                w.device_address(),
-                chunk.device_address(),
-            ],
-            ld,
-            n,
-            vocab,
-            hidden,
+            dtype,
+            lora::RawGemm::NtF32Out,
+            [h_at, w.device_address(), chunk.device_address()],
+            [hidden, hidden, ld],
+            [n, vocab, hidden],
         )?;
         out.launch_rows(
-            OP,
+            op,
             device,
             DType::F32,
             chunk.device_address(),
@@ -174,8 +256,45 @@ pub fn linear_cross_entropy_chunked(
             n,
             vocab,
         )?;
+        if let (Some((dlogits, head)), Some(scale), Some(dh)) = (&grad_bufs, grad_scale, &dh) {
+            let head = head.as_ref().unwrap_or(w);
+            out.launch_grad(
+                op, device, dtype, &chunk, dlogits, ld, start, n, vocab, scale,
+            )?;
+            lora::gemm_raw(
+                op,
+                device,
+                dtype,
+                lora::RawGemm::Nn,
+                [
+                    dlogits.device_address(),
+                    head.device_address(),
+                    dh.device_address() + start as u64 * h_row_bytes,
+                ],
+                [ld, hidden, hidden],
+                [n, hidden, ld],
+            )?;
+        }
     }
-    out.finish(labels)
+    Ok((out.finish(labels)?, dh))
+}
+
+/// `w` [vocab, hidden] with zero rows up to `rows`, or `None` when it has them already.
+fn padded_rows(w: &Tensor, rows: usize) -> Result<Option<Tensor>> {
+    let &[vocab, hidden] = w.shape() else {
+        unreachable!("checked [vocab, hidden]")
+    };
+    if vocab == rows {
+        return Ok(None);
+    }
+    let mut values = w.to_f32_vec()?;
+    values.resize(rows * hidden, 0.0);
+    Ok(Some(Tensor::from_f32(
+        &values,
+        &[rows, hidden],
+        w.dtype(),
+        w.device(),
+    )?))
 }
 
 /// Cross-entropy of `labels` [rows] under given `logits` [rows, vocab]
@@ -319,6 +438,42 @@ impl RowOutputs {
         );
         device.launch(
             &format!("cross_entropy_rows_{}", dtype.kernel_suffix()),
+            cfg,
+            &mut params,
+        )
+    }
+
+    /// Launches the gradient kernel on the fp32 `chunk` [rows, ld] whose
+    /// rows are tokens `start ..`, into `grad` (same shape, `dtype`).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_grad(
+        &self,
+        op: &'static str,
+        device: &Device,
+        dtype: DType,
+        chunk: &Tensor,
+        grad: &Tensor,
+        ld: usize,
+        start: usize,
+        rows: usize,
+        vocab: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let at = |t: &Tensor| t.device_address() + 4 * start as u64;
+        let mut params = CrossEntropyGradParams {
+            logits: chunk.device_address() as *const f32,
+            lse: at(&self.lse) as *const f32,
+            labels: at(&self.labels) as *const i32,
+            grad: grad.device_address() as *mut _,
+            ld: ld as i64,
+            rows: to_i32(op, "labels", rows)?,
+            vocab: to_i32(op, "labels", vocab)?,
+            scale,
+            pad0: 0,
+        };
+        let cfg = LaunchConfig::linear(rows as u32, threads_for_row(ld, 8, ROW_THREADS), 0);
+        device.launch(
+            &format!("cross_entropy_grad_{}", dtype.kernel_suffix()),
             cfg,
             &mut params,
         )

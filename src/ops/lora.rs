@@ -355,22 +355,29 @@ pub fn linear_backward(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(dx)
 }
 
-/// The fused layer's wide GEMM with fp32 output, on raw addresses of
-/// `device`: C = A Bᵀ for A [m, k] and B [n, k] (16-bit `dtype`, rows k
-/// elements apart) into C [m, ldc] fp32 (columns n.. of each row untouched).
-/// The LM head's logits chunks (`ops::cross_entropy`) go through it. The
-/// caller has checked what the kernel needs: `dtype` f16 or bf16, k a
-/// multiple of 8, A and B 16-byte aligned, ldc ≥ n and even, sizes in i32.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_nt_f32out(
+/// A product of the fused layer's wide GEMM on raw addresses (see [`gemm_raw`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RawGemm {
+    /// C [m, n] fp32 = A [m, k] · B [n, k]ᵀ: the LM head's logits chunks.
+    NtF32Out,
+    /// C [m, n] 16-bit = A [m, k] · B [k, n]: the head's dh from dlogits.
+    Nn,
+}
+
+/// The fused layer's wide GEMM on raw addresses of `device` (16-bit `dtype`
+/// operands, leading dimensions `[lda, ldb, ldc]` in elements; columns n.. of
+/// C's rows untouched). `ops::cross_entropy` runs the LM head through it.
+/// The caller has checked what the kernel needs: `dtype` f16 or bf16, the
+/// extents along every 16-bit row a multiple of 8, operands 16-byte aligned,
+/// ldc even, sizes in i32.
+pub(crate) fn gemm_raw(
     op: &'static str,
     device: &Device,
     dtype: DType,
+    product: RawGemm,
     [a, b, c]: [u64; 3],
-    ldc: usize,
-    m: usize,
-    n: usize,
-    k: usize,
+    [lda, ldb, ldc]: [usize; 3],
+    [m, n, k]: [usize; 3],
 ) -> Result<()> {
     debug_assert!(matches!(dtype, DType::F16 | DType::BF16) && k % 8 == 0 && ldc >= n);
     let layer = Layer {
@@ -389,8 +396,8 @@ pub(crate) fn matmul_nt_f32out(
     let mut p = LoraGemmParams {
         a: a as *const _,
         b: b as *const _,
-        lda: k as i64,
-        ldb: k as i64,
+        lda: lda as i64,
+        ldb: ldb as i64,
         k: to_i32(op, "h", k)?,
         k2: 0,
         a2: std::ptr::null(),
@@ -411,7 +418,11 @@ pub(crate) fn matmul_nt_f32out(
         offset: 0,
         mask_cols: k as i64,
     };
-    layer.run(op, "lora_gemm_nt_wide_f32out", Tile::WIDE, &mut p, 1)
+    let kernel = match product {
+        RawGemm::NtF32Out => "lora_gemm_nt_wide_f32out",
+        RawGemm::Nn => "lora_gemm_nn_wide",
+    };
+    layer.run(op, kernel, Tile::WIDE, &mut p, 1)
 }
 
 /// The PEFT sequence unfused, for comparison with [`forward`]: y = x Wᵀ,

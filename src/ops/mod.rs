@@ -3,6 +3,8 @@
 //! naming the argument and never a half-written output; then it dispatches to
 //! the kernel (CUDA or emulated) or to the CPU reference.
 
+pub mod adamw;
+pub mod add;
 pub mod attention;
 pub mod cosine_topk;
 pub mod cross_entropy;

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod attention;
+pub mod dev;
 pub mod lora;
 
 use std::path::{Path, PathBuf};
