@@ -46,6 +46,14 @@ impl Device {
         }
     }
 
+    /// (free, total) bytes of a CUDA device's memory; `None` for host memory.
+    pub fn memory_info(&self) -> Result<Option<(usize, usize)>> {
+        match self {
+            Device::Cuda(c) => Ok(Some(c.memory_info()?)),
+            Device::Cpu | Device::Emulated => Ok(None),
+        }
+    }
+
     /// True if `self` and `other` are the same device (and, for CUDA, the same context).
     pub fn same(&self, other: &Device) -> bool {
         match (self, other) {

@@ -34,6 +34,28 @@ impl Progress {
         Progress(bar)
     }
 
+    /// A bar over `total` units of `what` with a message after it (set with
+    /// [`Progress::set_message`]).
+    pub fn bar_with_message(total: u64, what: &str, quiet: bool) -> Progress {
+        let bar = ProgressBar::with_draw_target(Some(total), target(quiet));
+        let style = ProgressStyle::with_template(&format!(
+            "{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {what} {{msg}} ({{eta}} left)"
+        ))
+        .expect("a valid progress template");
+        bar.set_style(style.progress_chars("=> "));
+        Progress(bar)
+    }
+
+    /// Sets the text after the bar.
+    pub fn set_message(&self, message: String) {
+        self.0.set_message(message);
+    }
+
+    /// Moves the bar to `pos` units done.
+    pub fn set_position(&self, pos: u64) {
+        self.0.set_position(pos);
+    }
+
     /// Advances the bar by `n` units.
     pub fn inc(&self, n: u64) {
         self.0.inc(n);

@@ -49,6 +49,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Merges LoRA adapters into a base model (W + Σ wₖ·sₖ·Bₖ·Aₖ), writing a new model folder.
     Merge(MergeArgs),
+    /// LoRA fine-tuning of a Llama model on JSONL rows (Platypus2's recipe by
+    /// default), with checkpoints, exact resume, a step log and a loss curve.
+    Train(Box<TrainArgs>),
     /// Writes a new, randomly initialised Llama model folder (and a BPE tokenizer trained on a corpus).
     InitModel(InitModelArgs),
     /// Writes a new LoRA adapter for a model, in PEFT's form.
@@ -91,6 +94,112 @@ struct GenerateArgs {
     /// Generate all --max-new-tokens even past EOS (for timing, as transformers' min_new_tokens).
     #[arg(long)]
     ignore_eos: bool,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// The arguments of `platypus train` (names and meanings of transformers'
+/// TrainingArguments and PEFT's LoraConfig; defaults are Platypus2's run).
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// The base model folder (config.json, weights, tokenizer.json for instruction rows).
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL rows: {"instruction", "input", "output"} (Alpaca templates) or pre-tokenized.
+    #[arg(long)]
+    data: PathBuf,
+    /// The output folder (new, or the run's folder with --resume): log.jsonl,
+    /// loss.png, checkpoint-N/, adapter/.
+    #[arg(long)]
+    out: PathBuf,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 4e-4)]
+    learning_rate: f64,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    lora_r: usize,
+    /// LoRA alpha (scale alpha / r).
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f32,
+    /// Dropout on the adapters' input.
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f32,
+    /// Adapted projections, comma-separated, or `all-linear`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "gate_proj,up_proj,down_proj"
+    )]
+    target_modules: Vec<String>,
+    /// Scale alpha / √r (rank-stabilised LoRA).
+    #[arg(long)]
+    use_rslora: bool,
+    /// Steps of linear warmup from 0.
+    #[arg(long, default_value_t = 100)]
+    warmup_steps: u64,
+    /// The schedule after warmup.
+    #[arg(long, value_enum, default_value_t = platypus::llama::train::optim::Scheduler::Cosine)]
+    lr_scheduler: platypus::llama::train::optim::Scheduler,
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Clip the global gradient norm to this; 0 turns clipping off.
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// AdamW beta1.
+    #[arg(long, default_value_t = 0.9)]
+    adam_beta1: f32,
+    /// AdamW beta2.
+    #[arg(long, default_value_t = 0.999)]
+    adam_beta2: f32,
+    /// AdamW epsilon.
+    #[arg(long, default_value_t = 1e-8)]
+    adam_epsilon: f32,
+    /// Rows per micro-batch.
+    #[arg(long, default_value_t = 1)]
+    per_device_batch_size: usize,
+    /// Micro-batches per optimizer step (global batch = their product).
+    #[arg(long, default_value_t = 16)]
+    gradient_accumulation_steps: usize,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 1)]
+    num_epochs: u64,
+    /// Optimizer steps of the run (overrides --num-epochs).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Rows are cut to this many tokens.
+    #[arg(long, default_value_t = 4096)]
+    cutoff_len: usize,
+    /// Seed of the data order, the adapter's init and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A checkpoint every this many steps (and at the end); 0: none.
+    #[arg(long, default_value_t = 0)]
+    save_steps: u64,
+    /// Keep only the newest this many checkpoints.
+    #[arg(long)]
+    save_total_limit: Option<usize>,
+    /// Continue the run in --out: from its newest checkpoint, or from the one named.
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
+    resume: Option<String>,
+    /// Start from this adapter folder instead of PEFT's init (A Kaiming-uniform, B zero).
+    #[arg(long)]
+    adapter_init: Option<PathBuf>,
+    /// Pack each micro-batch's rows into one row (no padding, no cross-attention between them).
+    #[arg(long)]
+    packing: bool,
+    /// Train on the prompt's tokens too (by default only the response counts).
+    #[arg(long)]
+    train_on_inputs: bool,
+    /// Recompute each layer's activations in backward (less memory, ~1/3 more compute).
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// Skip malformed rows (counted, with a warning per row) instead of failing.
+    #[arg(long)]
+    skip_bad_rows: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -300,6 +409,7 @@ fn main() {
         Command::Eval(args) => eval(&args).map_err(|e| ("eval", e)),
         Command::Merge(args) => merge(&args).map_err(|e| ("merge", e)),
         Command::Generate(args) => generate(&args).map_err(|e| ("generate", e)),
+        Command::Train(args) => train(&args).map_err(|e| ("train", e)),
         Command::InitModel(args) => init_model(&args).map_err(|e| ("init-model", e)),
         Command::InitAdapter(args) => init_adapter(&args).map_err(|e| ("init-adapter", e)),
     });
@@ -579,6 +689,135 @@ fn eval(args: &EvalArgs) -> platypus::Result<String> {
         report.tokens_per_s,
         device_name(&device)
     );
+    Ok(out)
+}
+
+/// Parses `--target-modules`: names, or `all-linear`.
+fn target_modules(names: &[String]) -> platypus::Result<Vec<platypus::llama::Module>> {
+    use platypus::llama::Module;
+    if names.len() == 1 && names[0] == "all-linear" {
+        return Ok(Module::ALL.to_vec());
+    }
+    let mut out = Vec::new();
+    for name in names {
+        let m = Module::from_name(name.trim()).ok_or_else(|| platypus::Error::Invalid {
+            op: "train",
+            arg: "target_modules",
+            what: format!(
+                "`{name}` is not a Llama projection (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or all-linear)"
+            ),
+        })?;
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn train(args: &TrainArgs) -> platypus::Result<String> {
+    use platypus::llama::data::{self, ReadOptions};
+    use platypus::llama::train::{self as t, Resume, TrainConfig};
+    set_threads("train", args.run.threads)?;
+    let device = args.run.device.open()?;
+    let config = platypus::llama::LlamaConfig::from_file(&args.model.join("config.json"))?;
+    let tokenizer = model_tokenizer(&args.model, &config)?;
+    let options = ReadOptions {
+        max_len: args.cutoff_len,
+        train_on_inputs: args.train_on_inputs,
+        skip_bad_rows: args.skip_bad_rows,
+    };
+    let rows = data::read_rows(&args.data, tokenizer.as_ref(), &config, &options)?;
+    for why in &rows.skipped {
+        eprintln!(
+            "platypus train: warning: {}: skipped {why}",
+            args.data.display()
+        );
+    }
+    let cfg = TrainConfig {
+        learning_rate: args.learning_rate,
+        lora_r: args.lora_r,
+        lora_alpha: args.lora_alpha,
+        lora_dropout: args.lora_dropout,
+        target_modules: target_modules(&args.target_modules)?,
+        use_rslora: args.use_rslora,
+        warmup_steps: args.warmup_steps,
+        lr_scheduler: args.lr_scheduler,
+        weight_decay: args.weight_decay,
+        max_grad_norm: args.max_grad_norm,
+        per_device_batch_size: args.per_device_batch_size,
+        gradient_accumulation_steps: args.gradient_accumulation_steps,
+        num_epochs: args.num_epochs,
+        max_steps: args.max_steps,
+        cutoff_len: args.cutoff_len,
+        seed: args.seed,
+        save_steps: args.save_steps,
+        save_total_limit: args.save_total_limit,
+        packing: args.packing,
+        train_on_inputs: args.train_on_inputs,
+        gradient_checkpointing: args.gradient_checkpointing,
+        adam_beta1: args.adam_beta1,
+        adam_beta2: args.adam_beta2,
+        adam_epsilon: args.adam_epsilon,
+    };
+    let total = cfg.total_steps(rows.examples.len());
+    let resume = args.resume.as_deref().map(|r| match r {
+        "latest" => Resume::Latest,
+        dir => Resume::From(PathBuf::from(dir)),
+    });
+    let run = t::Run {
+        model_dir: &args.model,
+        data: &rows.examples,
+        pad_id: config.pad_token_id.unwrap_or(0),
+        out: &args.out,
+        config: cfg,
+        adapter_init: args.adapter_init.as_deref(),
+        resume,
+        device: device.clone(),
+    };
+    let bar = platypus::progress::Progress::bar_with_message(total, "steps", args.quiet);
+    let drawn = bar.is_drawn();
+    let summary = t::train(run, &mut |line, _| {
+        bar.set_position(line.step);
+        bar.set_message(format!(
+            "loss {:.4} lr {:.2e} {:.0} tok/s",
+            line.loss, line.learning_rate, line.tokens_per_s
+        ));
+        if !drawn && !args.quiet && !args.run.json {
+            eprintln!(
+                "step {}/{total}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  {:.0} tokens/s",
+                line.step, line.loss, line.learning_rate, line.grad_norm, line.tokens_per_s
+            );
+        }
+    })?;
+    drop(bar);
+    if args.run.json {
+        return Ok(json_line(&summary));
+    }
+    let mut out = String::new();
+    if summary.resumed_at > 0 {
+        say!(out, "resumed after step {}", summary.resumed_at);
+    }
+    say!(
+        out,
+        "trained {} steps on {} ({} rows{}): final loss {:.4}, {} tokens in {:.1} s ({:.0} tokens/s)",
+        summary.steps,
+        device_name(&device),
+        rows.examples.len(),
+        if rows.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(", {} malformed skipped", rows.skipped.len())
+        },
+        summary.final_loss,
+        summary.tokens,
+        summary.seconds,
+        summary.tokens as f64 / summary.seconds.max(1e-9)
+    );
+    say!(out, "memory estimate: {}", summary.memory);
+    say!(out, "adapter: {}", summary.adapter.display());
+    say!(out, "log: {}", summary.log.display());
+    say!(out, "loss curve: {}", summary.loss_png.display());
     Ok(out)
 }
 

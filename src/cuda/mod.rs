@@ -86,6 +86,11 @@ impl CudaBackend {
         }
     }
 
+    /// (free, total) bytes of device memory now.
+    pub(crate) fn memory_info(&self) -> Result<(usize, usize)> {
+        Ok(self.ctx.mem_get_info()?)
+    }
+
     /// What this device allows a launch, from its driver's attributes.
     pub(crate) fn arch_limits(&self) -> Result<ArchLimits> {
         self.limits

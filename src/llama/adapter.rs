@@ -42,6 +42,20 @@ pub enum Module {
     Down,
 }
 
+impl serde::Serialize for Module {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Module {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Module, D::Error> {
+        let name = String::deserialize(d)?;
+        Module::from_name(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("`{name}` is not a Llama projection")))
+    }
+}
+
 impl Module {
     /// All seven, in a layer's order.
     pub const ALL: [Module; 7] = [
@@ -292,7 +306,8 @@ pub struct Adapter {
 /// The (A, B) factors of one module as read so far.
 type HalfRead = (Option<Vec<f32>>, Option<Vec<f32>>);
 
-fn peft_key(layer: usize, module: Module, factor: char) -> String {
+/// The PEFT adapter key of factor `factor` ('A' or 'B') of `module` in `layer`.
+pub(crate) fn peft_key(layer: usize, module: Module, factor: char) -> String {
     format!(
         "base_model.model.model.layers.{layer}.{}.lora_{factor}.weight",
         module.path()

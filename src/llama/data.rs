@@ -76,7 +76,44 @@ pub fn read_jsonl(
     config: &LlamaConfig,
     max_len: usize,
 ) -> Result<Vec<Example>> {
-    if max_len == 0 {
+    let options = ReadOptions {
+        max_len,
+        train_on_inputs: false,
+        skip_bad_rows: false,
+    };
+    Ok(read_rows(path, tokenizer, config, &options)?.examples)
+}
+
+/// How [`read_rows`] builds and checks rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Cut every row to this many tokens (`cutoff_len`).
+    pub max_len: usize,
+    /// Keep the prompt's labels of instruction rows (no masking).
+    pub train_on_inputs: bool,
+    /// Skip malformed rows (each counted, with its reason) instead of failing.
+    pub skip_bad_rows: bool,
+}
+
+/// The rows of a file, and the lines skipped as malformed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rows {
+    /// The rows read.
+    pub examples: Vec<Example>,
+    /// `line N: what was wrong` of every skipped line.
+    pub skipped: Vec<String>,
+}
+
+/// [`read_jsonl`] with `options`: `train_on_inputs` keeps the prompt's
+/// labels, `skip_bad_rows` turns a malformed line into an entry of
+/// [`Rows::skipped`] (a file left without rows is still an error).
+pub fn read_rows(
+    path: &Path,
+    tokenizer: Option<&Tokenizer>,
+    config: &LlamaConfig,
+    options: &ReadOptions,
+) -> Result<Rows> {
+    if options.max_len == 0 {
         return Err(Error::Invalid {
             op: "read_jsonl",
             arg: "max_len",
@@ -88,38 +125,50 @@ pub fn read_jsonl(
         what,
     };
     let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-    let rows = Rows {
+    let reader = RowReader {
         tokenizer,
         config,
-        max_len,
+        max_len: options.max_len,
+        train_on_inputs: options.train_on_inputs,
     };
-    let mut examples = Vec::new();
+    let mut rows = Rows {
+        examples: Vec::new(),
+        skipped: Vec::new(),
+    };
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let example = rows
-            .parse(line)
-            .map_err(|what| fail(format!("line {}: {what}", i + 1)))?;
-        examples.push(example);
+        match reader.parse(line) {
+            Ok(example) => rows.examples.push(example),
+            Err(what) if options.skip_bad_rows => {
+                rows.skipped.push(format!("line {}: {what}", i + 1))
+            }
+            Err(what) => return Err(fail(format!("line {}: {what}", i + 1))),
+        }
     }
-    if examples.is_empty() {
-        return Err(fail(
-            "has no rows; expected one JSON object per line".into(),
-        ));
+    if rows.examples.is_empty() {
+        return Err(fail(match rows.skipped.len() {
+            0 => "has no rows; expected one JSON object per line".into(),
+            n => format!(
+                "has no usable rows ({n} skipped as malformed; the first: {})",
+                rows.skipped[0]
+            ),
+        }));
     }
-    Ok(examples)
+    Ok(rows)
 }
 
 /// What every row of one file is read with; errors are the message after
 /// `line N: `.
-struct Rows<'a> {
+struct RowReader<'a> {
     tokenizer: Option<&'a Tokenizer>,
     config: &'a LlamaConfig,
     max_len: usize,
+    train_on_inputs: bool,
 }
 
-impl Rows<'_> {
+impl RowReader<'_> {
     fn parse(&self, line: &str) -> std::result::Result<Example, String> {
         let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
         let Value::Object(row) = value else {
@@ -235,7 +284,11 @@ impl Rows<'_> {
         if input_ids.last() != Some(&eos) && input_ids.len() < self.max_len {
             input_ids.push(eos);
         }
-        let masked = encode(&prompt)?.len().min(input_ids.len());
+        let masked = if self.train_on_inputs {
+            0
+        } else {
+            encode(&prompt)?.len().min(input_ids.len())
+        };
         let labels = input_ids
             .iter()
             .enumerate()

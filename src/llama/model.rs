@@ -158,15 +158,16 @@ fn held_shape(module: Module, config: &LlamaConfig, width: usize) -> [usize; 2] 
     }
 }
 
-/// A row-major [rows, cols] matrix zero-padded to [held[0], held[1]].
+/// A row-major [rows, cols] matrix zero-padded (or cut) to [held[0], held[1]].
 fn pad_matrix(data: &[f32], [rows, cols]: [usize; 2], held: [usize; 2]) -> Vec<f32> {
     let mut out = vec![0.0; held[0] * held[1]];
+    let n = cols.min(held[1]);
     for (dst, src) in out
         .chunks_exact_mut(held[1])
         .zip(data.chunks_exact(cols))
         .take(rows)
     {
-        dst[..cols].copy_from_slice(src);
+        dst[..n].copy_from_slice(&src[..n]);
     }
     out
 }
@@ -356,20 +357,13 @@ impl Llama {
     /// The attached factors as an adapter under `config` (fp32, the kernel
     /// devices' MLP padding cut off): what training saves.
     pub fn adapter(&self, config: &AdapterConfig) -> Result<Adapter> {
-        let r = config.r;
         let mut factors = BTreeMap::new();
         for ((layer, module), f) in self.lora_factors() {
-            let [out, inp] = module.shape(&self.config);
-            let (a, b) = (f.a.to_f32_vec()?, f.b.to_f32_vec()?);
-            let held_in = a.len() / r;
             factors.insert(
                 (layer, module),
                 Factors {
-                    a: a.chunks_exact(held_in)
-                        .flat_map(|row| &row[..inp])
-                        .copied()
-                        .collect(),
-                    b: b[..out * r].to_vec(),
+                    a: self.unpad_factor(module, 'A', &f.a.to_f32_vec()?),
+                    b: self.unpad_factor(module, 'B', &f.b.to_f32_vec()?),
                 },
             );
         }
@@ -377,6 +371,39 @@ impl Llama {
             config: config.clone(),
             factors,
         })
+    }
+
+    /// Values of a tensor held like `module`'s factor `factor` ('A' [r,
+    /// in] or 'B' [out, r], maybe MLP-padded) cut to the unpadded shape.
+    pub fn unpad_factor(&self, module: Module, factor: char, values: &[f32]) -> Vec<f32> {
+        let [out, inp] = module.shape(&self.config);
+        let width = mlp_width(&self.config, &self.device);
+        let [held_out, held_in] = held_shape(module, &self.config, width);
+        if factor == 'A' {
+            let r = values.len() / held_in;
+            pad_matrix(values, [r, held_in], [r, inp])
+        } else {
+            let r = values.len() / held_out;
+            pad_matrix(values, [held_out, r], [out, r])
+        }
+    }
+
+    /// The inverse of [`Llama::unpad_factor`]: unpadded values laid out as
+    /// the `held` shape (zeros in the padding).
+    pub fn pad_factor(
+        &self,
+        module: Module,
+        factor: char,
+        values: &[f32],
+        held: &[usize],
+    ) -> Vec<f32> {
+        let [out, inp] = module.shape(&self.config);
+        let shape = if factor == 'A' {
+            [held[0], inp]
+        } else {
+            [out, held[1]]
+        };
+        pad_matrix(values, shape, [held[0], held[1]])
     }
 
     /// Number of parameters (the tied head counted once; the kernel devices'

@@ -11,7 +11,10 @@ use crate::ops::adamw::{self, AdamW, State};
 use crate::{Error, Result, Tensor};
 
 /// How the learning rate moves over the run (transformers' `SchedulerType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Scheduler {
     /// Linear warmup, then half a cosine down to 0 at the last step
     /// (`get_cosine_schedule_with_warmup`).
