@@ -1,14 +1,20 @@
 //! LoRA training against what transformers + PEFT computed on the dev
 //! fixture (`../shared/fixtures/dev/step.safetensors`, see its meta.json):
 //! every LoRA gradient of one batch, the factors after one torch AdamW step
-//! and the loss after it; gradient accumulation against one whole batch.
+//! and the loss after it; gradient accumulation and packing against one
+//! padded batch; transformers' schedules, torch's clipping, and the memory
+//! estimate at the design target.
 
 mod common;
 
 use common::dev::{dev_dir, Step};
+use platypus::llama::data::Example;
+use platypus::llama::init::Preset;
+use platypus::llama::train::batches::MicroBatch;
+use platypus::llama::train::memory;
 use platypus::llama::train::optim::{Optimizer, Schedule, Scheduler};
-use platypus::llama::train::{Layout, LoraGrads, StepBatch};
-use platypus::llama::{Adapter, Llama, Module};
+use platypus::llama::train::{Layout, LoraGrads, StepBatch, TrainConfig};
+use platypus::llama::{Adapter, Llama, LlamaConfig, Module};
 use platypus::ops::adamw::AdamW;
 use platypus::Device;
 
@@ -235,4 +241,174 @@ fn accumulated_micro_batches_give_the_gradients_of_one_batch_on_cpu() {
 #[test]
 fn accumulated_micro_batches_give_the_gradients_of_one_batch_on_emulated_kernels() {
     accumulation_matches_one_batch(&Device::Emulated, 1e-5);
+}
+
+/// The fixture's two rows as examples (real tokens only).
+fn fixture_examples(step: &Step) -> Vec<Example> {
+    (0..step.batch)
+        .map(|b| {
+            let len = step.lens[b] as usize;
+            let row = b * step.seq..b * step.seq + len;
+            Example {
+                input_ids: step.ids[row.clone()].to_vec(),
+                labels: step.labels[row].to_vec(),
+                attention_mask: vec![1; len],
+            }
+        })
+        .collect()
+}
+
+/// The same two examples packed into one row (varlen attention, positions
+/// restarting) and padded: the same loss and gradients (bit for bit as
+/// measured on both devices: every row is computed alike, and the padding's
+/// gradients are exact zeros in the sums over tokens).
+fn packing_matches_padding(device: &Device, tol: f64) {
+    let step = Step::load();
+    let (model, _) = model_with_adapter(device);
+    let examples = fixture_examples(&step);
+    let refs: Vec<&Example> = examples.iter().collect();
+    let padded = MicroBatch::padded(&refs, 0);
+    let packed = MicroBatch::packed(&refs);
+    assert_eq!(packed.seq, 24 + 19);
+    assert_eq!(packed.counted(), padded.counted());
+    let scale = 1.0 / padded.counted() as f32;
+    let (ce_pad, g_pad) = model
+        .forward_backward(&padded.step(), scale, false)
+        .unwrap();
+    let (ce_pack, g_pack) = model
+        .forward_backward(&packed.step(), scale, false)
+        .unwrap();
+    let loss_diff = (ce_pad.loss_sum - ce_pack.loss_sum).abs() / ce_pad.loss_sum;
+    assert!(loss_diff < tol, "loss: packed vs padded {loss_diff:e}");
+    let mut worst = 0.0f64;
+    for (key, (da, db)) in &g_pad.factors {
+        let (pa, pb) = &g_pack.factors[key];
+        for (got, want) in [(pa, da), (pb, db)] {
+            let d = rel_diff(&got.to_f32_vec().unwrap(), &want.to_f32_vec().unwrap());
+            assert!(d < tol, "{key:?}: packed vs padded {d:e}");
+            worst = worst.max(d);
+        }
+    }
+    eprintln!("{device}: packed vs padded: loss {loss_diff:e}, gradients {worst:e} (relative)");
+}
+
+#[test]
+fn packed_and_padded_batches_give_the_same_loss_and_gradients_on_cpu() {
+    packing_matches_padding(&Device::Cpu, 1e-5);
+}
+
+#[test]
+fn packed_and_padded_batches_give_the_same_loss_and_gradients_on_emulated_kernels() {
+    packing_matches_padding(&Device::Emulated, 1e-5);
+}
+
+/// transformers' schedules at their landmarks (warmup 100, 1000 steps).
+#[test]
+fn schedules_follow_transformers() {
+    let at = |kind, step| {
+        Schedule {
+            lr: 1.0,
+            warmup: 100,
+            total: 1000,
+            kind,
+        }
+        .lr_at(step)
+    };
+    for kind in [Scheduler::Cosine, Scheduler::Linear, Scheduler::Constant] {
+        assert_eq!(
+            at(kind, 0),
+            0.0,
+            "{kind:?}: the first step under warmup is 0"
+        );
+        assert_eq!(at(kind, 50), 0.5);
+        assert_eq!(at(kind, 100), 1.0);
+    }
+    assert!((at(Scheduler::Cosine, 550) - 0.5).abs() < 1e-12);
+    assert!(
+        (at(Scheduler::Cosine, 325) - 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos())).abs()
+            < 1e-12
+    );
+    assert_eq!(at(Scheduler::Cosine, 1000), 0.0);
+    assert!((at(Scheduler::Linear, 550) - 0.5).abs() < 1e-12);
+    assert_eq!(at(Scheduler::Linear, 1000), 0.0);
+    assert_eq!(at(Scheduler::Constant, 999), 1.0);
+}
+
+/// With --max-grad-norm below the gradients' norm, the step is AdamW on the
+/// gradients times torch's clip factor (cpu::adamw, in f64).
+#[test]
+fn clipping_scales_the_gradients_as_torch_does() {
+    let step = Step::load();
+    let (mut model, adapter) = model_with_adapter(&Device::Cpu);
+    let (positions, targets) = (step.positions(), step.targets());
+    let batch = step.step_batch(&positions, &targets);
+    let (_, grads) = model.forward_backward(&batch, 1.0 / 25.0, false).unwrap();
+    let g: Vec<Vec<f32>> = grads
+        .factors
+        .values()
+        .flat_map(|(a, b)| [a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap()])
+        .collect();
+    let norm = platypus::cpu::adamw::global_norm(&g.iter().map(Vec::as_slice).collect::<Vec<_>>());
+    let max_norm = norm / 4.0;
+    let mut opt = fixture_optimizer(&model);
+    opt.max_grad_norm = max_norm;
+    let stats = opt.step(&mut model, &grads).unwrap();
+    assert!(
+        (stats.grad_norm - norm).abs() < 1e-6 * norm,
+        "{} vs {norm}",
+        stats.grad_norm
+    );
+    let h = platypus::cpu::adamw::Hyper {
+        lr: 2e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 1,
+        clip: platypus::cpu::adamw::clip_factor(norm, max_norm),
+    };
+    assert!((h.clip - 0.25).abs() < 1e-5);
+    let got = model.adapter(&adapter.config).unwrap();
+    let mut worst = 0.0f64;
+    for (i, (key, f)) in adapter.factors.iter().enumerate() {
+        for (j, before) in [&f.a, &f.b].into_iter().enumerate() {
+            let mut want = before.clone();
+            let n = want.len();
+            let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+            platypus::cpu::adamw::step(&mut want, &g[2 * i + j], &mut m, &mut v, &h);
+            let got = if j == 0 {
+                &got.factors[key].a
+            } else {
+                &got.factors[key].b
+            };
+            worst = worst.max(rel_diff(got, &want));
+        }
+    }
+    assert!(worst < 1e-6, "clipped step vs the reference: {worst:e}");
+}
+
+/// The design target on paper: Llama-2-13B, bf16, seq 4096, micro-batch 1,
+/// LoRA r 16 on gate/up/down, without 8-bit loading, in one 80 GB A100.
+#[test]
+fn llama_2_13b_at_4096_tokens_fits_an_80_gb_a100_by_the_estimate() {
+    let c = LlamaConfig {
+        vocab_size: 32000,
+        hidden_size: 5120,
+        intermediate_size: 13824,
+        num_hidden_layers: 40,
+        num_attention_heads: 40,
+        num_key_value_heads: 40,
+        head_dim: 128,
+        max_position_embeddings: 4096,
+        tie_word_embeddings: false,
+        ..Preset::Small.config()
+    };
+    let adapter = TrainConfig::default().adapter_config(None);
+    let full = memory::estimate(&c, &adapter, 1, 4096, 2, false);
+    let recomputed = memory::estimate(&c, &adapter, 1, 4096, 2, true);
+    eprintln!("Llama-2-13B bf16, 1 × 4096: {full}; recomputing: {recomputed}");
+    let weights = 2 * 13_015_864_320u64; // the checkpoint's parameters × 2 bytes
+    assert!((full.weights as i64 - weights as i64).unsigned_abs() < weights / 100);
+    assert!(full.total < 80_000_000_000, "{full}");
+    assert!(recomputed.total < full.total);
 }
