@@ -412,3 +412,31 @@ fn llama_2_13b_at_4096_tokens_fits_an_80_gb_a100_by_the_estimate() {
     assert!(full.total < 80_000_000_000, "{full}");
     assert!(recomputed.total < full.total);
 }
+
+/// Recomputing each layer's activations in backward gives the gradients of
+/// keeping them (bit for bit: the same ops on the same inputs).
+#[test]
+fn recomputed_activations_give_the_same_gradients() {
+    let step = Step::load();
+    for device in [Device::Cpu, Device::Emulated] {
+        let (model, _) = model_with_adapter(&device);
+        let (positions, targets) = (step.positions(), step.targets());
+        let batch = step.step_batch(&positions, &targets);
+        let (kept_ce, kept) = model.forward_backward(&batch, 0.04, false).unwrap();
+        let (re_ce, re) = model.forward_backward(&batch, 0.04, true).unwrap();
+        assert_eq!(kept_ce.loss_sum, re_ce.loss_sum, "{device}");
+        for (key, (da, db)) in &kept.factors {
+            let (ra, rb) = &re.factors[key];
+            assert_eq!(
+                da.to_f32_vec().unwrap(),
+                ra.to_f32_vec().unwrap(),
+                "{device} {key:?} A"
+            );
+            assert_eq!(
+                db.to_f32_vec().unwrap(),
+                rb.to_f32_vec().unwrap(),
+                "{device} {key:?} B"
+            );
+        }
+    }
+}

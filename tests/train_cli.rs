@@ -354,6 +354,11 @@ fn bad_input_is_refused_naming_what_is_wrong() {
         3,
         "another configuration",
     );
+    failed(
+        &run(&[&"--resume", &dir.path("o8/checkpoint-7")], &data, "o8"),
+        3,
+        "is not a checkpoint folder",
+    );
     // A resumed run with other data is refused.
     let other = dir.path("other.jsonl");
     write_rows(&other, 5);

@@ -52,6 +52,10 @@ enum Command {
     /// LoRA fine-tuning of a Llama model on JSONL rows (Platypus2's recipe by
     /// default), with checkpoints, exact resume, a step log and a loss curve.
     Train(Box<TrainArgs>),
+    /// Times full LoRA training steps (forward, backward, AdamW) on a random
+    /// model, the configs and data of the PyTorch + PEFT peer
+    /// (../shared/peers/peft_train_step.py): tokens/s and peak RSS.
+    BenchTrain(BenchTrainArgs),
     /// Writes a new, randomly initialised Llama model folder (and a BPE tokenizer trained on a corpus).
     InitModel(InitModelArgs),
     /// Writes a new LoRA adapter for a model, in PEFT's form.
@@ -202,6 +206,40 @@ struct TrainArgs {
     quiet: bool,
     #[command(flatten)]
     run: RunArgs,
+}
+
+/// The arguments of `platypus bench-train`.
+#[derive(clap::Args)]
+struct BenchTrainArgs {
+    /// The architecture: `tiny` (the dev fixture's) or `small` (~110M).
+    #[arg(long, value_enum, default_value_t = platypus::llama::init::Preset::Tiny)]
+    config: platypus::llama::init::Preset,
+    /// Tokens per row (default: tiny 256, small 512, as the peer).
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Rows per step (default: tiny 4, small 1).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Timed steps after 2 warm-up steps (default: tiny 50, small 10).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// LoRA on all seven projections or the MLP's three.
+    #[arg(long, value_enum, default_value_t = BenchTargets::All)]
+    targets: BenchTargets,
+    /// Recompute activations in backward.
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// LoRA targets of `bench-train`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchTargets {
+    /// q, k, v, o, gate, up, down.
+    All,
+    /// gate, up, down.
+    Mlp,
 }
 
 /// The arguments of `platypus init-model`.
@@ -410,6 +448,7 @@ fn main() {
         Command::Merge(args) => merge(&args).map_err(|e| ("merge", e)),
         Command::Generate(args) => generate(&args).map_err(|e| ("generate", e)),
         Command::Train(args) => train(&args).map_err(|e| ("train", e)),
+        Command::BenchTrain(args) => bench_train(&args).map_err(|e| ("bench-train", e)),
         Command::InitModel(args) => init_model(&args).map_err(|e| ("init-model", e)),
         Command::InitAdapter(args) => init_adapter(&args).map_err(|e| ("init-adapter", e)),
     });
@@ -818,6 +857,175 @@ fn train(args: &TrainArgs) -> platypus::Result<String> {
     say!(out, "adapter: {}", summary.adapter.display());
     say!(out, "log: {}", summary.log.display());
     say!(out, "loss curve: {}", summary.loss_png.display());
+    Ok(out)
+}
+
+/// Peak resident memory of this process in MiB (VmHWM), NaN where unknown.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// What `platypus bench-train` reports (the peer's field names).
+#[derive(serde::Serialize)]
+struct BenchTrainReport {
+    bench: &'static str,
+    config: String,
+    targets: &'static str,
+    device: String,
+    seq: usize,
+    batch: usize,
+    warmup_steps: usize,
+    timed_steps: usize,
+    total_params: usize,
+    trainable_params: usize,
+    tokens_per_s: f64,
+    step_s_median: f64,
+    step_s_min: f64,
+    step_s_max: f64,
+    loss_first_step: f64,
+    loss_last_step: f64,
+    peak_rss_mib: f64,
+}
+
+fn bench_train(args: &BenchTrainArgs) -> platypus::Result<String> {
+    use platypus::llama::init::{random_adapter, write_random_model, Preset};
+    use platypus::llama::train::batches::MicroBatch;
+    use platypus::llama::train::optim::{Optimizer, Schedule, Scheduler};
+    use platypus::llama::{data::Example, Llama, Module};
+    set_threads("bench-train", args.run.threads)?;
+    let device = args.run.device.open()?;
+    let (seq0, batch0, steps0) = match args.config {
+        Preset::Small => (512, 1, 10),
+        _ => (256, 4, 50),
+    };
+    let (seq, batch, steps) = (
+        args.seq.unwrap_or(seq0),
+        args.batch.unwrap_or(batch0),
+        args.steps.unwrap_or(steps0),
+    );
+    let mut config = args.config.config();
+    config.max_position_embeddings = config.max_position_embeddings.max(seq);
+    let dir = std::env::temp_dir().join(format!("platypus-bench-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_random_model(&dir, &config, platypus::DType::F32, 0, None)?;
+    let model = Llama::load(&dir, &device);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut model = model?;
+    let targets = match args.targets {
+        BenchTargets::All => Module::ALL.to_vec(),
+        BenchTargets::Mlp => vec![Module::Gate, Module::Up, Module::Down],
+    };
+    let cfg = platypus::llama::train::TrainConfig {
+        target_modules: targets,
+        ..Default::default()
+    };
+    let adapter = random_adapter(&config, cfg.adapter_config(None), 1, false);
+    model.attach(&adapter)?;
+    let trainable: usize = adapter
+        .factors
+        .values()
+        .map(|f| f.a.len() + f.b.len())
+        .sum();
+    for (_, f) in model.lora_factors_mut() {
+        f.config.dropout = cfg.lora_dropout;
+    }
+    let schedule = Schedule {
+        lr: 4e-4,
+        warmup: 0,
+        total: (steps + 2) as u64,
+        kind: Scheduler::Constant,
+    };
+    let mut opt = Optimizer::new(&model, Default::default(), schedule, 0.0)?;
+    let mut rng = 0x1234_5678_9abc_def0u64;
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for i in 0..steps + 2 {
+        let rows: Vec<Example> = (0..batch)
+            .map(|_| {
+                let ids: Vec<u32> = (0..seq)
+                    .map(|_| {
+                        rng = rng
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        ((rng >> 33) % config.vocab_size as u64) as u32
+                    })
+                    .collect();
+                Example {
+                    labels: ids.iter().map(|&v| v as i64).collect(),
+                    attention_mask: vec![1; seq],
+                    input_ids: ids,
+                }
+            })
+            .collect();
+        let refs: Vec<&Example> = rows.iter().collect();
+        let mb = MicroBatch::padded(&refs, 0);
+        for (_, f) in model.lora_factors_mut() {
+            f.config.offset = (i as u64) << 42;
+        }
+        let t0 = std::time::Instant::now();
+        let (ce, grads) = model.forward_backward(
+            &mb.step(),
+            1.0 / mb.counted() as f32,
+            args.gradient_checkpointing,
+        )?;
+        opt.step(&mut model, &grads)?;
+        device.synchronize()?;
+        if i >= 2 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        losses.push(ce.mean());
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let report = BenchTrainReport {
+        bench: "platypus_train_step",
+        config: format!("{:?}", args.config).to_lowercase(),
+        targets: match args.targets {
+            BenchTargets::All => "all",
+            BenchTargets::Mlp => "mlp",
+        },
+        device: device_name(&device),
+        seq,
+        batch,
+        warmup_steps: 2,
+        timed_steps: steps,
+        total_params: model.parameters(),
+        trainable_params: trainable,
+        tokens_per_s: (batch * seq) as f64 / median,
+        step_s_median: median,
+        step_s_min: sorted[0],
+        step_s_max: sorted[sorted.len() - 1],
+        loss_first_step: losses[0],
+        loss_last_step: *losses.last().expect("steps"),
+        peak_rss_mib: peak_rss_mib(),
+    };
+    if args.run.json {
+        return Ok(json_line(&report));
+    }
+    let mut out = String::new();
+    say!(
+        out,
+        "{} ({} params, {} trainable, LoRA on {}): {} × {} tokens, {:.0} tokens/s (median step {:.3} s over {}), peak RSS {:.0} MiB, on {}",
+        report.config,
+        report.total_params,
+        report.trainable_params,
+        report.targets,
+        batch,
+        seq,
+        report.tokens_per_s,
+        median,
+        steps,
+        report.peak_rss_mib,
+        report.device
+    );
     Ok(out)
 }
 
