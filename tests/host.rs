@@ -23,7 +23,7 @@ use common::{proptest_config, Rng};
 use half::{bf16, f16};
 use platypus::cpu::attention::{forward_kv, SeqSpan};
 use platypus::host::attention::{attention_forward, KvDims};
-use platypus::host::gemm::{matmul_nn, matmul_nt, Weights};
+use platypus::host::gemm::{matmul_nn, matmul_nt, matmul_tn, Weights};
 use proptest::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
@@ -88,11 +88,13 @@ impl Owned {
     }
 }
 
-/// Which product: y = x wᵀ (w [n, k]) or y = x w (w [k, n]).
+/// Which product: y = x wᵀ (x [m, k], w [n, k]), y = x w (x [m, k], w [k,
+/// n]) or y = xᵀ w (x [k, m], w [k, n]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Product {
     Nt,
     Nn,
+    Tn,
 }
 
 /// One GEMM case: sizes, scalars, dtype, threads and the seed of the data.
@@ -134,18 +136,23 @@ impl GemmCase {
         pool(self.threads).install(|| match self.product {
             Product::Nt => matmul_nt(&x, w.view(), m, k, n, alpha, beta, &mut y),
             Product::Nn => matmul_nn(&x, w.view(), m, k, n, alpha, beta, &mut y),
+            Product::Tn => matmul_tn(&x, w.view(), k, m, n, alpha, beta, &mut y),
         });
 
         let wv = w.values();
         let w_at = |j: usize, c: usize| match self.product {
             Product::Nt => wv[j * k + c] as f64,
-            Product::Nn => wv[c * n + j] as f64,
+            Product::Nn | Product::Tn => wv[c * n + j] as f64,
+        };
+        let x_at = |i: usize, c: usize| match self.product {
+            Product::Nt | Product::Nn => x[i * k + c] as f64,
+            Product::Tn => x[c * m + i] as f64,
         };
         for i in 0..m {
             for j in 0..n {
                 let (mut sum, mut size) = (0.0f64, 0.0f64);
                 for c in 0..k {
-                    let t = x[i * k + c] as f64 * w_at(j, c);
+                    let t = x_at(i, c) * w_at(j, c);
                     sum += t;
                     size += t.abs();
                 }
@@ -198,7 +205,7 @@ proptest! {
 
     #[test]
     fn gemm_matches_f64(
-        product in prop::sample::select(vec![Product::Nt, Product::Nn]),
+        product in prop::sample::select(vec![Product::Nt, Product::Nn, Product::Tn]),
         (m, k, n) in gemm_shape(),
         alpha in scalar(vec![1.0, -0.5]),
         beta in scalar(vec![0.0, 0.0, 1.0, -1.5]),
@@ -214,10 +221,11 @@ proptest! {
 #[test]
 fn gemm_matches_f64_at_llama_7b_sizes() {
     // Decoding GEMVs against the 4096 × 4096 projections, and 16 tokens
-    // through a slice of the MLP (k 4096 and 11008).
+    // through a slice of the MLP (k 4096 and 11008); as xᵀ w, sums over
+    // that many tokens (a rank-16 LoRA factor's gradient).
     let shapes = [(1, 4096, 4096), (16, 4096, 512), (3, 11008, 300)];
     for (i, &(m, k, n)) in shapes.iter().enumerate() {
-        for product in [Product::Nt, Product::Nn] {
+        for product in [Product::Nt, Product::Nn, Product::Tn] {
             for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
                 let case = GemmCase {
                     product,
@@ -225,7 +233,7 @@ fn gemm_matches_f64_at_llama_7b_sizes() {
                     k,
                     n,
                     alpha: 1.0,
-                    beta: if product == Product::Nn { 1.0 } else { 0.0 },
+                    beta: if product == Product::Nt { 0.0 } else { 1.0 },
                     dtype,
                     threads: 3,
                     seed: i as u64,
