@@ -536,3 +536,212 @@ mod row_ops {
         close(&ce.lse, &lse, 1e-6, "lse");
     }
 }
+
+/// The backward ops of LoRA training on the host path (f32 on
+/// `Device::Cpu`, through the ops) against their f64 references: the LoRA
+/// layer (dropout on and off, ranks 1 to 33, W stored in f32, f16 or bf16)
+/// and the base layer's dx, each checked with the allowance of the file's
+/// comment relative to the magnitude of what its result sums.
+mod backward {
+    use super::*;
+    use platypus::cpu::lora::LoraDims;
+    use platypus::cpu::philox::Dropout;
+    use platypus::ops::lora::{self, LoraConfig, LoraWeights};
+    use platypus::{cpu, DType, Device, Tensor};
+
+    /// |got − want| ≤ TOL · mag[i] + 1e-30 for every element.
+    fn within(what: &str, got: &[f32], want: &[f32], mag: &[f64]) -> Result<(), String> {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        assert_eq!(mag.len(), want.len(), "{what}: magnitudes");
+        for (i, ((&g, &w), &m)) in got.iter().zip(want).zip(mag).enumerate() {
+            let allowed = TOL * m + 1e-30;
+            // Written so that NaN fails.
+            let close = (g as f64 - w as f64).abs() <= allowed;
+            if !close {
+                return Err(format!("{what}[{i}] = {g}, want {w} (allowed {allowed})"));
+            }
+        }
+        Ok(())
+    }
+
+    fn tensor(v: &[f32], shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::from_f32(v, shape, dtype, &Device::Cpu).unwrap()
+    }
+
+    /// One LoRA layer case.
+    #[derive(Clone, Debug)]
+    struct LoraCase {
+        tokens: usize,
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        dropout: f32,
+        rslora: bool,
+        w_dtype: DType,
+        threads: usize,
+        seed: u64,
+    }
+
+    impl LoraCase {
+        /// Forward then backward through the ops; dx, dA and dB against
+        /// `cpu::lora::backward` and `linear_backward`'s dx against dy W.
+        /// Magnitudes (with v = dy B, f the dropout factors, xd = f ∘ x):
+        /// dx: Σ|dy W| + |s| f Σ_j (Σ|dy B|)_j |A_j| (v's own rounding
+        /// carries through A); dA: |s| Σ_t (Σ|dy B|) |xd|; dB: |s| Σ_t |dy|
+        /// (Σ|xd A|) (the saved u is the forward's f32 one, the reference
+        /// recomputes it exactly).
+        fn check(&self) -> Result<(), String> {
+            let (t, n, m, r) = (self.tokens, self.d_in, self.d_out, self.rank);
+            let mut rng = Rng::new(self.seed);
+            let x = rng.normal_vec(t * n, 1.0);
+            let w = tensor(&rng.normal_vec(m * n, 0.5), &[m, n], self.w_dtype);
+            let a = rng.normal_vec(r * n, 0.5);
+            let b = rng.normal_vec(m * r, 0.5);
+            let dy = rng.normal_vec(t * m, 1.0);
+            let cfg = LoraConfig {
+                alpha: 8.0,
+                rslora: self.rslora,
+                dropout: self.dropout,
+                seed: rng.next_u64(),
+                offset: rng.next_u64() >> 8,
+            };
+            let s = cfg.scale(r);
+            let (xt, dyt) = (
+                tensor(&x, &[t, n], DType::F32),
+                tensor(&dy, &[t, m], DType::F32),
+            );
+            let (at, bt) = (
+                tensor(&a, &[r, n], DType::F32),
+                tensor(&b, &[m, r], DType::F32),
+            );
+            let weights = LoraWeights {
+                w: &w,
+                a: &at,
+                b: &bt,
+            };
+            let (grads, dx_base) = pool(self.threads).install(|| {
+                let fwd = lora::forward(&xt, weights, &cfg).unwrap();
+                let grads = lora::backward(&xt, &dyt, weights, &fwd.u, &cfg).unwrap();
+                (grads, lora::linear_backward(&dyt, &w).unwrap())
+            });
+            let values = |t: &Tensor| t.to_f32_vec().unwrap();
+            let wv = values(&w);
+            let dims = LoraDims {
+                tokens: t,
+                in_features: n,
+                out_features: m,
+                rank: r,
+            };
+            let dropout = (self.dropout > 0.0).then_some(Dropout {
+                p: cfg.dropout,
+                seed: cfg.seed,
+                offset: cfg.offset,
+            });
+            let (want_dx, want_da, want_db) =
+                cpu::lora::backward(&x, &wv, &a, &b, &dy, &dims, s, dropout.as_ref());
+
+            let f: Vec<f64> = (0..t * n)
+                .map(|e| match &dropout {
+                    Some(d) if !d.keep(e as u64) => 0.0,
+                    Some(d) => 1.0 / (1.0 - d.p as f64),
+                    None => 1.0,
+                })
+                .collect();
+            let xd: Vec<f64> = x
+                .iter()
+                .zip(&f)
+                .map(|(&x, &f)| (x as f64 * f).abs())
+                .collect();
+            let abs = |v: f32| (v as f64).abs();
+            let v_abs: Vec<f64> = (0..t * r)
+                .map(|e| {
+                    (0..m)
+                        .map(|o| abs(dy[e / r * m + o]) * abs(b[o * r + e % r]))
+                        .sum()
+                })
+                .collect();
+            let u_abs: Vec<f64> = (0..t * r)
+                .map(|e| {
+                    (0..n)
+                        .map(|i| xd[e / r * n + i] * abs(a[e % r * n + i]))
+                        .sum()
+                })
+                .collect();
+            let s_abs = (s as f64).abs();
+            let base: Vec<f64> = (0..t * n)
+                .map(|e| {
+                    (0..m)
+                        .map(|o| abs(dy[e / n * m + o]) * abs(wv[o * n + e % n]))
+                        .sum()
+                })
+                .collect();
+            let mag_dx: Vec<f64> = (0..t * n)
+                .map(|e| {
+                    let (tk, i) = (e / n, e % n);
+                    let lora: f64 = (0..r).map(|j| v_abs[tk * r + j] * abs(a[j * n + i])).sum();
+                    base[e] + s_abs * f[e] * lora
+                })
+                .collect();
+            let mag_da: Vec<f64> = (0..r * n)
+                .map(|e| {
+                    let (j, i) = (e / n, e % n);
+                    s_abs
+                        * (0..t)
+                            .map(|tk| v_abs[tk * r + j] * xd[tk * n + i])
+                            .sum::<f64>()
+                })
+                .collect();
+            let mag_db: Vec<f64> = (0..m * r)
+                .map(|e| {
+                    let (o, j) = (e / r, e % r);
+                    s_abs
+                        * (0..t)
+                            .map(|tk| abs(dy[tk * m + o]) * u_abs[tk * r + j])
+                            .sum::<f64>()
+                })
+                .collect();
+            within("dx", &values(&grads.dx), &want_dx, &mag_dx)?;
+            within("dA", &values(&grads.da), &want_da, &mag_da)?;
+            within("dB", &values(&grads.db), &want_db, &mag_db)?;
+            let want_base: Vec<f32> = (0..t * n)
+                .map(|e| {
+                    let (tk, i) = (e / n, e % n);
+                    (0..m)
+                        .map(|o| dy[tk * m + o] as f64 * wv[o * n + i] as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            within("linear dx", &values(&dx_base), &want_base, &base)
+        }
+    }
+
+    /// (tokens, in, out): small and odd sizes with 1 included, more than one
+    /// GEMM tile of tokens, a slice of a Llama layer.
+    fn lora_shape() -> impl Strategy<Value = (usize, usize, usize)> {
+        prop_oneof![
+            (1usize..=6, 1usize..=6, 1usize..=6),
+            (1usize..=70, 1usize..=70, 1usize..=70),
+            (257usize..=300, 1usize..=40, 1usize..=40),
+            Just((48, 64, 172)),
+            Just((100, 172, 64)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config(64))]
+
+        #[test]
+        fn lora_backward_matches_reference(
+            (tokens, d_in, d_out) in lora_shape(),
+            rank in prop::sample::select(vec![1usize, 2, 7, 16, 16, 33]),
+            dropout in prop::sample::select(vec![0.0f32, 0.05, 0.5]),
+            rslora in any::<bool>(),
+            w_dtype in prop::sample::select(vec![DType::F32, DType::F32, DType::F16, DType::BF16]),
+            threads in threads(),
+            seed in any::<u64>(),
+        ) {
+            let case = LoraCase { tokens, d_in, d_out, rank, dropout, rslora, w_dtype, threads, seed };
+            case.check().map_err(|e| TestCaseError::fail(format!("{case:?}: {e}")))?;
+        }
+    }
+}

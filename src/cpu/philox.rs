@@ -51,14 +51,20 @@ pub struct Dropout {
 impl Dropout {
     /// Whether element `e` (row-major index into the tensor) is kept.
     pub fn keep(&self, e: u64) -> bool {
-        let c = self.offset.wrapping_add(e / 4);
+        self.keep4(e / 4)[(e % 4) as usize]
+    }
+
+    /// Whether elements 4·`group` .. 4·`group` + 4 are kept: the four that
+    /// share one Philox call.
+    pub fn keep4(&self, group: u64) -> [bool; 4] {
+        let c = self.offset.wrapping_add(group);
         let words = philox4x32_10(
             [c as u32, (c >> 32) as u32, 0, 0],
             [self.seed as u32, (self.seed >> 32) as u32],
         );
         // f32 multiply then truncation, as the device computes it.
         let threshold = (self.p * 16_777_216.0f32) as u32;
-        (words[(e % 4) as usize] >> 8) >= threshold
+        words.map(|w| (w >> 8) >= threshold)
     }
 
     /// Factor applied to kept elements: 1 / (1 - p).
