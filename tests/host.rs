@@ -455,10 +455,31 @@ mod row_ops {
             // SwiGLU.
             let s = swiglu::forward(&t(&x, &[rows, hidden], DType::F32), &t(&d, &[rows, hidden], DType::F32)).unwrap();
             close(&s.to_f32_vec().unwrap(), &cpu::swiglu::forward(&x, &d), 4e-7, "swiglu");
+            let dm = rng.normal_vec(rows * hidden, 1.0);
+            let g = swiglu::backward(
+                &t(&x, &[rows, hidden], DType::F32),
+                &t(&d, &[rows, hidden], DType::F32),
+                &t(&dm, &[rows, hidden], DType::F32),
+            ).unwrap();
+            let (dgate, dup) = cpu::swiglu::backward(&x, &d, &dm);
+            // dgate's factor 1 + g (1 − σ) cancels near g = −1.28: its
+            // error is relative to the size of the terms.
+            let size: Vec<f64> = x.iter().zip(&d).zip(&dm).map(|((&g, &u), &dm)| {
+                let (g, sigma) = (g as f64, 1.0 / (1.0 + (-g as f64).exp()));
+                (dm as f64 * u as f64).abs() * sigma * (1.0 + g.abs() * (1.0 - sigma))
+            }).collect();
+            for (i, ((g, w), m)) in g.dgate.to_f32_vec().unwrap().iter().zip(&dgate).zip(&size).enumerate() {
+                prop_assert!(((g - w).abs() as f64) <= TOL * m + 1e-30, "swiglu dgate[{}]: {} vs {}", i, g, w);
+            }
+            close(&g.dup.to_f32_vec().unwrap(), &dup, 4e-7, "swiglu dup");
             // RMSNorm and h += d; rmsnorm(h).
             let wt = t(&w, &[hidden], DType::F32);
             let y = rmsnorm::forward(&t(&x, &[rows, hidden], DType::F32), &wt, 1e-5).unwrap();
             close(&y.to_f32_vec().unwrap(), &cpu::rmsnorm::forward(&x, &w, hidden, 1e-5), 4e-7, "rmsnorm");
+            let g = rmsnorm::backward(&t(&x, &[rows, hidden], DType::F32), &wt, &t(&dm, &[rows, hidden], DType::F32), 1e-5, true).unwrap();
+            let (dx, dw) = cpu::rmsnorm::backward(&x, &w, &dm, hidden, 1e-5);
+            close(&g.dx.to_f32_vec().unwrap(), &dx, 4e-7, "rmsnorm dx");
+            close(&g.dw.unwrap().to_f32_vec().unwrap(), &dw, 4e-7, "rmsnorm dw");
             let mut h = t(&x, &[rows, hidden], DType::F32);
             let y = rmsnorm::add_forward(&mut h, &t(&d, &[rows, hidden], DType::F32), &wt, 1e-5).unwrap();
             let sum: Vec<f32> = x.iter().zip(&d).map(|(a, b)| a + b).collect();
@@ -512,6 +533,37 @@ mod row_ops {
     }
 
     #[test]
+    fn rmsnorm_backward_over_many_blocks_of_rows() {
+        // 700 rows of 100: five tasks' partial sums of dw, added in order.
+        let (rows, hidden) = (700, 100);
+        let mut rng = Rng::new(9);
+        let x = rng.normal_vec(rows * hidden, 1.0);
+        let dy = rng.normal_vec(rows * hidden, 1.0);
+        let w = rng.normal_vec(hidden, 1.0);
+        let run = |threads: usize| {
+            pool(threads).install(|| {
+                let g = rmsnorm::backward(
+                    &t(&x, &[rows, hidden], DType::F32),
+                    &t(&w, &[hidden], DType::F32),
+                    &t(&dy, &[rows, hidden], DType::F32),
+                    1e-5,
+                    true,
+                )
+                .unwrap();
+                (
+                    g.dx.to_f32_vec().unwrap(),
+                    g.dw.unwrap().to_f32_vec().unwrap(),
+                )
+            })
+        };
+        let (dx, dw) = run(3);
+        assert_eq!((dx.clone(), dw.clone()), run(1), "3 threads vs 1");
+        let (want_dx, want_dw) = cpu::rmsnorm::backward(&x, &w, &dy, hidden, 1e-5);
+        close(&dx, &want_dx, 4e-7, "dx");
+        close(&dw, &want_dw, 4e-7, "dw");
+    }
+
+    #[test]
     fn cross_entropy_over_many_blocks_of_logits() {
         // 300 rows of a 32000-token head: two blocks of at most 32 MiB of logits.
         let (rows, hidden, vocab) = (300, 16, 32000);
@@ -536,6 +588,7 @@ mod row_ops {
         close(&ce.lse, &lse, 1e-6, "lse");
     }
 }
+
 
 /// The backward ops of LoRA training on the host path (f32 on
 /// `Device::Cpu`, through the ops) against their f64 references: the LoRA
