@@ -805,6 +805,34 @@ mod backward {
         }
     }
 
+    proptest! {
+        #![proptest_config(proptest_config(32))]
+
+        /// The host mask (Philox side by side, in tasks) is `Dropout::keep`'s
+        /// bit for bit: tails of a block and of a task, the 64-bit counter's
+        /// carry into its high word and its wrap past u64::MAX.
+        #[test]
+        fn dropout_mask_is_the_reference_mask(
+            n in prop_oneof![1usize..=300, 16000usize..=40000],
+            p in prop::sample::select(vec![0.05f32, 0.5, 0.9]),
+            seed in any::<u64>(),
+            offset in prop_oneof![
+                any::<u64>(),
+                (0u64..20000).prop_map(|d| 0xffff_ffff - d),
+                (0u64..20000).prop_map(|d| u64::MAX - d),
+            ],
+            threads in threads(),
+        ) {
+            let d = Dropout { p, seed, offset };
+            let x: Vec<f32> = (0..n).map(|e| 1.0 + e as f32).collect();
+            let got = pool(threads).install(|| platypus::host::lora::dropout(&x, &d));
+            for (e, (&g, &x)) in got.iter().zip(&x).enumerate() {
+                let want = if d.keep(e as u64) { x * d.scale() } else { 0.0 };
+                prop_assert_eq!(g, want, "element {}", e);
+            }
+        }
+    }
+
     /// How the sequences of an attention case sit in q, k and v.
     #[derive(Clone, Debug)]
     enum Layout {

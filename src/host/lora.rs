@@ -5,29 +5,93 @@
 //!
 //! Layouts as in the reference [`crate::cpu::lora`]: x [tokens, in], W [out,
 //! in], A [rank, in], B [out, rank], y [tokens, out], u = dropout(x) Aᵀ
-//! [tokens, rank]. The mask is [`Dropout::keep`]'s, drawn one Philox call
-//! per four elements of x (the four that share a counter) in parallel
-//! blocks, and regenerated in backward rather than stored.
+//! [tokens, rank]. The mask is [`Dropout::keep`]'s, regenerated in backward
+//! rather than stored: one Philox call per four elements of x (the four
+//! that share a counter), 32 calls side by side in vector registers, in
+//! parallel tasks.
 
 use rayon::prelude::*;
 
 use super::gemm::{matmul_nn, matmul_nt, matmul_tn, Weights};
 use crate::cpu::lora::LoraDims;
-use crate::cpu::philox::Dropout;
+use crate::cpu::philox::{Dropout, M0, M1, W0, W1};
 
 /// Elements of x per task of the dropout passes: a multiple of 4, so that
 /// every task starts at a Philox counter of its own.
 const MASK_CHUNK: usize = 1 << 14;
 
+/// Philox counters drawn side by side: enough for the loops over them to
+/// fill vector registers (32 ran about 2.7× faster than one at a time on
+/// an AVX2 core, 16 and 64 less).
+const LANES: usize = 32;
+
 /// The multipliers of elements `first ..` of x (first a multiple of 4):
 /// 1 / (1 − p) where [`Dropout::keep`] keeps them, 0 where it drops them.
 fn fill_factors(d: &Dropout, first: usize, out: &mut [f32]) {
     debug_assert_eq!(first % 4, 0, "a task starts at a group of four");
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, just checked.
+        return unsafe { fill_factors_avx2(d, first, out) };
+    }
+    fill_factors_lanes(d, first, out);
+}
+
+/// [`fill_factors_lanes`] compiled for AVX2, whose 8 × 32-bit multiplies
+/// to 64 bits the rounds vectorize to.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fill_factors_avx2(d: &Dropout, first: usize, out: &mut [f32]) {
+    fill_factors_lanes(d, first, out);
+}
+
+/// [`fill_factors`] for [`LANES`] groups of four elements at a time: the
+/// Philox4x32-10 rounds of [`crate::cpu::philox::philox4x32_10`] on
+/// counters offset + group (the 64-bit counter in words 0 and 1) under the
+/// seed, as structure-of-arrays loops that vectorize, and the keep test of
+/// [`Dropout::keep4`] on each word.
+#[inline(always)]
+fn fill_factors_lanes(d: &Dropout, first: usize, out: &mut [f32]) {
     let kept = d.scale();
-    for (g, quad) in out.chunks_mut(4).enumerate() {
-        let keep = d.keep4((first / 4 + g) as u64);
-        for (f, k) in quad.iter_mut().zip(keep) {
-            *f = if k { kept } else { 0.0 };
+    let threshold = d.threshold();
+    for (block, out) in out.chunks_mut(4 * LANES).enumerate() {
+        let group = (first / 4 + block * LANES) as u64;
+        let counter = |l: usize| d.offset.wrapping_add(group + l as u64);
+        let mut c: [[u32; LANES]; 4] = [
+            std::array::from_fn(|l| counter(l) as u32),
+            std::array::from_fn(|l| (counter(l) >> 32) as u32),
+            [0; LANES],
+            [0; LANES],
+        ];
+        let (mut k0, mut k1) = (d.seed as u32, (d.seed >> 32) as u32);
+        for _ in 0..10 {
+            let mut next = [[0u32; LANES]; 4];
+            for l in 0..LANES {
+                let p0 = M0 as u64 * c[0][l] as u64;
+                let p1 = M1 as u64 * c[2][l] as u64;
+                next[0][l] = (p1 >> 32) as u32 ^ c[1][l] ^ k0;
+                next[1][l] = p1 as u32;
+                next[2][l] = (p0 >> 32) as u32 ^ c[3][l] ^ k1;
+                next[3][l] = p0 as u32;
+            }
+            c = next;
+            k0 = k0.wrapping_add(W0);
+            k1 = k1.wrapping_add(W1);
+        }
+        let mut factors = [[0.0f32; LANES]; 4];
+        for (f, c) in factors.iter_mut().zip(&c) {
+            for (f, &c) in f.iter_mut().zip(c) {
+                *f = if (c >> 8) >= threshold { kept } else { 0.0 };
+            }
+        }
+        // Element 4·l + w is word w of lane l.
+        for (l, quad) in out.chunks_mut(4).enumerate() {
+            for (w, f) in quad.iter_mut().enumerate() {
+                *f = factors[w][l];
+            }
         }
     }
 }
