@@ -37,7 +37,7 @@ pub struct AttentionDims {
 
 impl AttentionDims {
     /// The same sizes with queries and keys on one token axis.
-    fn kv(&self) -> KvDims {
+    pub fn kv(&self) -> KvDims {
         KvDims {
             q_tokens: self.tokens,
             kv_tokens: self.tokens,

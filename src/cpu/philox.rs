@@ -8,12 +8,12 @@
 //! >= p. Kept elements are scaled by 1 / (1 - p).
 
 /// Multiplier of counter word 0.
-const M0: u32 = 0xD251_1F53;
+pub(crate) const M0: u32 = 0xD251_1F53;
 /// Multiplier of counter word 2.
-const M1: u32 = 0xCD9E_8D57;
+pub(crate) const M1: u32 = 0xCD9E_8D57;
 /// Key increments (Weyl sequence) after every round: golden ratio, sqrt(3) - 1.
-const W0: u32 = 0x9E37_79B9;
-const W1: u32 = 0xBB67_AE85;
+pub(crate) const W0: u32 = 0x9E37_79B9;
+pub(crate) const W1: u32 = 0xBB67_AE85;
 
 /// (high, low) 32-bit halves of the 64-bit product a * b.
 fn mul_hi_lo(a: u32, b: u32) -> (u32, u32) {
@@ -51,14 +51,26 @@ pub struct Dropout {
 impl Dropout {
     /// Whether element `e` (row-major index into the tensor) is kept.
     pub fn keep(&self, e: u64) -> bool {
-        let c = self.offset.wrapping_add(e / 4);
+        self.keep4(e / 4)[(e % 4) as usize]
+    }
+
+    /// Whether elements 4·`group` .. 4·`group` + 4 are kept: the four that
+    /// share one Philox call.
+    pub fn keep4(&self, group: u64) -> [bool; 4] {
+        let c = self.offset.wrapping_add(group);
         let words = philox4x32_10(
             [c as u32, (c >> 32) as u32, 0, 0],
             [self.seed as u32, (self.seed >> 32) as u32],
         );
-        // f32 multiply then truncation, as the device computes it.
-        let threshold = (self.p * 16_777_216.0f32) as u32;
-        (words[(e % 4) as usize] >> 8) >= threshold
+        let threshold = self.threshold();
+        words.map(|w| (w >> 8) >= threshold)
+    }
+
+    /// A word w keeps its element when w >> 8 (its top 24 bits) is at least
+    /// this: p · 2^24 by an f32 multiply then truncation, as the device
+    /// computes it.
+    pub(crate) fn threshold(&self) -> u32 {
+        (self.p * 16_777_216.0f32) as u32
     }
 
     /// Factor applied to kept elements: 1 / (1 - p).

@@ -1,5 +1,6 @@
-//! Row-wise f32 ops of the Llama forward pass on rayon threads: the
-//! embedding gather, SwiGLU, and the residual add fused with RMSNorm.
+//! Row-wise f32 ops of the Llama forward and backward passes on rayon
+//! threads: the embedding gather, SwiGLU and its gradient, RMSNorm (alone,
+//! fused with the residual add before it, and its gradient).
 
 use rayon::prelude::*;
 
@@ -29,13 +30,45 @@ pub fn gather_rows(table: Weights<'_>, hidden: usize, ids: &[u32], out: &mut [f3
 /// out = silu(gate) ∘ up.
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == up.len() && up.len() == out.len(), "one shape");
-    out.par_chunks_mut(4096)
-        .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+    out.par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(
+            gate.par_chunks(ELEMENTS_PER_TASK)
+                .zip(up.par_chunks(ELEMENTS_PER_TASK)),
+        )
         .for_each(|(o, (g, u))| {
             for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
                 *o = g / (1.0 + (-g).exp()) * u;
             }
         });
+}
+
+/// Elements per task of the elementwise ops.
+const ELEMENTS_PER_TASK: usize = 4096;
+
+/// The gradients of [`swiglu`] for dm: dgate = dm ∘ up ∘ silu'(gate) and
+/// dup = dm ∘ silu(gate), with silu'(g) = σ(g) (1 + g (1 − σ(g))).
+pub fn swiglu_backward(gate: &[f32], up: &[f32], dm: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    let n = gate.len();
+    assert!(
+        [up.len(), dm.len(), dgate.len(), dup.len()]
+            .iter()
+            .all(|&l| l == n),
+        "one shape"
+    );
+    let ins = gate
+        .par_chunks(ELEMENTS_PER_TASK)
+        .zip(up.par_chunks(ELEMENTS_PER_TASK))
+        .zip(dm.par_chunks(ELEMENTS_PER_TASK));
+    let outs = dgate
+        .par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(dup.par_chunks_mut(ELEMENTS_PER_TASK));
+    ins.zip(outs).for_each(|(((g, u), d), (dg, du))| {
+        for ((((&g, &u), &d), dg), du) in g.iter().zip(u).zip(d).zip(dg).zip(du) {
+            let sigma = 1.0 / (1.0 + (-g).exp());
+            *du = d * (g * sigma);
+            *dg = d * u * (sigma * (1.0 + g * (1.0 - sigma)));
+        }
+    });
 }
 
 /// y = w ∘ x · rsqrt(mean(x²) + eps) per row of `hidden`, with the sum of
@@ -87,9 +120,73 @@ pub fn add(h: &mut [f32], delta: &[f32]) {
         .for_each(|(hc, dc)| hc.iter_mut().zip(dc).for_each(|(a, &b)| *a += b));
 }
 
-fn normalize_row(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+/// The gradient of [`rmsnorm`] for dy: dx = r w ∘ dy − r³ x mean(dy ∘ w ∘
+/// x) per row, r = rsqrt(mean(x²) + eps), in f64 (the means, and dx, whose
+/// two terms may cancel) rounded once;
+/// and, when `dw` is given, dw = Σ_rows dy ∘ x r, summed in f64 per block
+/// of rows and the blocks in order (the same sum on any number of threads).
+pub fn rmsnorm_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    hidden: usize,
+    eps: f32,
+    dx: &mut [f32],
+    dw: Option<&mut [f32]>,
+) {
+    assert!(
+        x.len() == dy.len() && x.len() == dx.len() && w.len() == hidden,
+        "x, dy, dx [rows, hidden]; w [hidden]"
+    );
+    assert!(
+        dw.as_ref().is_none_or(|dw| dw.len() == hidden),
+        "dw is [hidden]"
+    );
+    let chunk = rows_per_task(hidden) * hidden;
+    let want_dw = dw.is_some();
+    let partial: Vec<Vec<f64>> = dx
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+        .map(|(dxc, (xc, gc))| {
+            let mut sum = vec![0.0f64; if want_dw { hidden } else { 0 }];
+            let rows = dxc
+                .chunks_exact_mut(hidden)
+                .zip(xc.chunks_exact(hidden).zip(gc.chunks_exact(hidden)));
+            for (dxr, (xr, gr)) in rows {
+                let r = inv_rms(xr, eps);
+                let gwx: f64 = xr
+                    .iter()
+                    .zip(gr)
+                    .zip(w)
+                    .map(|((&x, &g), &w)| g as f64 * w as f64 * x as f64)
+                    .sum();
+                let c = r * r * r * gwx / hidden as f64;
+                // In f64: the two terms cancel where dy ∘ w is parallel to x.
+                for (((d, &x), &g), &w) in dxr.iter_mut().zip(xr).zip(gr).zip(w) {
+                    *d = (r * (g as f64 * w as f64) - c * x as f64) as f32;
+                }
+                for ((s, &x), &g) in sum.iter_mut().zip(xr).zip(gr) {
+                    *s += g as f64 * x as f64 * r;
+                }
+            }
+            sum
+        })
+        .collect();
+    if let Some(dw) = dw {
+        for (j, out) in dw.iter_mut().enumerate() {
+            *out = partial.iter().map(|p| p[j]).sum::<f64>() as f32;
+        }
+    }
+}
+
+/// rsqrt(mean(x²) + eps) of a row, the sum of squares in f64.
+fn inv_rms(x: &[f32], eps: f32) -> f64 {
     let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
-    let r = (1.0 / (ss / x.len() as f64 + eps as f64).sqrt()) as f32;
+    1.0 / (ss / x.len() as f64 + eps as f64).sqrt()
+}
+
+fn normalize_row(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let r = inv_rms(x, eps) as f32;
     for ((yv, &xv), &wv) in y.iter_mut().zip(x).zip(w) {
         *yv = wv * (xv * r);
     }

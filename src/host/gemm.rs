@@ -1,7 +1,8 @@
 //! f32 GEMM against weights in their stored dtype, on rayon threads.
 //!
-//! The two products of a Linear layer: [`matmul_nt`] (y = x Wᵀ, the
-//! forward) and [`matmul_nn`] (y = x W, the input gradient). The output is
+//! The products of a Linear layer: [`matmul_nt`] (y = x Wᵀ, the forward),
+//! [`matmul_nn`] (y = x W, the input gradient) and [`matmul_tn`] (y = xᵀ W,
+//! a weight gradient: the sum over tokens of outer products). The output is
 //! cut into tiles of rows × columns, one rayon task each, and a tile is one
 //! `matrixmultiply::sgemm` call per panel of weights: f32 weights are read in
 //! place, f16 and bf16 ones are widened a panel at a time into a buffer of
@@ -27,7 +28,7 @@ pub enum Weights<'a> {
 
 impl Weights<'_> {
     /// Number of elements.
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Weights::F32(w) => w.len(),
             Weights::F16(w) => w.len(),
@@ -72,16 +73,37 @@ pub fn matmul_nn(
     matmul(x, w, Layout::Nn, Shape { m, k, n }, alpha, beta, y);
 }
 
-/// How the weight matrix holds the k × n right-hand side.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Layout {
-    /// w is [n, k]: the product uses its transpose.
-    Nt,
-    /// w is [k, n]: the product uses it as it is.
-    Nn,
+/// y [m, n] = alpha · xᵀ · w + beta · y, x [k, m] and w [k, n] row-major:
+/// a sum over the k rows of both, as a weight's gradient sums over tokens
+/// (dW = dyᵀ x). beta 0 overwrites y, whatever it held.
+///
+/// Panics unless x, w and y hold exactly k·m, k·n and m·n elements.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_tn(
+    x: &[f32],
+    w: Weights<'_>,
+    k: usize,
+    m: usize,
+    n: usize,
+    alpha: f32,
+    beta: f32,
+    y: &mut [f32],
+) {
+    matmul(x, w, Layout::Tn, Shape { m, k, n }, alpha, beta, y);
 }
 
-/// Sizes of one product: x [m, k], y [m, n].
+/// How the operands hold the m × k left-hand and k × n right-hand sides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// x is [m, k], w is [n, k]: the product uses w's transpose.
+    Nt,
+    /// x is [m, k], w is [k, n]: both as they are.
+    Nn,
+    /// x is [k, m], w is [k, n]: the product uses x's transpose.
+    Tn,
+}
+
+/// Sizes of one product: (m × k) · (k × n) into y [m, n].
 #[derive(Clone, Copy, Debug)]
 struct Shape {
     m: usize,
@@ -113,7 +135,7 @@ fn matmul(
     y: &mut [f32],
 ) {
     let Shape { m, k, n } = shape;
-    assert_eq!(x.len(), m * k, "x is [m, k]");
+    assert_eq!(x.len(), m * k, "x holds m·k elements");
     assert_eq!(w.len(), n * k, "w holds n·k elements");
     assert_eq!(y.len(), m * n, "y is [m, n]");
     if y.is_empty() {
@@ -142,7 +164,8 @@ fn run<T: Stored>(
 ) {
     match (shape.m, layout) {
         (1, Layout::Nt) => gemv_nt(x, w, alpha, beta, y),
-        (1, Layout::Nn) => gemv_nn(x, w, alpha, beta, y),
+        // x [k, 1] is laid out as x [1, k].
+        (1, Layout::Nn | Layout::Tn) => gemv_nn(x, w, alpha, beta, y),
         _ => tiled(x, w, layout, shape, alpha, beta, y),
     }
 }
@@ -360,10 +383,17 @@ fn tiled<T: Stored>(
             let mut depth = 0;
             while depth < k {
                 let ks = depth..depth + T::PANEL_K.min(k - depth);
-                let a = View::new(&x[rows.start * k + ks.start..], rows.len(), ks.len(), k, 1);
+                let a = match layout {
+                    Layout::Nt | Layout::Nn => {
+                        View::new(&x[rows.start * k + ks.start..], rows.len(), ks.len(), k, 1)
+                    }
+                    Layout::Tn => {
+                        View::new(&x[ks.start * m + rows.start..], rows.len(), ks.len(), 1, m)
+                    }
+                };
                 let b = match layout {
                     Layout::Nt => T::panel(w, k, cols.clone(), ks.clone(), buf).t(),
-                    Layout::Nn => T::panel(w, n, ks.clone(), cols.clone(), buf),
+                    Layout::Nn | Layout::Tn => T::panel(w, n, ks.clone(), cols.clone(), buf),
                 };
                 let beta = if depth == 0 { beta } else { 1.0 };
                 // SAFETY: the tiles partition y (y.len() == m·n was checked),

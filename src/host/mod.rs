@@ -6,5 +6,6 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod gemm;
+pub mod lora;
 pub mod rope;
 pub mod view;

@@ -108,13 +108,7 @@ pub fn forward(
     let pb = Problem::check(OP, q, k, v, batch, cfg)?;
     let device = q.device().clone();
     if let (Device::Cpu, DType::F32) = (&device, q.dtype()) {
-        let dims = KvDims {
-            q_tokens: pb.dims.tokens,
-            kv_tokens: pb.dims.tokens,
-            q_heads: pb.dims.q_heads,
-            kv_heads: pb.dims.kv_heads,
-            head_dim: pb.dims.head_dim,
-        };
+        let dims = pb.dims.kv();
         return host_forward(
             OP, q, k, v, &dims, &pb.spans, &pb.spans, pb.scale, cfg.causal,
         );
@@ -322,6 +316,41 @@ fn host_forward(
     Ok(AttentionOutput { o, lse })
 }
 
+/// The host attention backward on f32 CPU tensors.
+#[allow(clippy::too_many_arguments)]
+fn host_backward(
+    op: &'static str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    fwd: &AttentionOutput,
+    dout: &Tensor,
+    pb: &Problem,
+    causal: bool,
+) -> Result<AttentionGrads> {
+    let mut dq = Tensor::zeros(q.shape(), DType::F32, q.device())?;
+    let mut dk = Tensor::zeros(k.shape(), DType::F32, q.device())?;
+    let mut dv = Tensor::zeros(v.shape(), DType::F32, q.device())?;
+    host::attention::attention_backward(
+        host::view::f32s(op, "q", q)?,
+        host::view::f32s(op, "k", k)?,
+        host::view::f32s(op, "v", v)?,
+        host::view::f32s(op, "fwd.o", &fwd.o)?,
+        host::view::f32s(op, "dout", dout)?,
+        host::view::f32s(op, "fwd.lse", &fwd.lse)?,
+        &pb.dims.kv(),
+        &pb.spans,
+        pb.scale,
+        causal,
+        (
+            host::view::f32s_mut(op, "dq", &mut dq)?,
+            host::view::f32s_mut(op, "dk", &mut dk)?,
+            host::view::f32s_mut(op, "dv", &mut dv)?,
+        ),
+    );
+    Ok(AttentionGrads { dq, dk, dv })
+}
+
 /// Writes `new` [batch, t, kv_heads, head_dim] into rows `start .. start + t`
 /// of `cache` [batch, capacity, kv_heads, head_dim], any dtype. On the GPU
 /// and the emulator a copy kernel does it (in stream order, like the
@@ -422,6 +451,9 @@ pub fn backward(
     check_dtype(OP, "fwd.lse", &fwd.lse, DType::F32)?;
     check_device(OP, "fwd.lse", &fwd.lse, q.device())?;
     let device = q.device().clone();
+    if let (Device::Cpu, DType::F32) = (&device, q.dtype()) {
+        return host_backward(OP, q, k, v, fwd, dout, &pb, cfg.causal);
+    }
     if let Device::Cpu = device {
         let (dq, dk, dv) = cpu::attention::backward(
             &q.to_f32_vec()?,

@@ -175,6 +175,9 @@ pub fn backward(
         l.dims.out_features,
         l.dims.tokens,
     );
+    if host_path(x) {
+        return host_backward(OP, x, dy, weights, u, &l);
+    }
     if let Device::Cpu = device {
         let (dx, da, db) = cpu::lora::backward(
             &x.to_f32_vec()?,
@@ -270,8 +273,8 @@ fn host_path(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
 }
 
-/// [`forward`] on the host: y = x Wᵀ, u = dropout(x) Aᵀ, y += s u Bᵀ, three
-/// f32 GEMMs with W read in its stored dtype.
+/// [`forward`] on the host ([`host::lora::forward`]), W read in its stored
+/// dtype.
 fn host_forward(
     op: &'static str,
     x: &Tensor,
@@ -279,53 +282,69 @@ fn host_forward(
     l: &Layer,
     y_shape: &[usize],
 ) -> Result<LoraOutput> {
-    use host::gemm::{matmul_nt, Weights};
-    let (tokens, d_in, d_out, r) = (
-        l.dims.tokens,
-        l.dims.in_features,
-        l.dims.out_features,
-        l.dims.rank,
-    );
-    let xs = host::view::f32s(op, "x", x)?;
-    let (a, b) = (
+    let (tokens, r) = (l.dims.tokens, l.dims.rank);
+    let mut y = Tensor::zeros(y_shape, DType::F32, &l.device)?;
+    let mut u = vec![0.0f32; tokens * r];
+    host::lora::forward(
+        host::view::f32s(op, "x", x)?,
+        host::view::weights(op, "weights.w", weights.w)?,
         host::view::f32s(op, "weights.a", weights.a)?,
         host::view::f32s(op, "weights.b", weights.b)?,
-    );
-    let mut y = Tensor::zeros(y_shape, DType::F32, &l.device)?;
-    let ys = host::view::f32s_mut(op, "y", &mut y)?;
-    matmul_nt(
-        xs,
-        host::view::weights(op, "weights.w", weights.w)?,
-        tokens,
-        d_in,
-        d_out,
-        1.0,
-        0.0,
-        ys,
-    );
-    let dropped: Option<Vec<f32>> = l.dropout.as_ref().map(|d| {
-        let kept = 1.0 / (1.0 - d.p);
-        xs.iter()
-            .enumerate()
-            .map(|(e, &v)| if d.keep(e as u64) { v * kept } else { 0.0 })
-            .collect()
-    });
-    let mut u = vec![0.0f32; tokens * r];
-    matmul_nt(
-        dropped.as_deref().unwrap_or(xs),
-        Weights::F32(a),
-        tokens,
-        d_in,
-        r,
-        1.0,
-        0.0,
+        &l.dims,
+        l.scale,
+        l.dropout.as_ref(),
+        host::view::f32s_mut(op, "y", &mut y)?,
         &mut u,
     );
-    matmul_nt(&u, Weights::F32(b), tokens, r, d_out, l.scale, 1.0, ys);
     Ok(LoraOutput {
         y,
         u: Tensor::from_slice(&l.pad_columns(&u), &[tokens, l.r16], &l.device)?,
     })
+}
+
+/// [`backward`] on the host ([`host::lora::backward`]): u's padding columns
+/// dropped, W read in its stored dtype.
+fn host_backward(
+    op: &'static str,
+    x: &Tensor,
+    dy: &Tensor,
+    weights: LoraWeights<'_>,
+    u: &Tensor,
+    l: &Layer,
+) -> Result<LoraGrads> {
+    let (r, d_in, d_out) = (l.dims.rank, l.dims.in_features, l.dims.out_features);
+    let u16 = host::view::f32s(op, "u", u)?;
+    let compact: Vec<f32>;
+    let u = if l.r16 == r {
+        u16
+    } else {
+        compact = u16
+            .chunks_exact(l.r16)
+            .flat_map(|row| &row[..r])
+            .copied()
+            .collect();
+        &compact
+    };
+    let mut dx = Tensor::zeros(x.shape(), DType::F32, &l.device)?;
+    let mut da = Tensor::zeros(&[r, d_in], DType::F32, &l.device)?;
+    let mut db = Tensor::zeros(&[d_out, r], DType::F32, &l.device)?;
+    host::lora::backward(
+        host::view::f32s(op, "x", x)?,
+        host::view::weights(op, "weights.w", weights.w)?,
+        host::view::f32s(op, "weights.a", weights.a)?,
+        host::view::f32s(op, "weights.b", weights.b)?,
+        host::view::f32s(op, "dy", dy)?,
+        u,
+        &l.dims,
+        l.scale,
+        l.dropout.as_ref(),
+        (
+            host::view::f32s_mut(op, "dx", &mut dx)?,
+            host::view::f32s_mut(op, "da", &mut da)?,
+            host::view::f32s_mut(op, "db", &mut db)?,
+        ),
+    );
+    Ok(LoraGrads { dx, da, db })
 }
 
 /// dx = dy W for the base layer alone (W frozen).
@@ -335,6 +354,20 @@ pub fn linear_backward(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (tokens, d_in, d_out) = (l.dims.tokens, l.dims.in_features, l.dims.out_features);
     let mut dx_shape = dy.shape().to_vec();
     *dx_shape.last_mut().expect("checked rank") = d_in;
+    if host_path(dy) {
+        let mut dx = Tensor::zeros(&dx_shape, DType::F32, &l.device)?;
+        host::gemm::matmul_nn(
+            host::view::f32s(OP, "dy", dy)?,
+            host::view::weights(OP, "w", w)?,
+            tokens,
+            d_out,
+            d_in,
+            1.0,
+            0.0,
+            host::view::f32s_mut(OP, "dx", &mut dx)?,
+        );
+        return Ok(dx);
+    }
     if let Device::Cpu = l.device {
         let x = vec![0.0; tokens * d_in];
         let (dx, _, _) = cpu::lora::backward(

@@ -3,7 +3,8 @@
 //!
 //! [`add_forward`] fuses the residual add before the norm.
 //!
-//! Kernels: `kernels/rmsnorm.cu`. CPU reference: [`crate::cpu::rmsnorm`].
+//! Kernels: `kernels/rmsnorm.cu`. Host code (f32 on the CPU):
+//! [`crate::host::elementwise`]. CPU reference: [`crate::cpu::rmsnorm`].
 
 use super::{
     check_aligned, check_device, check_dtype, check_float, check_nonempty, check_shape,
@@ -188,6 +189,27 @@ pub fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f32, want_dw: bool) ->
     check_device(OP, "dy", dy, x.device())?;
     check_aligned(OP, "dy", dy)?;
     let device = x.device();
+    if let (Device::Cpu, DType::F32) = (device, x.dtype()) {
+        let mut dx = Tensor::zeros(x.shape(), DType::F32, device)?;
+        let mut dw = if want_dw {
+            Some(Tensor::zeros(w.shape(), DType::F32, device)?)
+        } else {
+            None
+        };
+        host::elementwise::rmsnorm_backward(
+            host::view::f32s(OP, "x", x)?,
+            host::view::f32s(OP, "w", w)?,
+            host::view::f32s(OP, "dy", dy)?,
+            hidden,
+            eps,
+            host::view::f32s_mut(OP, "dx", &mut dx)?,
+            match dw.as_mut() {
+                Some(dw) => Some(host::view::f32s_mut(OP, "dw", dw)?),
+                None => None,
+            },
+        );
+        return Ok(Grads { dx, dw });
+    }
     if let Device::Cpu = device {
         let (dx, dw) = cpu::rmsnorm::backward(
             &x.to_f32_vec()?,

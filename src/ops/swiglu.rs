@@ -2,8 +2,10 @@
 //! dgate = dm ∘ up ∘ silu'(gate), dup = dm ∘ silu(gate), with
 //! silu'(g) = σ(g) (1 + g (1 − σ(g))). fp32 math, storage f32/f16/bf16.
 //!
-//! Kernels: `kernels/swiglu.cu`. Host code (f32 forward on the CPU):
-//! [`crate::host::elementwise::swiglu`]. Reference: [`crate::cpu::swiglu`].
+//! Kernels: `kernels/swiglu.cu`. Host code (f32 on the CPU):
+//! [`crate::host::elementwise::swiglu`] and
+//! [`crate::host::elementwise::swiglu_backward`]. Reference:
+//! [`crate::cpu::swiglu`].
 
 use super::{check_aligned, check_device, check_dtype, check_float, check_nonempty, check_shape};
 use crate::cpu;
@@ -107,15 +109,25 @@ pub fn backward_into(
     check_like(OP, "dm", dm, gate)?;
     check_like(OP, "dgate", dgate, gate)?;
     check_like(OP, "dup", dup, gate)?;
-    match gate.device() {
-        Device::Cpu => {
+    match (gate.device(), gate.dtype()) {
+        (Device::Cpu, DType::F32) => {
+            host::elementwise::swiglu_backward(
+                host::view::f32s(OP, "gate", gate)?,
+                host::view::f32s(OP, "up", up)?,
+                host::view::f32s(OP, "dm", dm)?,
+                host::view::f32s_mut(OP, "dgate", dgate)?,
+                host::view::f32s_mut(OP, "dup", dup)?,
+            );
+            Ok(())
+        }
+        (Device::Cpu, _) => {
             let (dg, du) =
                 cpu::swiglu::backward(&gate.to_f32_vec()?, &up.to_f32_vec()?, &dm.to_f32_vec()?);
             *dgate = Tensor::from_f32(&dg, gate.shape(), gate.dtype(), &Device::Cpu)?;
             *dup = Tensor::from_f32(&du, gate.shape(), gate.dtype(), &Device::Cpu)?;
             Ok(())
         }
-        device => {
+        (device, _) => {
             let mut params = SwigluParams {
                 gate: gate.device_address() as *const _,
                 up: up.device_address() as *const _,
