@@ -420,9 +420,11 @@ fn attention_matches_reference_on_long_sequences() {
 }
 
 /// The row-wise ops of the model's host path against their references: the
-/// embedding gather (exact), SwiGLU, RMSNorm and the residual add fused with
-/// it, RoPE (both pair styles, forward and inverse), and the LM head fused with cross-entropy (blocks of rows smaller and
-/// larger than one block of logits; ignored labels).
+/// embedding gather (exact), SwiGLU and its gradient, RMSNorm (alone, with
+/// its gradient, and the residual add fused with it), RoPE (both pair
+/// styles, forward and inverse), and the LM head fused with cross-entropy
+/// and its gradient (blocks of rows smaller and larger than one block of
+/// logits; ignored labels).
 mod row_ops {
     use super::*;
     use platypus::ops::{cross_entropy, embedding, rmsnorm, rope, swiglu};
@@ -506,6 +508,15 @@ mod row_ops {
             let scale = 1.0 + 0.1 * (hidden as f64).sqrt() * 4.0;
             prop_assert!((ce.loss_sum - sum).abs() <= 1e-5 * scale * count.max(1) as f64, "{} vs {sum}", ce.loss_sum);
             close(&ce.lse, &lse, 2e-6, "lse");
+            let (_, dh) = cross_entropy::linear_cross_entropy_grad(
+                &t(&x, &[rows, hidden], DType::F32),
+                &t(&head, &[vocab, hidden], DType::F32),
+                &labels,
+                0.25,
+            ).unwrap();
+            let want = cpu::cross_entropy::linear_cross_entropy_grad(&x, &head, &labels, hidden, 0.25);
+            // A GEMM over the vocabulary: 1.5e-6 of max |dh| at worst in 500 cases.
+            close(&dh.to_f32_vec().unwrap(), &want, 4e-6, "dh");
         }
     }
 
@@ -591,6 +602,16 @@ mod row_ops {
             ce.loss_sum
         );
         close(&ce.lse, &lse, 1e-6, "lse");
+        // With the gradient: blocks of whole GEMM row tiles, 256 + 44 rows.
+        let (_, dh) = cross_entropy::linear_cross_entropy_grad(
+            &t(&x, &[rows, hidden], DType::F32),
+            &t(&head, &[vocab, hidden], DType::F32),
+            &labels,
+            0.5,
+        )
+        .unwrap();
+        let want = cpu::cross_entropy::linear_cross_entropy_grad(&x, &head, &labels, hidden, 0.5);
+        close(&dh.to_f32_vec().unwrap(), &want, 4e-6, "dh");
     }
 }
 

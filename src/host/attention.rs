@@ -409,7 +409,7 @@ const EXP2_TAYLOR: [f32; 7] = {
 /// for x above 0 up to 127 (the backward pass's score minus logsumexp,
 /// which rounding may leave a little above 0).
 #[inline(always)]
-fn exp2_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp2_nonpositive(x: f32) -> f32 {
     // Adding 1.5 · 2^23 rounds to an integer, left in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     let x = x.max(-126.0);

@@ -6,9 +6,12 @@
 //! is known while the logits are at hand: one GEMM fewer than a separate
 //! backward pass).
 
+use std::f32::consts::LOG2_E;
+
 use rayon::prelude::*;
 
-use super::gemm::{matmul_nn, matmul_nt, Weights};
+use super::attention::exp2_nonpositive;
+use super::gemm::{matmul_nn, matmul_nt, Weights, TILE_ROWS};
 
 /// Where the gradient of `scale` · Σ loss goes: dh [tokens, hidden].
 pub struct Grad<'a> {
@@ -35,7 +38,12 @@ pub fn linear_cross_entropy(
 ) -> (f64, usize, Vec<f32>) {
     let tokens = labels.len();
     assert_eq!(h.len(), tokens * hidden, "h is [tokens, hidden]");
-    let block = (BLOCK_BYTES / 4 / vocab.max(1)).clamp(1, tokens.max(1));
+    let mut block = (BLOCK_BYTES / 4 / vocab.max(1)).clamp(1, tokens.max(1));
+    // Whole GEMM row tiles, each of which packs all of the head's panels:
+    // 262 rows would be a tile of 256 and one of 6 that packs as much.
+    if block > TILE_ROWS && block < tokens {
+        block -= block % TILE_ROWS;
+    }
     let mut logits = vec![0.0f32; block * vocab];
     let mut lse = vec![0.0f32; tokens];
     let mut sum = 0.0f64;
@@ -76,7 +84,7 @@ pub fn linear_cross_entropy(
                         return;
                     }
                     for v in row.iter_mut() {
-                        *v = scale * (*v - l).exp();
+                        *v = scale * exp2_nonpositive((*v - l) * LOG2_E);
                     }
                     row[label as usize] -= scale;
                 });
@@ -87,12 +95,22 @@ pub fn linear_cross_entropy(
     (sum, count, lse)
 }
 
-/// log Σ e^z, with the sum in f64.
+/// log Σ e^z: the exponentials in f32 by the polynomial of
+/// [`exp2_nonpositive`] (loops that vectorize), summed in f64 in eight
+/// lanes.
 fn logsumexp(z: &[f32]) -> f32 {
     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
         return max;
     }
-    let s: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
-    (max as f64 + s.ln()) as f32
+    let e = |v: f32| exp2_nonpositive((v - max) * LOG2_E) as f64;
+    let mut lanes = [0.0f64; 8];
+    let chunks = z.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| e(v)).sum();
+    for chunk in chunks {
+        for (acc, &v) in lanes.iter_mut().zip(chunk) {
+            *acc += e(v);
+        }
+    }
+    (max as f64 + (lanes.iter().sum::<f64>() + tail).ln()) as f32
 }

@@ -112,7 +112,7 @@ struct Shape {
 }
 
 /// Most rows of one output tile.
-const TILE_ROWS: usize = 256;
+pub(crate) const TILE_ROWS: usize = 256;
 /// Most columns of one output tile.
 const TILE_COLS: usize = 256;
 /// Tiles are not split below this many rows or columns.
@@ -405,12 +405,22 @@ fn tiled<T: Stored>(
         });
 }
 
-/// Rows and columns per output tile: at most [`TILE_ROWS`] × [`TILE_COLS`],
-/// halved (longer side first) until there are a few tiles per thread or
+/// Rows and columns per output tile: at most [`TILE_ROWS`] × [`TILE_COLS`]
+/// and as even as the sides allow, halved (longer side first) until there are a few tiles per thread or
 /// halves would be too small to be worth a task.
 fn tile_sizes(Shape { m, k, n }: Shape) -> (usize, usize) {
     let wanted = TASKS_PER_THREAD * rayon::current_num_threads();
-    let (mut tile_m, mut tile_n) = (m.min(TILE_ROWS), n.min(TILE_COLS));
+    // As few tiles as cover the side, of one size (a multiple of 8): 262
+    // rows are two tiles of 136, not one of 256 and one of 6 that costs as
+    // much packing.
+    let even = |side: usize, most: usize| {
+        if side <= most {
+            side
+        } else {
+            side.div_ceil(side.div_ceil(most)).next_multiple_of(8)
+        }
+    };
+    let (mut tile_m, mut tile_n) = (even(m, TILE_ROWS), even(n, TILE_COLS));
     // Half of `side` (a multiple of 8, for sgemm's micro-kernels) if each
     // half still has `other` × half × k multiply-adds worth a task.
     let halve = |side: usize, other: usize| {
