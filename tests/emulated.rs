@@ -1,8 +1,10 @@
 //! The CUDA kernels, run on the host emulator, against the CPU references:
 //! random shapes (one row, odd sizes, hidden sizes not a multiple of the
 //! vector width), every float dtype, forward and backward. `PROPTEST_CASES`
-//! sets the case count of the attention, LoRA and elementwise (embedding,
-//! SwiGLU, add + RMSNorm) properties.
+//! sets the case count of the attention, LoRA, elementwise (embedding,
+//! SwiGLU, add + RMSNorm), cross-entropy and sampling properties;
+//! `PLATYPUS_MEASURE=1` prints the errors the tolerances of the head's
+//! gradient were set from.
 
 mod common;
 
@@ -955,6 +957,323 @@ fn linear_cross_entropy_is_independent_of_the_chunking() {
     let got = cross_entropy::linear_cross_entropy(&ht, &wt, &none).unwrap();
     assert_eq!((got.tokens, got.loss_sum), (0, 0.0));
     assert_eq!(got.lse, whole.lse);
+}
+
+/// One unit of fp32 rounding, 2⁻²⁴.
+const F32_UNIT: f64 = f32::EPSILON as f64 / 2.0;
+
+/// Prints one case's measured error when `PLATYPUS_MEASURE` is set (how
+/// the figures in the tolerance comments were taken).
+fn measured(line: &str) {
+    if std::env::var_os("PLATYPUS_MEASURE").is_some() {
+        eprintln!("measured {line}");
+    }
+}
+
+// ---- the fused head's gradient ------------------------------------------------------------------
+
+/// The scales dh's error is measured against, for every element (t, k),
+/// from the exact (f64) softmax p of the reference's logits and dlogits
+/// g_tv = scale · (p_tv − [v = label_t]) (0 for ignored tokens):
+/// - `rounding`: Σ_v |g_tv| · |w_vk|. Rounding each dlogit by a relative δ
+///   (to the GEMM's 16-bit input) moves dh_tk by at most δ times this.
+/// - `logits`: Σ_v |scale| · p_tv · |w_vk| · e_t, with e_t a bound on the
+///   error of the computed z_tv − lse_t: twice `logit_err[t]` (the fp32
+///   logits), the lse's fp32 sum of exponentials ((vocab + 64) units of
+///   2⁻²⁴, as `check_ce` allows) and 8 units of |lse| and of exp. An error
+///   e in z − lse moves p by p · e: when p_label is near 1 that is far more
+///   than its |g| ≈ 1 − p_label, so `rounding` alone cannot bound it.
+struct GradScales {
+    rounding: Vec<f64>,
+    logits: Vec<f64>,
+}
+
+/// [`GradScales`] of dh for the reference's inputs and `logit_err` ([`ce_logit_err`]).
+fn ce_grad_scales(
+    h: &[f32],
+    w: &[f32],
+    labels: &[i32],
+    hidden: usize,
+    scale: f32,
+    logit_err: &[f64],
+) -> GradScales {
+    let unit = f64::from(f32::EPSILON) / 2.0;
+    let vocab = w.len() / hidden;
+    let mut rounding = vec![0.0f64; h.len()];
+    let mut logits = vec![0.0f64; h.len()];
+    for (t, (row, &label)) in h.chunks_exact(hidden).zip(labels).enumerate() {
+        if label < 0 {
+            continue;
+        }
+        let z: Vec<f64> = w
+            .chunks_exact(hidden)
+            .map(|wr| {
+                row.iter()
+                    .zip(wr)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum()
+            })
+            .collect();
+        let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
+        let lse = max + sum.ln();
+        let e = 2.0 * logit_err[t] + (vocab as f64 + 64.0) * unit + 8.0 * unit * lse.abs().max(1.0);
+        let at = t * hidden..(t + 1) * hidden;
+        for (v, (zv, wr)) in z.iter().zip(w.chunks_exact(hidden)).enumerate() {
+            let p = (zv - max).exp() / sum;
+            let onehot = if v == label as usize { 1.0 } else { 0.0 };
+            let g = (f64::from(scale) * (p - onehot)).abs();
+            let pe = f64::from(scale.abs()) * p * e;
+            for ((r, l), &wv) in rounding[at.clone()]
+                .iter_mut()
+                .zip(&mut logits[at.clone()])
+                .zip(wr)
+            {
+                let wv = f64::from(wv.abs());
+                *r += g * wv;
+                *l += pe * wv;
+            }
+        }
+    }
+    GradScales { rounding, logits }
+}
+
+/// Checks dh against the reference's element by element: |got − want| ≤
+/// rel · (rounding_tk + |want_tk|) + logits_tk + abs · (Σ_v |w_vk| + 1)
+/// (`abs`: f16's subnormal spacing, for dlogits and dh below 2⁻¹⁴). Ignored
+/// tokens' rows must be exactly 0. Returns the largest error as a fraction
+/// of its tolerance (the measured figure).
+#[allow(clippy::too_many_arguments)]
+fn check_dh(
+    got: &[f32],
+    want: &[f32],
+    scales: &GradScales,
+    w: &[f32],
+    labels: &[i32],
+    hidden: usize,
+    rel: f64,
+    abs: f64,
+) -> Result<f64, TestCaseError> {
+    prop_assert_eq!(got.len(), want.len());
+    let w_sums: Vec<f64> = (0..hidden)
+        .map(|k| {
+            w.chunks_exact(hidden)
+                .map(|wr| f64::from(wr[k].abs()))
+                .sum()
+        })
+        .collect();
+    let mut worst = 0.0f64;
+    for (i, (&g, &x)) in got.iter().zip(want).enumerate() {
+        let (t, k) = (i / hidden, i % hidden);
+        if labels[t] < 0 {
+            prop_assert!(g == 0.0, "dh[{}, {}] = {} for an ignored token", t, k, g);
+            continue;
+        }
+        let err = (f64::from(g) - f64::from(x)).abs();
+        let tol = rel * (scales.rounding[i] + f64::from(x.abs()))
+            + scales.logits[i]
+            + abs * (w_sums[k] + 1.0);
+        prop_assert!(
+            err <= tol,
+            "dh[{}, {}] = {}, want {} (error {:e}, tolerance {:e})",
+            t,
+            k,
+            g,
+            x,
+            err,
+            tol
+        );
+        if tol > 0.0 {
+            worst = worst.max(err / tol);
+        }
+    }
+    Ok(worst)
+}
+
+/// The bound on row t's fp32 logits error the head's checks use: `hidden`
+/// exact 16-bit products (or f32 ones, each rounded once) summed in fp32.
+fn ce_logit_err(h: &[f32], w: &[f32], hidden: usize) -> Vec<f64> {
+    let unit = f64::from(f32::EPSILON) / 2.0;
+    abs_product_bound(h, w, hidden)
+        .iter()
+        .map(|s| 2.0 * hidden as f64 * unit * s)
+        .collect()
+}
+
+/// The chunk budget that cuts `tokens` into `chunks` chunks of the
+/// gradient's fp32 logits (rows 8-aligned: ld = vocab rounded up to 8).
+fn grad_budget(tokens: usize, vocab: usize, chunks: usize) -> usize {
+    tokens.div_ceil(chunks) * 4 * vocab.next_multiple_of(8)
+}
+
+proptest! {
+    #![proptest_config(ce_config())]
+
+    /// The fused head with its gradient (GEMM into fp32 logits chunks, the
+    /// row kernel, the dlogits kernel, the nn GEMM back through the head)
+    /// against the f64 reference on the same rounded h and W: vocabularies
+    /// on and off the 8-wide dlogits rows (261: the padded head), ignored
+    /// and all-ignored labels, 1 to 5 chunks, scales of the summed loss.
+    /// The loss is the forward op's bit for bit, and the reference's as in
+    /// `linear_cross_entropy_matches_cpu`.
+    ///
+    /// dh is allowed its error bound ([`check_dh`]): rounding dlogits and dh
+    /// to h's dtype (u = 2⁻⁸ bf16, 2⁻¹¹ f16, of Σ_v |dlogit_v| |w_vk| and of
+    /// |dh|), the GEMM's fp32 sum over the vocabulary ((ld + 2) · 2⁻²⁴ of
+    /// the same), the fp32 logits and lse moving the softmax
+    /// ([`GradScales::logits`]), and f16's subnormal spacing. Measured
+    /// (`PROPTEST_CASES=600 PLATYPUS_MEASURE=1`, two runs, 1200 cases): the
+    /// largest error used 0.85 of its bound (bf16; f16 0.80), so the bound
+    /// is nearly reached and nothing looser is needed.
+    #[test]
+    fn linear_cross_entropy_grad_matches_cpu(
+        tokens in prop_oneof![Just(1usize), 2usize..=40, 100usize..=200],
+        hidden in prop::sample::select(vec![8usize, 16, 40, 64, 136]),
+        vocab in prop_oneof![1usize..=20, 21usize..=400, Just(128), Just(261)],
+        chunks in 1usize..=5,
+        dtype in prop::sample::select(vec![DType::F16, DType::BF16]),
+        scale in prop::sample::select(vec![1.0f32, 1.0 / 64.0, -3.0]),
+        all_ignored in prop::bool::weighted(0.1),
+        seed in any::<u64>(),
+    ) {
+        use platypus::ops::cross_entropy;
+        let mut rng = Rng::new(seed);
+        let h = round_to(&rng.normal_vec(tokens * hidden, 1.0), dtype);
+        let w = round_to(&rng.normal_vec(vocab * hidden, 0.5), dtype);
+        let labels = ce_labels(&mut rng, tokens, vocab, all_ignored);
+        let dev = Device::Emulated;
+        let ht = Tensor::from_f32(&h, &[tokens, hidden], dtype, &dev).unwrap();
+        let wt = Tensor::from_f32(&w, &[vocab, hidden], dtype, &dev).unwrap();
+        let budget = grad_budget(tokens, vocab, chunks);
+        let (ce, dh) =
+            cross_entropy::linear_cross_entropy_grad_chunked(&ht, &wt, &labels, scale, budget).unwrap();
+        prop_assert_eq!(dh.shape(), &[tokens, hidden][..]);
+        prop_assert_eq!(dh.dtype(), dtype);
+        let fwd = cross_entropy::linear_cross_entropy_chunked(&ht, &wt, &labels, budget).unwrap();
+        prop_assert_eq!(ce.loss_sum.to_bits(), fwd.loss_sum.to_bits());
+        prop_assert_eq!(bits(&ce.lse), bits(&fwd.lse));
+        let want = platypus::cpu::cross_entropy::linear_cross_entropy(&h, &w, &labels, hidden);
+        let logit_err = ce_logit_err(&h, &w, hidden);
+        check_ce(&ce, &want, &labels, &logit_err, vocab)?;
+        let want_dh = cpu::cross_entropy::linear_cross_entropy_grad(&h, &w, &labels, hidden, scale);
+        let scales = ce_grad_scales(&h, &w, &labels, hidden, scale, &logit_err);
+        // dlogits and dh rounded to dtype, the GEMM's fp32 sum over the 8-aligned vocabulary.
+        let rel = f64::from(common::rounding_unit(dtype)) + (vocab.next_multiple_of(8) + 2) as f64 * F32_UNIT;
+        let abs = if dtype == DType::F16 { (-25f64).exp2() } else { 0.0 };
+        let worst = check_dh(&dh.to_f32_vec().unwrap(), &want_dh, &scales, &w, &labels, hidden, rel, abs)?;
+        measured(&format!("ce grad {dtype}: dh {worst:.3} of its tolerance"));
+    }
+
+    /// Device::Cpu's f32 host path (blocks of fp32 logits, dlogits in place,
+    /// matmul_nn back through the head; W in f32 or bf16) against the same
+    /// reference, any hidden size. Its only error is fp32 arithmetic, and it
+    /// is allowed [`check_dh`]'s bound with u = 2⁻²⁴: logits summed over
+    /// hidden, dlogits and dh rounded once, dh summed over the vocabulary
+    /// ((vocab + 2) · 2⁻²⁴ ≤ 2.4e-5 of Σ_v |dlogit_v| |w_vk| + |dh| at
+    /// vocab 400). Measured (`PROPTEST_CASES=1000 PLATYPUS_MEASURE=1`): the
+    /// largest error used 0.10 of it (W in bf16; 0.06 in f32).
+    #[test]
+    fn linear_cross_entropy_grad_on_the_cpu_matches_the_reference(
+        tokens in prop_oneof![Just(1usize), 2usize..=40, 100usize..=200],
+        hidden in prop_oneof![1usize..=40, Just(64), Just(136)],
+        vocab in prop_oneof![1usize..=20, 21usize..=400, Just(261)],
+        w_dtype in prop::sample::select(vec![DType::F32, DType::BF16]),
+        scale in prop::sample::select(vec![1.0f32, 1.0 / 64.0, -3.0]),
+        all_ignored in prop::bool::weighted(0.1),
+        seed in any::<u64>(),
+    ) {
+        use platypus::ops::cross_entropy;
+        let mut rng = Rng::new(seed);
+        let h = rng.normal_vec(tokens * hidden, 1.0);
+        let w = round_to(&rng.normal_vec(vocab * hidden, 0.5), w_dtype);
+        let labels = ce_labels(&mut rng, tokens, vocab, all_ignored);
+        let dev = Device::Cpu;
+        let ht = Tensor::from_f32(&h, &[tokens, hidden], DType::F32, &dev).unwrap();
+        let wt = Tensor::from_f32(&w, &[vocab, hidden], w_dtype, &dev).unwrap();
+        let (ce, dh) = cross_entropy::linear_cross_entropy_grad(&ht, &wt, &labels, scale).unwrap();
+        prop_assert_eq!(dh.dtype(), DType::F32);
+        let want = platypus::cpu::cross_entropy::linear_cross_entropy(&h, &w, &labels, hidden);
+        let logit_err = ce_logit_err(&h, &w, hidden);
+        check_ce(&ce, &want, &labels, &logit_err, vocab)?;
+        let want_dh = cpu::cross_entropy::linear_cross_entropy_grad(&h, &w, &labels, hidden, scale);
+        let scales = ce_grad_scales(&h, &w, &labels, hidden, scale, &logit_err);
+        // dlogits and dh in f32, matmul_nn's fp32 sum over the vocabulary.
+        let rel = (vocab + 2) as f64 * F32_UNIT;
+        let worst = check_dh(&dh.to_vec::<f32>().unwrap(), &want_dh, &scales, &w, &labels, hidden, rel, 0.0)?;
+        measured(&format!("ce grad cpu {w_dtype}: dh {worst:.3} of its tolerance"));
+    }
+}
+
+/// The gradient does not depend on the chunking either: at vocab 261 (a
+/// padded head), 150 tokens in chunks of 75, 22 and 5 rows give the loss,
+/// lse and dh of the default budget (one 128-row tile and 22 rows) bit for
+/// bit; all-ignored labels give a zero dh. On the CPU, tokens over two of
+/// the host's 32 MiB logits blocks (vocab 32,000: 262 rows a block) match
+/// the reference.
+#[test]
+fn linear_cross_entropy_grad_is_independent_of_the_chunking() {
+    use platypus::ops::cross_entropy;
+    let (tokens, hidden, vocab, scale) = (150, 64, 261, 1.0 / 150.0);
+    for dtype in [DType::BF16, DType::F16] {
+        let mut rng = Rng::new(12);
+        let h = round_to(&rng.normal_vec(tokens * hidden, 1.0), dtype);
+        let w = round_to(&rng.normal_vec(vocab * hidden, 0.5), dtype);
+        let labels = ce_labels(&mut rng, tokens, vocab, false);
+        let dev = Device::Emulated;
+        let ht = Tensor::from_f32(&h, &[tokens, hidden], dtype, &dev).unwrap();
+        let wt = Tensor::from_f32(&w, &[vocab, hidden], dtype, &dev).unwrap();
+        let (whole, whole_dh) =
+            cross_entropy::linear_cross_entropy_grad(&ht, &wt, &labels, scale).unwrap();
+        let whole_dh = whole_dh.to_bytes().unwrap();
+        for chunks in [2, 7, 37] {
+            let budget = grad_budget(tokens, vocab, chunks);
+            let (ce, dh) =
+                cross_entropy::linear_cross_entropy_grad_chunked(&ht, &wt, &labels, scale, budget)
+                    .unwrap();
+            assert_eq!(ce, whole, "{dtype}, {chunks} chunks");
+            assert!(
+                dh.to_bytes().unwrap() == whole_dh,
+                "{dtype}, {chunks} chunks: dh differs"
+            );
+        }
+        let want = cpu::cross_entropy::linear_cross_entropy_grad(&h, &w, &labels, hidden, scale);
+        let got = Tensor::from_bytes(&whole_dh, &[tokens, hidden], dtype, &Device::Cpu)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
+        // Measured: 0.89 units of bf16's rounding, 0.85 of f16's (of dh's
+        // largest element: dlogits and dh each rounded once); allowed 2.
+        let err = common::relative_max_error(&got, &want);
+        measured(&format!("chunking {dtype}: dh {err:e} of its scale"));
+        assert!(
+            err <= 2.0 * common::rounding_unit(dtype),
+            "{dtype}: dh off by {err} of its scale"
+        );
+        let none = vec![-100; tokens];
+        let (ce, dh) = cross_entropy::linear_cross_entropy_grad(&ht, &wt, &none, scale).unwrap();
+        assert_eq!((ce.tokens, ce.loss_sum, &ce.lse), (0, 0.0, &whole.lse));
+        assert!(dh.to_f32_vec().unwrap().iter().all(|&v| v == 0.0));
+    }
+    // The host path over two blocks of logits.
+    let (tokens, hidden, vocab) = (300, 8, 32000);
+    let mut rng = Rng::new(13);
+    let h = rng.normal_vec(tokens * hidden, 1.0);
+    let w = rng.normal_vec(vocab * hidden, 0.5);
+    let labels = ce_labels(&mut rng, tokens, vocab, false);
+    let ht = Tensor::from_f32(&h, &[tokens, hidden], DType::F32, &Device::Cpu).unwrap();
+    let wt = Tensor::from_f32(&w, &[vocab, hidden], DType::F32, &Device::Cpu).unwrap();
+    let (ce, dh) = cross_entropy::linear_cross_entropy_grad(&ht, &wt, &labels, 0.5).unwrap();
+    let want = cpu::cross_entropy::linear_cross_entropy_grad(&h, &w, &labels, hidden, 0.5);
+    // Measured: dh within 9.5e-7 of its largest element, the loss within
+    // 4.2e-10 relative; allowed 4e-6 and 1e-8.
+    let err = common::relative_max_error(&dh.to_vec::<f32>().unwrap(), &want);
+    measured(&format!("two host blocks: dh {err:e} of its scale"));
+    assert!(err <= 4e-6, "dh off by {err} of its scale");
+    let (sum, count, _) = cpu::cross_entropy::linear_cross_entropy(&h, &w, &labels, hidden);
+    assert_eq!(ce.tokens, count);
+    let loss_err = (ce.loss_sum - sum).abs() / sum.abs();
+    measured(&format!("two host blocks: loss {loss_err:e} relative"));
+    assert!(loss_err <= 1e-8, "{} vs {sum}", ce.loss_sum);
 }
 
 // ---- greedy argmax and top-p sampling ----------------------------------------------------------
