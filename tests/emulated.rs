@@ -2,9 +2,9 @@
 //! random shapes (one row, odd sizes, hidden sizes not a multiple of the
 //! vector width), every float dtype, forward and backward. `PROPTEST_CASES`
 //! sets the case count of the attention, LoRA, elementwise (embedding,
-//! SwiGLU, add + RMSNorm), cross-entropy and sampling properties;
-//! `PLATYPUS_MEASURE=1` prints the errors the tolerances of the head's
-//! gradient were set from.
+//! SwiGLU, add + RMSNorm), cross-entropy, sampling and optimizer
+//! properties; `PLATYPUS_MEASURE=1` prints the errors the tolerances of the
+//! head's gradient and AdamW were set from.
 
 mod common;
 
@@ -1460,5 +1460,306 @@ fn sample_is_deterministic_and_cpu_runs_the_reference() {
                 .collect();
             assert_eq!(a, want);
         }
+    }
+}
+
+// ---- AdamW, the gradient norm, accumulation and add_assign ---------------------------------------
+
+/// Sizes of a set of trainable tensors: empty, a few elements (off the
+/// 4-wide vectors), about a thousand, and past one 65,536-element chunk
+/// (several blocks of one tensor).
+fn adamw_sizes() -> impl Strategy<Value = Vec<usize>> {
+    prop::collection::vec(
+        prop_oneof![
+            1 => Just(0usize),
+            3 => 1usize..=9,
+            3 => 1000usize..=1100,
+            1 => 65_530usize..=65_542,
+            1 => 131_000usize..=140_000,
+        ],
+        1..=5,
+    )
+}
+
+/// Largest |got − want| / (|want| + floor) over `got`, asserting it is at
+/// most `rtol` (element i's floor: `floor[i]`); the measured figure.
+fn check_rel(
+    what: &str,
+    got: &[f32],
+    want: &[f32],
+    floor: impl Fn(usize) -> f64,
+    rtol: f64,
+) -> Result<f64, TestCaseError> {
+    prop_assert_eq!(got.len(), want.len(), "{}", what);
+    let mut worst = 0.0f64;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let diff = (f64::from(g) - f64::from(w)).abs();
+        let err = if diff == 0.0 {
+            0.0
+        } else {
+            diff / (f64::from(w.abs()) + floor(i))
+        };
+        prop_assert!(
+            err <= rtol,
+            "{}[{}] = {}, want {} ({:e} relative, allowed {:e})",
+            what,
+            i,
+            g,
+            w,
+            err,
+            rtol
+        );
+        worst = worst.max(err);
+    }
+    Ok(worst)
+}
+
+proptest! {
+    #![proptest_config(common::proptest_config(24))]
+
+    /// Several AdamW steps over a random set of tensors (one launch for
+    /// all, a chunk table of ≤ 65,536-element blocks) on the emulator and on
+    /// Device::Cpu (rayon), each against torch's update in f64
+    /// (cpu::adamw::step) carried along with its own f32 state; with and
+    /// without clipping by the global norm (which is checked against the
+    /// reference too), weight decay 0 to 0.1. Before the steps, gradients
+    /// accumulated over two micro-batches equal the f32 sums exactly.
+    ///
+    /// Both sides round p, m and v to f32 every step and carry their own
+    /// state, so the fp32 update's few units of 2⁻²⁴ per step add up: p's
+    /// error is measured against |p| + t · lr (t updates of about lr each),
+    /// m's against |m| + Σ_steps |clip · g| (m cancels, its rounding does
+    /// not), v's against |v| (a sum of squares). Measured
+    /// (`PROPTEST_CASES=500 PLATYPUS_MEASURE=1`, up to 4 steps, both
+    /// devices): p 4.7e-7, m 2.1e-8, v 4.6e-7; allowed 1e-6 (8 units of
+    /// 2⁻²⁴; with lr alone as p's floor 4 steps reached 1.04e-6). The norm
+    /// (the emulator's fp32 partial sums per chunk, the CPU's f64) within
+    /// 4.9e-8 relative; allowed 1e-6.
+    #[test]
+    fn adamw_step_matches_the_reference(
+        sizes in adamw_sizes(),
+        steps in 1u64..=4,
+        lr in prop::sample::select(vec![1e-3f32, 2e-4, 0.05]),
+        weight_decay in prop::sample::select(vec![0.0f32, 0.01, 0.1]),
+        max_norm in prop::sample::select(vec![0.0f64, 0.5, 1e3]),
+        seed in any::<u64>(),
+    ) {
+        use platypus::ops::adamw::{self, AdamW, State};
+        let cfg = AdamW { weight_decay, ..AdamW::default() };
+        let mut rng = Rng::new(seed);
+        let init: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.normal_vec(n, 0.1)).collect();
+        // Gradients of every step, each summed from two micro-batches.
+        let micro: Vec<Vec<[Vec<f32>; 2]>> = (0..steps)
+            .map(|_| sizes.iter().map(|&n| [rng.normal_vec(n, 0.01), rng.normal_vec(n, 0.01)]).collect())
+            .collect();
+        let mut worst = [0.0f64; 4];
+        for dev in [Device::Emulated, Device::Cpu] {
+            let tensor = |v: &[f32]| Tensor::from_slice(v, &[v.len()], &dev).unwrap();
+            let mut params: Vec<Tensor> = init.iter().map(|v| tensor(v)).collect();
+            let mut state = State::new(&params.iter().collect::<Vec<_>>()).unwrap();
+            let mut want_p = init.clone();
+            let mut want_m: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+            let mut want_v = want_m.clone();
+            // Σ over the steps so far of |clip · g|, element by element: the
+            // scale of m's rounding errors, which the moments carry on.
+            let mut g_sum: Vec<Vec<f64>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+            for (t, micro) in (1..=steps).zip(&micro) {
+                let mut grads: Vec<Tensor> = micro.iter().map(|[a, _]| tensor(a)).collect();
+                let seconds: Vec<Tensor> = micro.iter().map(|[_, b]| tensor(b)).collect();
+                adamw::accumulate(
+                    &mut grads.iter_mut().collect::<Vec<_>>(),
+                    &seconds.iter().collect::<Vec<_>>(),
+                ).unwrap();
+                let g: Vec<Vec<f32>> = micro
+                    .iter()
+                    .map(|[a, b]| a.iter().zip(b).map(|(x, y)| x + y).collect())
+                    .collect();
+                for (i, (got, want)) in grads.iter().zip(&g).enumerate() {
+                    prop_assert_eq!(bits(&got.to_vec::<f32>().unwrap()), bits(want), "accumulated grads[{}] on {}", i, dev);
+                }
+                let grad_refs: Vec<&Tensor> = grads.iter().collect();
+                let norm = adamw::global_norm(&grad_refs).unwrap();
+                let want_norm = cpu::adamw::global_norm(&g.iter().map(|v| &v[..]).collect::<Vec<_>>());
+                let norm_err = (norm - want_norm).abs() / want_norm.max(f64::MIN_POSITIVE);
+                prop_assert!(norm_err <= 1e-6, "norm {} vs {} on {}", norm, want_norm, dev);
+                worst[3] = worst[3].max(norm_err);
+                let clip = cpu::adamw::clip_factor(norm, max_norm) as f32;
+                adamw::step(
+                    &mut params.iter_mut().collect::<Vec<_>>(),
+                    &grad_refs,
+                    &mut state,
+                    &cfg,
+                    lr,
+                    clip,
+                ).unwrap();
+                prop_assert_eq!(state.step, t);
+                let hyper = cpu::adamw::Hyper {
+                    lr: f64::from(lr),
+                    beta1: f64::from(cfg.beta1),
+                    beta2: f64::from(cfg.beta2),
+                    eps: f64::from(cfg.eps),
+                    weight_decay: f64::from(cfg.weight_decay),
+                    step: t,
+                    clip: f64::from(clip),
+                };
+                for i in 0..sizes.len() {
+                    cpu::adamw::step(&mut want_p[i], &g[i], &mut want_m[i], &mut want_v[i], &hyper);
+                    for (s, &x) in g_sum[i].iter_mut().zip(&g[i]) {
+                        *s += f64::from(clip) * f64::from(x.abs());
+                    }
+                    let at = |what: &str| format!("{what}[{i}] at step {t} on {dev}");
+                    let gs = &g_sum[i];
+                    worst[0] = worst[0].max(check_rel(&at("p"), &params[i].to_vec::<f32>().unwrap(), &want_p[i], |_| t as f64 * f64::from(lr), 1e-6)?);
+                    worst[1] = worst[1].max(check_rel(&at("m"), &state.m[i].to_vec::<f32>().unwrap(), &want_m[i], |e| gs[e], 1e-6)?);
+                    worst[2] = worst[2].max(check_rel(&at("v"), &state.v[i].to_vec::<f32>().unwrap(), &want_v[i], |_| f64::MIN_POSITIVE, 1e-6)?);
+                }
+            }
+        }
+        measured(&format!(
+            "adamw: p {:e} m {:e} v {:e} norm {:e}",
+            worst[0], worst[1], worst[2], worst[3]
+        ));
+    }
+
+    /// add_assign is one rounding of the fp32 sum: bit for bit
+    /// round_to(y + t) in f16 and bf16 on the emulator (lora_add_scaled at
+    /// scale 1) and on the CPU, y + t exactly in f32 on the CPU (host code).
+    #[test]
+    fn add_assign_matches_cpu(
+        rows in 0usize..=5,
+        cols in prop_oneof![1usize..=40, Just(256), 257usize..=700],
+        seed in any::<u64>(),
+    ) {
+        use platypus::ops::add;
+        let n = rows * cols;
+        let mut rng = Rng::new(seed);
+        for (dev, dtype) in [
+            (Device::Emulated, DType::BF16),
+            (Device::Emulated, DType::F16),
+            (Device::Cpu, DType::F32),
+            (Device::Cpu, DType::BF16),
+        ] {
+            let y0 = round_to(&rng.normal_vec(n, 2.0), dtype);
+            let t0 = round_to(&rng.normal_vec(n, 0.5), dtype);
+            let mut y = Tensor::from_f32(&y0, &[rows, cols], dtype, &dev).unwrap();
+            let t = Tensor::from_f32(&t0, &[rows, cols], dtype, &dev).unwrap();
+            add::add_assign(&mut y, &t).unwrap();
+            prop_assert_eq!(y.dtype(), dtype);
+            prop_assert_eq!(y.shape(), &[rows, cols][..]);
+            let sum: Vec<f32> = y0.iter().zip(&t0).map(|(a, b)| a + b).collect();
+            prop_assert_eq!(bits(&y.to_f32_vec().unwrap()), bits(&round_to(&sum, dtype)), "{} {}", dev, dtype);
+        }
+    }
+}
+
+/// One tensor over three chunks (2 · 65,536 + 5 elements) beside empty and
+/// odd-sized ones, three clipped steps on both devices against the
+/// reference; the norm is deterministic run to run; a set of only empty
+/// tensors (one dummy chunk) and no tensors at all still count the step.
+#[test]
+fn adamw_over_several_chunks_and_empty_sets() {
+    use platypus::ops::adamw::{self, AdamW, State, CHUNK};
+    let sizes = [0, 3, 2 * CHUNK + 5, 1031];
+    let cfg = AdamW::default();
+    let mut rng = Rng::new(21);
+    let init: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.normal_vec(n, 0.1)).collect();
+    let grads: Vec<Vec<Vec<f32>>> = (0..3)
+        .map(|_| sizes.iter().map(|&n| rng.normal_vec(n, 0.05)).collect())
+        .collect();
+    for dev in [Device::Emulated, Device::Cpu] {
+        let tensor = |v: &[f32]| Tensor::from_slice(v, &[v.len()], &dev).unwrap();
+        let mut params: Vec<Tensor> = init.iter().map(|v| tensor(v)).collect();
+        let mut state = State::new(&params.iter().collect::<Vec<_>>()).unwrap();
+        let (mut p, mut m, mut v) = (
+            init.clone(),
+            sizes.iter().map(|&n| vec![0.0; n]).collect::<Vec<_>>(),
+            sizes.iter().map(|&n| vec![0.0; n]).collect::<Vec<_>>(),
+        );
+        let mut g_sum: Vec<Vec<f64>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+        let mut worst = [0.0f64; 3];
+        for (t, g) in (1u64..).zip(&grads) {
+            let gt: Vec<Tensor> = g.iter().map(|v| tensor(v)).collect();
+            let refs: Vec<&Tensor> = gt.iter().collect();
+            let norm = adamw::global_norm(&refs).unwrap();
+            assert_eq!(norm.to_bits(), adamw::global_norm(&refs).unwrap().to_bits());
+            let want = cpu::adamw::global_norm(&g.iter().map(|v| &v[..]).collect::<Vec<_>>());
+            measured(&format!(
+                "adamw over chunks on {dev}: norm {:e}",
+                (norm - want).abs() / want
+            ));
+            assert!(
+                (norm - want).abs() <= 1e-6 * want,
+                "{dev}: norm {norm} vs {want}"
+            );
+            let clip = cpu::adamw::clip_factor(norm, 1.0) as f32;
+            assert!(clip < 1.0, "the norm {norm} is clipped");
+            adamw::step(
+                &mut params.iter_mut().collect::<Vec<_>>(),
+                &refs,
+                &mut state,
+                &cfg,
+                1e-3,
+                clip,
+            )
+            .unwrap();
+            let hyper = cpu::adamw::Hyper {
+                lr: f64::from(1e-3f32),
+                beta1: f64::from(cfg.beta1),
+                beta2: f64::from(cfg.beta2),
+                eps: f64::from(cfg.eps),
+                weight_decay: f64::from(cfg.weight_decay),
+                step: t,
+                clip: f64::from(clip),
+            };
+            // The floors and tolerance of `adamw_step_matches_the_reference`.
+            for i in 0..sizes.len() {
+                cpu::adamw::step(&mut p[i], &g[i], &mut m[i], &mut v[i], &hyper);
+                for (s, &x) in g_sum[i].iter_mut().zip(&g[i]) {
+                    *s += f64::from(clip) * f64::from(x.abs());
+                }
+                let at = |what: &str| format!("{what}[{i}] at step {t} on {dev}");
+                let gs = &g_sum[i];
+                let got = |t: &Tensor| t.to_vec::<f32>().unwrap();
+                let errs = [
+                    check_rel(&at("p"), &got(&params[i]), &p[i], |_| t as f64 * 1e-3, 1e-6),
+                    check_rel(&at("m"), &got(&state.m[i]), &m[i], |e| gs[e], 1e-6),
+                    check_rel(
+                        &at("v"),
+                        &got(&state.v[i]),
+                        &v[i],
+                        |_| f64::MIN_POSITIVE,
+                        1e-6,
+                    ),
+                ];
+                for (w, e) in worst.iter_mut().zip(errs) {
+                    *w = w.max(e.unwrap());
+                }
+            }
+        }
+        measured(&format!(
+            "adamw over chunks on {dev}: p {:e} m {:e} v {:e}",
+            worst[0], worst[1], worst[2]
+        ));
+        assert_eq!(state.step, 3);
+        // Only empty tensors: the kernels get one dummy chunk of 0 elements.
+        let mut empty = [tensor(&[]), tensor(&[])];
+        let g = [tensor(&[]), tensor(&[])];
+        let refs: Vec<&Tensor> = g.iter().collect();
+        assert_eq!(adamw::global_norm(&refs).unwrap(), 0.0);
+        let mut s = State::new(&empty.iter().collect::<Vec<_>>()).unwrap();
+        adamw::step(
+            &mut empty.iter_mut().collect::<Vec<_>>(),
+            &refs,
+            &mut s,
+            &cfg,
+            1e-3,
+            1.0,
+        )
+        .unwrap();
+        adamw::accumulate(&mut empty.iter_mut().collect::<Vec<_>>(), &refs).unwrap();
+        assert_eq!(s.step, 1);
+        let mut none = State::new(&[]).unwrap();
+        adamw::step(&mut [], &[], &mut none, &cfg, 1e-3, 1.0).unwrap();
+        assert_eq!((none.step, adamw::global_norm(&[]).unwrap()), (1, 0.0));
     }
 }
