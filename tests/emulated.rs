@@ -1,8 +1,10 @@
 //! The CUDA kernels, run on the host emulator, against the CPU references:
 //! random shapes (one row, odd sizes, hidden sizes not a multiple of the
 //! vector width), every float dtype, forward and backward. `PROPTEST_CASES`
-//! sets the case count of the attention, LoRA and elementwise (embedding,
-//! SwiGLU, add + RMSNorm) properties.
+//! sets the case count of the attention, LoRA, elementwise (embedding,
+//! SwiGLU, add + RMSNorm), cross-entropy, sampling and optimizer
+//! properties; `PLATYPUS_MEASURE=1` prints the errors the tolerances of the
+//! head's gradient and AdamW were set from.
 
 mod common;
 
@@ -957,6 +959,323 @@ fn linear_cross_entropy_is_independent_of_the_chunking() {
     assert_eq!(got.lse, whole.lse);
 }
 
+/// One unit of fp32 rounding, 2⁻²⁴.
+const F32_UNIT: f64 = f32::EPSILON as f64 / 2.0;
+
+/// Prints one case's measured error when `PLATYPUS_MEASURE` is set (how
+/// the figures in the tolerance comments were taken).
+fn measured(line: &str) {
+    if std::env::var_os("PLATYPUS_MEASURE").is_some() {
+        eprintln!("measured {line}");
+    }
+}
+
+// ---- the fused head's gradient ------------------------------------------------------------------
+
+/// The scales dh's error is measured against, for every element (t, k),
+/// from the exact (f64) softmax p of the reference's logits and dlogits
+/// g_tv = scale · (p_tv − [v = label_t]) (0 for ignored tokens):
+/// - `rounding`: Σ_v |g_tv| · |w_vk|. Rounding each dlogit by a relative δ
+///   (to the GEMM's 16-bit input) moves dh_tk by at most δ times this.
+/// - `logits`: Σ_v |scale| · p_tv · |w_vk| · e_t, with e_t a bound on the
+///   error of the computed z_tv − lse_t: twice `logit_err[t]` (the fp32
+///   logits), the lse's fp32 sum of exponentials ((vocab + 64) units of
+///   2⁻²⁴, as `check_ce` allows) and 8 units of |lse| and of exp. An error
+///   e in z − lse moves p by p · e: when p_label is near 1 that is far more
+///   than its |g| ≈ 1 − p_label, so `rounding` alone cannot bound it.
+struct GradScales {
+    rounding: Vec<f64>,
+    logits: Vec<f64>,
+}
+
+/// [`GradScales`] of dh for the reference's inputs and `logit_err` ([`ce_logit_err`]).
+fn ce_grad_scales(
+    h: &[f32],
+    w: &[f32],
+    labels: &[i32],
+    hidden: usize,
+    scale: f32,
+    logit_err: &[f64],
+) -> GradScales {
+    let unit = f64::from(f32::EPSILON) / 2.0;
+    let vocab = w.len() / hidden;
+    let mut rounding = vec![0.0f64; h.len()];
+    let mut logits = vec![0.0f64; h.len()];
+    for (t, (row, &label)) in h.chunks_exact(hidden).zip(labels).enumerate() {
+        if label < 0 {
+            continue;
+        }
+        let z: Vec<f64> = w
+            .chunks_exact(hidden)
+            .map(|wr| {
+                row.iter()
+                    .zip(wr)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum()
+            })
+            .collect();
+        let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
+        let lse = max + sum.ln();
+        let e = 2.0 * logit_err[t] + (vocab as f64 + 64.0) * unit + 8.0 * unit * lse.abs().max(1.0);
+        let at = t * hidden..(t + 1) * hidden;
+        for (v, (zv, wr)) in z.iter().zip(w.chunks_exact(hidden)).enumerate() {
+            let p = (zv - max).exp() / sum;
+            let onehot = if v == label as usize { 1.0 } else { 0.0 };
+            let g = (f64::from(scale) * (p - onehot)).abs();
+            let pe = f64::from(scale.abs()) * p * e;
+            for ((r, l), &wv) in rounding[at.clone()]
+                .iter_mut()
+                .zip(&mut logits[at.clone()])
+                .zip(wr)
+            {
+                let wv = f64::from(wv.abs());
+                *r += g * wv;
+                *l += pe * wv;
+            }
+        }
+    }
+    GradScales { rounding, logits }
+}
+
+/// Checks dh against the reference's element by element: |got − want| ≤
+/// rel · (rounding_tk + |want_tk|) + logits_tk + abs · (Σ_v |w_vk| + 1)
+/// (`abs`: f16's subnormal spacing, for dlogits and dh below 2⁻¹⁴). Ignored
+/// tokens' rows must be exactly 0. Returns the largest error as a fraction
+/// of its tolerance (the measured figure).
+#[allow(clippy::too_many_arguments)]
+fn check_dh(
+    got: &[f32],
+    want: &[f32],
+    scales: &GradScales,
+    w: &[f32],
+    labels: &[i32],
+    hidden: usize,
+    rel: f64,
+    abs: f64,
+) -> Result<f64, TestCaseError> {
+    prop_assert_eq!(got.len(), want.len());
+    let w_sums: Vec<f64> = (0..hidden)
+        .map(|k| {
+            w.chunks_exact(hidden)
+                .map(|wr| f64::from(wr[k].abs()))
+                .sum()
+        })
+        .collect();
+    let mut worst = 0.0f64;
+    for (i, (&g, &x)) in got.iter().zip(want).enumerate() {
+        let (t, k) = (i / hidden, i % hidden);
+        if labels[t] < 0 {
+            prop_assert!(g == 0.0, "dh[{}, {}] = {} for an ignored token", t, k, g);
+            continue;
+        }
+        let err = (f64::from(g) - f64::from(x)).abs();
+        let tol = rel * (scales.rounding[i] + f64::from(x.abs()))
+            + scales.logits[i]
+            + abs * (w_sums[k] + 1.0);
+        prop_assert!(
+            err <= tol,
+            "dh[{}, {}] = {}, want {} (error {:e}, tolerance {:e})",
+            t,
+            k,
+            g,
+            x,
+            err,
+            tol
+        );
+        if tol > 0.0 {
+            worst = worst.max(err / tol);
+        }
+    }
+    Ok(worst)
+}
+
+/// The bound on row t's fp32 logits error the head's checks use: `hidden`
+/// exact 16-bit products (or f32 ones, each rounded once) summed in fp32.
+fn ce_logit_err(h: &[f32], w: &[f32], hidden: usize) -> Vec<f64> {
+    let unit = f64::from(f32::EPSILON) / 2.0;
+    abs_product_bound(h, w, hidden)
+        .iter()
+        .map(|s| 2.0 * hidden as f64 * unit * s)
+        .collect()
+}
+
+/// The chunk budget that cuts `tokens` into `chunks` chunks of the
+/// gradient's fp32 logits (rows 8-aligned: ld = vocab rounded up to 8).
+fn grad_budget(tokens: usize, vocab: usize, chunks: usize) -> usize {
+    tokens.div_ceil(chunks) * 4 * vocab.next_multiple_of(8)
+}
+
+proptest! {
+    #![proptest_config(ce_config())]
+
+    /// The fused head with its gradient (GEMM into fp32 logits chunks, the
+    /// row kernel, the dlogits kernel, the nn GEMM back through the head)
+    /// against the f64 reference on the same rounded h and W: vocabularies
+    /// on and off the 8-wide dlogits rows (261: the padded head), ignored
+    /// and all-ignored labels, 1 to 5 chunks, scales of the summed loss.
+    /// The loss is the forward op's bit for bit, and the reference's as in
+    /// `linear_cross_entropy_matches_cpu`.
+    ///
+    /// dh is allowed its error bound ([`check_dh`]): rounding dlogits and dh
+    /// to h's dtype (u = 2⁻⁸ bf16, 2⁻¹¹ f16, of Σ_v |dlogit_v| |w_vk| and of
+    /// |dh|), the GEMM's fp32 sum over the vocabulary ((ld + 2) · 2⁻²⁴ of
+    /// the same), the fp32 logits and lse moving the softmax
+    /// ([`GradScales::logits`]), and f16's subnormal spacing. Measured
+    /// (`PROPTEST_CASES=600 PLATYPUS_MEASURE=1`, two runs, 1200 cases): the
+    /// largest error used 0.85 of its bound (bf16; f16 0.80), so the bound
+    /// is nearly reached and nothing looser is needed.
+    #[test]
+    fn linear_cross_entropy_grad_matches_cpu(
+        tokens in prop_oneof![Just(1usize), 2usize..=40, 100usize..=200],
+        hidden in prop::sample::select(vec![8usize, 16, 40, 64, 136]),
+        vocab in prop_oneof![1usize..=20, 21usize..=400, Just(128), Just(261)],
+        chunks in 1usize..=5,
+        dtype in prop::sample::select(vec![DType::F16, DType::BF16]),
+        scale in prop::sample::select(vec![1.0f32, 1.0 / 64.0, -3.0]),
+        all_ignored in prop::bool::weighted(0.1),
+        seed in any::<u64>(),
+    ) {
+        use platypus::ops::cross_entropy;
+        let mut rng = Rng::new(seed);
+        let h = round_to(&rng.normal_vec(tokens * hidden, 1.0), dtype);
+        let w = round_to(&rng.normal_vec(vocab * hidden, 0.5), dtype);
+        let labels = ce_labels(&mut rng, tokens, vocab, all_ignored);
+        let dev = Device::Emulated;
+        let ht = Tensor::from_f32(&h, &[tokens, hidden], dtype, &dev).unwrap();
+        let wt = Tensor::from_f32(&w, &[vocab, hidden], dtype, &dev).unwrap();
+        let budget = grad_budget(tokens, vocab, chunks);
+        let (ce, dh) =
+            cross_entropy::linear_cross_entropy_grad_chunked(&ht, &wt, &labels, scale, budget).unwrap();
+        prop_assert_eq!(dh.shape(), &[tokens, hidden][..]);
+        prop_assert_eq!(dh.dtype(), dtype);
+        let fwd = cross_entropy::linear_cross_entropy_chunked(&ht, &wt, &labels, budget).unwrap();
+        prop_assert_eq!(ce.loss_sum.to_bits(), fwd.loss_sum.to_bits());
+        prop_assert_eq!(bits(&ce.lse), bits(&fwd.lse));
+        let want = platypus::cpu::cross_entropy::linear_cross_entropy(&h, &w, &labels, hidden);
+        let logit_err = ce_logit_err(&h, &w, hidden);
+        check_ce(&ce, &want, &labels, &logit_err, vocab)?;
+        let want_dh = cpu::cross_entropy::linear_cross_entropy_grad(&h, &w, &labels, hidden, scale);
+        let scales = ce_grad_scales(&h, &w, &labels, hidden, scale, &logit_err);
+        // dlogits and dh rounded to dtype, the GEMM's fp32 sum over the 8-aligned vocabulary.
+        let rel = f64::from(common::rounding_unit(dtype)) + (vocab.next_multiple_of(8) + 2) as f64 * F32_UNIT;
+        let abs = if dtype == DType::F16 { (-25f64).exp2() } else { 0.0 };
+        let worst = check_dh(&dh.to_f32_vec().unwrap(), &want_dh, &scales, &w, &labels, hidden, rel, abs)?;
+        measured(&format!("ce grad {dtype}: dh {worst:.3} of its tolerance"));
+    }
+
+    /// Device::Cpu's f32 host path (blocks of fp32 logits, dlogits in place,
+    /// matmul_nn back through the head; W in f32 or bf16) against the same
+    /// reference, any hidden size. Its only error is fp32 arithmetic, and it
+    /// is allowed [`check_dh`]'s bound with u = 2⁻²⁴: logits summed over
+    /// hidden, dlogits and dh rounded once, dh summed over the vocabulary
+    /// ((vocab + 2) · 2⁻²⁴ ≤ 2.4e-5 of Σ_v |dlogit_v| |w_vk| + |dh| at
+    /// vocab 400). Measured (`PROPTEST_CASES=1000 PLATYPUS_MEASURE=1`): the
+    /// largest error used 0.10 of it (W in bf16; 0.06 in f32).
+    #[test]
+    fn linear_cross_entropy_grad_on_the_cpu_matches_the_reference(
+        tokens in prop_oneof![Just(1usize), 2usize..=40, 100usize..=200],
+        hidden in prop_oneof![1usize..=40, Just(64), Just(136)],
+        vocab in prop_oneof![1usize..=20, 21usize..=400, Just(261)],
+        w_dtype in prop::sample::select(vec![DType::F32, DType::BF16]),
+        scale in prop::sample::select(vec![1.0f32, 1.0 / 64.0, -3.0]),
+        all_ignored in prop::bool::weighted(0.1),
+        seed in any::<u64>(),
+    ) {
+        use platypus::ops::cross_entropy;
+        let mut rng = Rng::new(seed);
+        let h = rng.normal_vec(tokens * hidden, 1.0);
+        let w = round_to(&rng.normal_vec(vocab * hidden, 0.5), w_dtype);
+        let labels = ce_labels(&mut rng, tokens, vocab, all_ignored);
+        let dev = Device::Cpu;
+        let ht = Tensor::from_f32(&h, &[tokens, hidden], DType::F32, &dev).unwrap();
+        let wt = Tensor::from_f32(&w, &[vocab, hidden], w_dtype, &dev).unwrap();
+        let (ce, dh) = cross_entropy::linear_cross_entropy_grad(&ht, &wt, &labels, scale).unwrap();
+        prop_assert_eq!(dh.dtype(), DType::F32);
+        let want = platypus::cpu::cross_entropy::linear_cross_entropy(&h, &w, &labels, hidden);
+        let logit_err = ce_logit_err(&h, &w, hidden);
+        check_ce(&ce, &want, &labels, &logit_err, vocab)?;
+        let want_dh = cpu::cross_entropy::linear_cross_entropy_grad(&h, &w, &labels, hidden, scale);
+        let scales = ce_grad_scales(&h, &w, &labels, hidden, scale, &logit_err);
+        // dlogits and dh in f32, matmul_nn's fp32 sum over the vocabulary.
+        let rel = (vocab + 2) as f64 * F32_UNIT;
+        let worst = check_dh(&dh.to_vec::<f32>().unwrap(), &want_dh, &scales, &w, &labels, hidden, rel, 0.0)?;
+        measured(&format!("ce grad cpu {w_dtype}: dh {worst:.3} of its tolerance"));
+    }
+}
+
+/// The gradient does not depend on the chunking either: at vocab 261 (a
+/// padded head), 150 tokens in chunks of 75, 22 and 5 rows give the loss,
+/// lse and dh of the default budget (one 128-row tile and 22 rows) bit for
+/// bit; all-ignored labels give a zero dh. On the CPU, tokens over two of
+/// the host's 32 MiB logits blocks (vocab 32,000: 262 rows a block) match
+/// the reference.
+#[test]
+fn linear_cross_entropy_grad_is_independent_of_the_chunking() {
+    use platypus::ops::cross_entropy;
+    let (tokens, hidden, vocab, scale) = (150, 64, 261, 1.0 / 150.0);
+    for dtype in [DType::BF16, DType::F16] {
+        let mut rng = Rng::new(12);
+        let h = round_to(&rng.normal_vec(tokens * hidden, 1.0), dtype);
+        let w = round_to(&rng.normal_vec(vocab * hidden, 0.5), dtype);
+        let labels = ce_labels(&mut rng, tokens, vocab, false);
+        let dev = Device::Emulated;
+        let ht = Tensor::from_f32(&h, &[tokens, hidden], dtype, &dev).unwrap();
+        let wt = Tensor::from_f32(&w, &[vocab, hidden], dtype, &dev).unwrap();
+        let (whole, whole_dh) =
+            cross_entropy::linear_cross_entropy_grad(&ht, &wt, &labels, scale).unwrap();
+        let whole_dh = whole_dh.to_bytes().unwrap();
+        for chunks in [2, 7, 37] {
+            let budget = grad_budget(tokens, vocab, chunks);
+            let (ce, dh) =
+                cross_entropy::linear_cross_entropy_grad_chunked(&ht, &wt, &labels, scale, budget)
+                    .unwrap();
+            assert_eq!(ce, whole, "{dtype}, {chunks} chunks");
+            assert!(
+                dh.to_bytes().unwrap() == whole_dh,
+                "{dtype}, {chunks} chunks: dh differs"
+            );
+        }
+        let want = cpu::cross_entropy::linear_cross_entropy_grad(&h, &w, &labels, hidden, scale);
+        let got = Tensor::from_bytes(&whole_dh, &[tokens, hidden], dtype, &Device::Cpu)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
+        // Measured: 0.89 units of bf16's rounding, 0.85 of f16's (of dh's
+        // largest element: dlogits and dh each rounded once); allowed 2.
+        let err = common::relative_max_error(&got, &want);
+        measured(&format!("chunking {dtype}: dh {err:e} of its scale"));
+        assert!(
+            err <= 2.0 * common::rounding_unit(dtype),
+            "{dtype}: dh off by {err} of its scale"
+        );
+        let none = vec![-100; tokens];
+        let (ce, dh) = cross_entropy::linear_cross_entropy_grad(&ht, &wt, &none, scale).unwrap();
+        assert_eq!((ce.tokens, ce.loss_sum, &ce.lse), (0, 0.0, &whole.lse));
+        assert!(dh.to_f32_vec().unwrap().iter().all(|&v| v == 0.0));
+    }
+    // The host path over two blocks of logits.
+    let (tokens, hidden, vocab) = (300, 8, 32000);
+    let mut rng = Rng::new(13);
+    let h = rng.normal_vec(tokens * hidden, 1.0);
+    let w = rng.normal_vec(vocab * hidden, 0.5);
+    let labels = ce_labels(&mut rng, tokens, vocab, false);
+    let ht = Tensor::from_f32(&h, &[tokens, hidden], DType::F32, &Device::Cpu).unwrap();
+    let wt = Tensor::from_f32(&w, &[vocab, hidden], DType::F32, &Device::Cpu).unwrap();
+    let (ce, dh) = cross_entropy::linear_cross_entropy_grad(&ht, &wt, &labels, 0.5).unwrap();
+    let want = cpu::cross_entropy::linear_cross_entropy_grad(&h, &w, &labels, hidden, 0.5);
+    // Measured: dh within 9.5e-7 of its largest element, the loss within
+    // 4.2e-10 relative; allowed 4e-6 and 1e-8.
+    let err = common::relative_max_error(&dh.to_vec::<f32>().unwrap(), &want);
+    measured(&format!("two host blocks: dh {err:e} of its scale"));
+    assert!(err <= 4e-6, "dh off by {err} of its scale");
+    let (sum, count, _) = cpu::cross_entropy::linear_cross_entropy(&h, &w, &labels, hidden);
+    assert_eq!(ce.tokens, count);
+    let loss_err = (ce.loss_sum - sum).abs() / sum.abs();
+    measured(&format!("two host blocks: loss {loss_err:e} relative"));
+    assert!(loss_err <= 1e-8, "{} vs {sum}", ce.loss_sum);
+}
+
 // ---- greedy argmax and top-p sampling ----------------------------------------------------------
 
 /// Vocabulary sizes for the sampling kernels: tiny, odd, on the vector
@@ -1141,5 +1460,306 @@ fn sample_is_deterministic_and_cpu_runs_the_reference() {
                 .collect();
             assert_eq!(a, want);
         }
+    }
+}
+
+// ---- AdamW, the gradient norm, accumulation and add_assign ---------------------------------------
+
+/// Sizes of a set of trainable tensors: empty, a few elements (off the
+/// 4-wide vectors), about a thousand, and past one 65,536-element chunk
+/// (several blocks of one tensor).
+fn adamw_sizes() -> impl Strategy<Value = Vec<usize>> {
+    prop::collection::vec(
+        prop_oneof![
+            1 => Just(0usize),
+            3 => 1usize..=9,
+            3 => 1000usize..=1100,
+            1 => 65_530usize..=65_542,
+            1 => 131_000usize..=140_000,
+        ],
+        1..=5,
+    )
+}
+
+/// Largest |got − want| / (|want| + floor) over `got`, asserting it is at
+/// most `rtol` (element i's floor: `floor[i]`); the measured figure.
+fn check_rel(
+    what: &str,
+    got: &[f32],
+    want: &[f32],
+    floor: impl Fn(usize) -> f64,
+    rtol: f64,
+) -> Result<f64, TestCaseError> {
+    prop_assert_eq!(got.len(), want.len(), "{}", what);
+    let mut worst = 0.0f64;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let diff = (f64::from(g) - f64::from(w)).abs();
+        let err = if diff == 0.0 {
+            0.0
+        } else {
+            diff / (f64::from(w.abs()) + floor(i))
+        };
+        prop_assert!(
+            err <= rtol,
+            "{}[{}] = {}, want {} ({:e} relative, allowed {:e})",
+            what,
+            i,
+            g,
+            w,
+            err,
+            rtol
+        );
+        worst = worst.max(err);
+    }
+    Ok(worst)
+}
+
+proptest! {
+    #![proptest_config(common::proptest_config(24))]
+
+    /// Several AdamW steps over a random set of tensors (one launch for
+    /// all, a chunk table of ≤ 65,536-element blocks) on the emulator and on
+    /// Device::Cpu (rayon), each against torch's update in f64
+    /// (cpu::adamw::step) carried along with its own f32 state; with and
+    /// without clipping by the global norm (which is checked against the
+    /// reference too), weight decay 0 to 0.1. Before the steps, gradients
+    /// accumulated over two micro-batches equal the f32 sums exactly.
+    ///
+    /// Both sides round p, m and v to f32 every step and carry their own
+    /// state, so the fp32 update's few units of 2⁻²⁴ per step add up: p's
+    /// error is measured against |p| + t · lr (t updates of about lr each),
+    /// m's against |m| + Σ_steps |clip · g| (m cancels, its rounding does
+    /// not), v's against |v| (a sum of squares). Measured
+    /// (`PROPTEST_CASES=500 PLATYPUS_MEASURE=1`, up to 4 steps, both
+    /// devices): p 4.7e-7, m 2.1e-8, v 4.6e-7; allowed 1e-6 (8 units of
+    /// 2⁻²⁴; with lr alone as p's floor 4 steps reached 1.04e-6). The norm
+    /// (the emulator's fp32 partial sums per chunk, the CPU's f64) within
+    /// 4.9e-8 relative; allowed 1e-6.
+    #[test]
+    fn adamw_step_matches_the_reference(
+        sizes in adamw_sizes(),
+        steps in 1u64..=4,
+        lr in prop::sample::select(vec![1e-3f32, 2e-4, 0.05]),
+        weight_decay in prop::sample::select(vec![0.0f32, 0.01, 0.1]),
+        max_norm in prop::sample::select(vec![0.0f64, 0.5, 1e3]),
+        seed in any::<u64>(),
+    ) {
+        use platypus::ops::adamw::{self, AdamW, State};
+        let cfg = AdamW { weight_decay, ..AdamW::default() };
+        let mut rng = Rng::new(seed);
+        let init: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.normal_vec(n, 0.1)).collect();
+        // Gradients of every step, each summed from two micro-batches.
+        let micro: Vec<Vec<[Vec<f32>; 2]>> = (0..steps)
+            .map(|_| sizes.iter().map(|&n| [rng.normal_vec(n, 0.01), rng.normal_vec(n, 0.01)]).collect())
+            .collect();
+        let mut worst = [0.0f64; 4];
+        for dev in [Device::Emulated, Device::Cpu] {
+            let tensor = |v: &[f32]| Tensor::from_slice(v, &[v.len()], &dev).unwrap();
+            let mut params: Vec<Tensor> = init.iter().map(|v| tensor(v)).collect();
+            let mut state = State::new(&params.iter().collect::<Vec<_>>()).unwrap();
+            let mut want_p = init.clone();
+            let mut want_m: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+            let mut want_v = want_m.clone();
+            // Σ over the steps so far of |clip · g|, element by element: the
+            // scale of m's rounding errors, which the moments carry on.
+            let mut g_sum: Vec<Vec<f64>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+            for (t, micro) in (1..=steps).zip(&micro) {
+                let mut grads: Vec<Tensor> = micro.iter().map(|[a, _]| tensor(a)).collect();
+                let seconds: Vec<Tensor> = micro.iter().map(|[_, b]| tensor(b)).collect();
+                adamw::accumulate(
+                    &mut grads.iter_mut().collect::<Vec<_>>(),
+                    &seconds.iter().collect::<Vec<_>>(),
+                ).unwrap();
+                let g: Vec<Vec<f32>> = micro
+                    .iter()
+                    .map(|[a, b]| a.iter().zip(b).map(|(x, y)| x + y).collect())
+                    .collect();
+                for (i, (got, want)) in grads.iter().zip(&g).enumerate() {
+                    prop_assert_eq!(bits(&got.to_vec::<f32>().unwrap()), bits(want), "accumulated grads[{}] on {}", i, dev);
+                }
+                let grad_refs: Vec<&Tensor> = grads.iter().collect();
+                let norm = adamw::global_norm(&grad_refs).unwrap();
+                let want_norm = cpu::adamw::global_norm(&g.iter().map(|v| &v[..]).collect::<Vec<_>>());
+                let norm_err = (norm - want_norm).abs() / want_norm.max(f64::MIN_POSITIVE);
+                prop_assert!(norm_err <= 1e-6, "norm {} vs {} on {}", norm, want_norm, dev);
+                worst[3] = worst[3].max(norm_err);
+                let clip = cpu::adamw::clip_factor(norm, max_norm) as f32;
+                adamw::step(
+                    &mut params.iter_mut().collect::<Vec<_>>(),
+                    &grad_refs,
+                    &mut state,
+                    &cfg,
+                    lr,
+                    clip,
+                ).unwrap();
+                prop_assert_eq!(state.step, t);
+                let hyper = cpu::adamw::Hyper {
+                    lr: f64::from(lr),
+                    beta1: f64::from(cfg.beta1),
+                    beta2: f64::from(cfg.beta2),
+                    eps: f64::from(cfg.eps),
+                    weight_decay: f64::from(cfg.weight_decay),
+                    step: t,
+                    clip: f64::from(clip),
+                };
+                for i in 0..sizes.len() {
+                    cpu::adamw::step(&mut want_p[i], &g[i], &mut want_m[i], &mut want_v[i], &hyper);
+                    for (s, &x) in g_sum[i].iter_mut().zip(&g[i]) {
+                        *s += f64::from(clip) * f64::from(x.abs());
+                    }
+                    let at = |what: &str| format!("{what}[{i}] at step {t} on {dev}");
+                    let gs = &g_sum[i];
+                    worst[0] = worst[0].max(check_rel(&at("p"), &params[i].to_vec::<f32>().unwrap(), &want_p[i], |_| t as f64 * f64::from(lr), 1e-6)?);
+                    worst[1] = worst[1].max(check_rel(&at("m"), &state.m[i].to_vec::<f32>().unwrap(), &want_m[i], |e| gs[e], 1e-6)?);
+                    worst[2] = worst[2].max(check_rel(&at("v"), &state.v[i].to_vec::<f32>().unwrap(), &want_v[i], |_| f64::MIN_POSITIVE, 1e-6)?);
+                }
+            }
+        }
+        measured(&format!(
+            "adamw: p {:e} m {:e} v {:e} norm {:e}",
+            worst[0], worst[1], worst[2], worst[3]
+        ));
+    }
+
+    /// add_assign is one rounding of the fp32 sum: bit for bit
+    /// round_to(y + t) in f16 and bf16 on the emulator (lora_add_scaled at
+    /// scale 1) and on the CPU, y + t exactly in f32 on the CPU (host code).
+    #[test]
+    fn add_assign_matches_cpu(
+        rows in 0usize..=5,
+        cols in prop_oneof![1usize..=40, Just(256), 257usize..=700],
+        seed in any::<u64>(),
+    ) {
+        use platypus::ops::add;
+        let n = rows * cols;
+        let mut rng = Rng::new(seed);
+        for (dev, dtype) in [
+            (Device::Emulated, DType::BF16),
+            (Device::Emulated, DType::F16),
+            (Device::Cpu, DType::F32),
+            (Device::Cpu, DType::BF16),
+        ] {
+            let y0 = round_to(&rng.normal_vec(n, 2.0), dtype);
+            let t0 = round_to(&rng.normal_vec(n, 0.5), dtype);
+            let mut y = Tensor::from_f32(&y0, &[rows, cols], dtype, &dev).unwrap();
+            let t = Tensor::from_f32(&t0, &[rows, cols], dtype, &dev).unwrap();
+            add::add_assign(&mut y, &t).unwrap();
+            prop_assert_eq!(y.dtype(), dtype);
+            prop_assert_eq!(y.shape(), &[rows, cols][..]);
+            let sum: Vec<f32> = y0.iter().zip(&t0).map(|(a, b)| a + b).collect();
+            prop_assert_eq!(bits(&y.to_f32_vec().unwrap()), bits(&round_to(&sum, dtype)), "{} {}", dev, dtype);
+        }
+    }
+}
+
+/// One tensor over three chunks (2 · 65,536 + 5 elements) beside empty and
+/// odd-sized ones, three clipped steps on both devices against the
+/// reference; the norm is deterministic run to run; a set of only empty
+/// tensors (one dummy chunk) and no tensors at all still count the step.
+#[test]
+fn adamw_over_several_chunks_and_empty_sets() {
+    use platypus::ops::adamw::{self, AdamW, State, CHUNK};
+    let sizes = [0, 3, 2 * CHUNK + 5, 1031];
+    let cfg = AdamW::default();
+    let mut rng = Rng::new(21);
+    let init: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.normal_vec(n, 0.1)).collect();
+    let grads: Vec<Vec<Vec<f32>>> = (0..3)
+        .map(|_| sizes.iter().map(|&n| rng.normal_vec(n, 0.05)).collect())
+        .collect();
+    for dev in [Device::Emulated, Device::Cpu] {
+        let tensor = |v: &[f32]| Tensor::from_slice(v, &[v.len()], &dev).unwrap();
+        let mut params: Vec<Tensor> = init.iter().map(|v| tensor(v)).collect();
+        let mut state = State::new(&params.iter().collect::<Vec<_>>()).unwrap();
+        let (mut p, mut m, mut v) = (
+            init.clone(),
+            sizes.iter().map(|&n| vec![0.0; n]).collect::<Vec<_>>(),
+            sizes.iter().map(|&n| vec![0.0; n]).collect::<Vec<_>>(),
+        );
+        let mut g_sum: Vec<Vec<f64>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+        let mut worst = [0.0f64; 3];
+        for (t, g) in (1u64..).zip(&grads) {
+            let gt: Vec<Tensor> = g.iter().map(|v| tensor(v)).collect();
+            let refs: Vec<&Tensor> = gt.iter().collect();
+            let norm = adamw::global_norm(&refs).unwrap();
+            assert_eq!(norm.to_bits(), adamw::global_norm(&refs).unwrap().to_bits());
+            let want = cpu::adamw::global_norm(&g.iter().map(|v| &v[..]).collect::<Vec<_>>());
+            measured(&format!(
+                "adamw over chunks on {dev}: norm {:e}",
+                (norm - want).abs() / want
+            ));
+            assert!(
+                (norm - want).abs() <= 1e-6 * want,
+                "{dev}: norm {norm} vs {want}"
+            );
+            let clip = cpu::adamw::clip_factor(norm, 1.0) as f32;
+            assert!(clip < 1.0, "the norm {norm} is clipped");
+            adamw::step(
+                &mut params.iter_mut().collect::<Vec<_>>(),
+                &refs,
+                &mut state,
+                &cfg,
+                1e-3,
+                clip,
+            )
+            .unwrap();
+            let hyper = cpu::adamw::Hyper {
+                lr: f64::from(1e-3f32),
+                beta1: f64::from(cfg.beta1),
+                beta2: f64::from(cfg.beta2),
+                eps: f64::from(cfg.eps),
+                weight_decay: f64::from(cfg.weight_decay),
+                step: t,
+                clip: f64::from(clip),
+            };
+            // The floors and tolerance of `adamw_step_matches_the_reference`.
+            for i in 0..sizes.len() {
+                cpu::adamw::step(&mut p[i], &g[i], &mut m[i], &mut v[i], &hyper);
+                for (s, &x) in g_sum[i].iter_mut().zip(&g[i]) {
+                    *s += f64::from(clip) * f64::from(x.abs());
+                }
+                let at = |what: &str| format!("{what}[{i}] at step {t} on {dev}");
+                let gs = &g_sum[i];
+                let got = |t: &Tensor| t.to_vec::<f32>().unwrap();
+                let errs = [
+                    check_rel(&at("p"), &got(&params[i]), &p[i], |_| t as f64 * 1e-3, 1e-6),
+                    check_rel(&at("m"), &got(&state.m[i]), &m[i], |e| gs[e], 1e-6),
+                    check_rel(
+                        &at("v"),
+                        &got(&state.v[i]),
+                        &v[i],
+                        |_| f64::MIN_POSITIVE,
+                        1e-6,
+                    ),
+                ];
+                for (w, e) in worst.iter_mut().zip(errs) {
+                    *w = w.max(e.unwrap());
+                }
+            }
+        }
+        measured(&format!(
+            "adamw over chunks on {dev}: p {:e} m {:e} v {:e}",
+            worst[0], worst[1], worst[2]
+        ));
+        assert_eq!(state.step, 3);
+        // Only empty tensors: the kernels get one dummy chunk of 0 elements.
+        let mut empty = [tensor(&[]), tensor(&[])];
+        let g = [tensor(&[]), tensor(&[])];
+        let refs: Vec<&Tensor> = g.iter().collect();
+        assert_eq!(adamw::global_norm(&refs).unwrap(), 0.0);
+        let mut s = State::new(&empty.iter().collect::<Vec<_>>()).unwrap();
+        adamw::step(
+            &mut empty.iter_mut().collect::<Vec<_>>(),
+            &refs,
+            &mut s,
+            &cfg,
+            1e-3,
+            1.0,
+        )
+        .unwrap();
+        adamw::accumulate(&mut empty.iter_mut().collect::<Vec<_>>(), &refs).unwrap();
+        assert_eq!(s.step, 1);
+        let mut none = State::new(&[]).unwrap();
+        adamw::step(&mut [], &[], &mut none, &cfg, 1e-3, 1.0).unwrap();
+        assert_eq!((none.step, adamw::global_norm(&[]).unwrap()), (1, 0.0));
     }
 }

@@ -859,3 +859,313 @@ fn sampling_rejects_bad_input() {
         }
     }
 }
+
+#[test]
+fn cross_entropy_grad_rejects_bad_input() {
+    use platypus::ops::cross_entropy::{
+        linear_cross_entropy_grad, linear_cross_entropy_grad_chunked,
+    };
+    const OP: &str = "cross_entropy::linear_cross_entropy_grad";
+    for (dev, dtype) in [(Device::Cpu, DType::F32), (Device::Emulated, DType::BF16)] {
+        let h = ones(&[3, 16], dtype, &dev);
+        let w = ones(&[10, 16], dtype, &dev);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let e = expect_err(
+                linear_cross_entropy_grad(&h, &w, &[0, 1, 2], bad),
+                "scale",
+                "is not finite",
+            );
+            assert!(matches!(e, Error::Invalid { op: OP, .. }), "{e:?}");
+            expect_err(
+                linear_cross_entropy_grad_chunked(&h, &w, &[0, 1, 2], bad, 1 << 20),
+                "scale",
+                "is not finite",
+            );
+        }
+        let e = expect_err(
+            linear_cross_entropy_grad(&h, &ones(&[10, 8], dtype, &dev), &[0, 1, 2], 1.0),
+            "w",
+            "[vocab, 16]",
+        );
+        assert!(matches!(e, Error::Shape { op: OP, .. }), "{e:?}");
+        expect_err(
+            linear_cross_entropy_grad(&h, &ones(&[0, 16], dtype, &dev), &[-100; 3], 1.0),
+            "w",
+            "vocab >= 1",
+        );
+        let e = expect_err(
+            linear_cross_entropy_grad(&h, &w, &[0, 1], 1.0),
+            "labels",
+            "2 labels for 3 tokens",
+        );
+        assert!(matches!(e, Error::Invalid { op: OP, .. }), "{e:?}");
+        expect_err(
+            linear_cross_entropy_grad(&h, &w, &[0, 10, -100], 1.0),
+            "labels",
+            "labels[1] = 10 is not below the vocabulary size 10",
+        );
+        let e = expect_err(
+            linear_cross_entropy_grad(&zeros(&[3, 16], DType::I32, &dev), &w, &[0, 1, 2], 1.0),
+            "h",
+            "expected f32, f16 or bf16",
+        );
+        assert_dtype_got(&e, DType::I32);
+        let other = other_device(&dev);
+        let e = expect_err(
+            linear_cross_entropy_grad(&h, &ones(&[10, 16], dtype, &other), &[0, 1, 2], 1.0),
+            "w",
+            "expected",
+        );
+        assert!(matches!(e, Error::Device { op: OP, .. }), "{e:?}");
+    }
+    // The kernels: 16-bit h and W of one dtype, hidden a multiple of 8.
+    let dev = Device::Emulated;
+    let e = expect_err(
+        linear_cross_entropy_grad(
+            &ones(&[3, 16], DType::F32, &dev),
+            &ones(&[10, 16], DType::F32, &dev),
+            &[0, 1, 2],
+            1.0,
+        ),
+        "h",
+        "f16 or bf16",
+    );
+    assert_dtype_got(&e, DType::F32);
+    let e = expect_err(
+        linear_cross_entropy_grad(
+            &ones(&[3, 16], DType::BF16, &dev),
+            &ones(&[10, 16], DType::F16, &dev),
+            &[0, 1, 2],
+            1.0,
+        ),
+        "w",
+        "expected bf16",
+    );
+    assert_dtype_got(&e, DType::F16);
+    expect_err(
+        linear_cross_entropy_grad(
+            &ones(&[3, 12], DType::F16, &dev),
+            &ones(&[10, 12], DType::F16, &dev),
+            &[0, 1, 2],
+            1.0,
+        ),
+        "h",
+        "multiple of 8",
+    );
+    // The CPU's host code takes f32 activations only.
+    let e = expect_err(
+        linear_cross_entropy_grad(
+            &ones(&[3, 16], DType::BF16, &Device::Cpu),
+            &ones(&[10, 16], DType::BF16, &Device::Cpu),
+            &[0, 1, 2],
+            1.0,
+        ),
+        "h",
+        "expected f32",
+    );
+    assert_dtype_got(&e, DType::BF16);
+}
+
+#[test]
+fn adamw_rejects_bad_input_and_changes_nothing() {
+    use platypus::ops::adamw::{self, AdamW, State};
+    const STEP: &str = "adamw::step";
+    let cfg = AdamW::default();
+    for dev in [Device::Cpu, Device::Emulated] {
+        let mut p = ones(&[4, 3], DType::F32, &dev);
+        let g = ones(&[4, 3], DType::F32, &dev);
+        let mut state = State::new(&[&p]).unwrap();
+        let mut step = |p: &mut Tensor, g: &Tensor, cfg: &AdamW, lr: f32, clip: f32| {
+            adamw::step(&mut [p], &[g], &mut state, cfg, lr, clip)
+        };
+        let e = expect_err(
+            adamw::step(
+                &mut [&mut p],
+                &[],
+                &mut State::new(&[&g]).unwrap(),
+                &cfg,
+                1e-3,
+                1.0,
+            ),
+            "grads",
+            "1 params, 0 grads and 1/1 moments",
+        );
+        assert!(matches!(e, Error::Invalid { op: STEP, .. }), "{e:?}");
+        for bad in [f32::NAN, f32::INFINITY, -1e-3] {
+            let e = expect_err(
+                step(&mut p, &g, &cfg, bad, 1.0),
+                "lr",
+                "not a finite value >= 0",
+            );
+            assert!(matches!(e, Error::Invalid { op: STEP, .. }), "{e:?}");
+            expect_err(
+                step(&mut p, &g, &cfg, 1e-3, bad),
+                "clip",
+                "not a finite value >= 0",
+            );
+            let c = AdamW { eps: bad, ..cfg };
+            expect_err(
+                step(&mut p, &g, &c, 1e-3, 1.0),
+                "cfg.eps",
+                "not a finite value >= 0",
+            );
+            let c = AdamW {
+                weight_decay: bad,
+                ..cfg
+            };
+            expect_err(
+                step(&mut p, &g, &c, 1e-3, 1.0),
+                "cfg.weight_decay",
+                "not a finite value >= 0",
+            );
+        }
+        for bad in [1.0, 1.5, -0.1, f32::NAN] {
+            let c = AdamW { beta1: bad, ..cfg };
+            let e = expect_err(
+                step(&mut p, &g, &c, 1e-3, 1.0),
+                "cfg.beta1",
+                "not in [0, 1)",
+            );
+            assert!(matches!(e, Error::Invalid { op: STEP, .. }), "{e:?}");
+            let c = AdamW { beta2: bad, ..cfg };
+            expect_err(
+                step(&mut p, &g, &c, 1e-3, 1.0),
+                "cfg.beta2",
+                "not in [0, 1)",
+            );
+        }
+        let e = expect_err(
+            step(&mut p, &ones(&[3, 4], DType::F32, &dev), &cfg, 1e-3, 1.0),
+            "grads",
+            "[3, 4]",
+        );
+        assert!(matches!(e, Error::Shape { op: STEP, .. }), "{e:?}");
+        let e = expect_err(
+            step(&mut p, &ones(&[4, 3], DType::BF16, &dev), &cfg, 1e-3, 1.0),
+            "grads",
+            "expected f32",
+        );
+        assert_dtype_got(&e, DType::BF16);
+        let e = expect_err(
+            step(&mut ones(&[4, 3], DType::F16, &dev), &g, &cfg, 1e-3, 1.0),
+            "params",
+            "expected f32",
+        );
+        assert_dtype_got(&e, DType::F16);
+        let other = other_device(&dev);
+        let e = expect_err(
+            step(&mut p, &ones(&[4, 3], DType::F32, &other), &cfg, 1e-3, 1.0),
+            "grads",
+            "expected",
+        );
+        assert!(matches!(e, Error::Device { op: STEP, .. }), "{e:?}");
+        // Moments of another shape (a state made for other parameters).
+        let mut wrong = State::new(&[&ones(&[12], DType::F32, &dev)]).unwrap();
+        let e = expect_err(
+            adamw::step(&mut [&mut p], &[&g], &mut wrong, &cfg, 1e-3, 1.0),
+            "state.m",
+            "[12]",
+        );
+        assert!(matches!(e, Error::Shape { op: STEP, .. }), "{e:?}");
+        // Nothing moved: parameters, moments, step count.
+        assert_eq!(p.to_vec::<f32>().unwrap(), vec![1.0; 12]);
+        for t in state.m.iter().chain(&state.v).chain(&wrong.m) {
+            assert!(t.to_vec::<f32>().unwrap().iter().all(|&x| x == 0.0));
+        }
+        assert_eq!((state.step, wrong.step), (0, 0));
+
+        const NORM: &str = "adamw::global_norm";
+        let e = expect_err(
+            adamw::global_norm(&[&g, &ones(&[2], DType::BF16, &dev)]),
+            "grads",
+            "expected f32",
+        );
+        assert!(matches!(e, Error::DType { op: NORM, .. }), "{e:?}");
+        let e = expect_err(
+            adamw::global_norm(&[&g, &ones(&[2], DType::F32, &other)]),
+            "grads",
+            "expected",
+        );
+        assert!(matches!(e, Error::Device { op: NORM, .. }), "{e:?}");
+
+        const ACC: &str = "adamw::accumulate";
+        let mut acc = ones(&[4, 3], DType::F32, &dev);
+        let e = expect_err(
+            adamw::accumulate(&mut [&mut acc], &[&g, &g]),
+            "grads",
+            "2 tensors for 1 accumulators",
+        );
+        assert!(matches!(e, Error::Invalid { op: ACC, .. }), "{e:?}");
+        let e = expect_err(
+            adamw::accumulate(&mut [&mut acc], &[&ones(&[12], DType::F32, &dev)]),
+            "grads",
+            "[12]",
+        );
+        assert!(matches!(e, Error::Shape { op: ACC, .. }), "{e:?}");
+        let e = expect_err(
+            adamw::accumulate(&mut [&mut acc], &[&ones(&[4, 3], DType::F16, &dev)]),
+            "grads",
+            "expected f32",
+        );
+        assert_dtype_got(&e, DType::F16);
+        expect_err(
+            adamw::accumulate(&mut [&mut ones(&[4, 3], DType::BF16, &dev)], &[&g]),
+            "acc",
+            "expected f32",
+        );
+        let e = expect_err(
+            adamw::accumulate(&mut [&mut acc], &[&ones(&[4, 3], DType::F32, &other)]),
+            "grads",
+            "expected",
+        );
+        assert!(matches!(e, Error::Device { op: ACC, .. }), "{e:?}");
+        assert_eq!(acc.to_vec::<f32>().unwrap(), vec![1.0; 12]);
+    }
+}
+
+#[test]
+fn add_assign_rejects_bad_input() {
+    use platypus::ops::add::add_assign;
+    const OP: &str = "add::add_assign";
+    for (dev, dtype) in [(Device::Cpu, DType::F32), (Device::Emulated, DType::BF16)] {
+        let mut y = ones(&[3, 8], dtype, &dev);
+        let e = expect_err(
+            add_assign(&mut y, &ones(&[3, 9], dtype, &dev)),
+            "t",
+            "[3, 9]",
+        );
+        assert!(matches!(e, Error::Shape { op: OP, .. }), "{e:?}");
+        let e = expect_err(
+            add_assign(&mut y, &ones(&[3, 8], DType::F16, &dev)),
+            "t",
+            &format!("expected {dtype}"),
+        );
+        assert_dtype_got(&e, DType::F16);
+        let e = expect_err(
+            add_assign(&mut y, &ones(&[3, 8], dtype, &other_device(&dev))),
+            "t",
+            "expected",
+        );
+        assert!(matches!(e, Error::Device { op: OP, .. }), "{e:?}");
+        let e = expect_err(
+            add_assign(
+                &mut zeros(&[3, 8], DType::I32, &dev),
+                &zeros(&[3, 8], DType::I32, &dev),
+            ),
+            "y",
+            "expected f32, f16 or bf16",
+        );
+        assert_dtype_got(&e, DType::I32);
+        assert_eq!(y.to_f32_vec().unwrap(), vec![1.0; 24]);
+    }
+    // The kernel devices add 16-bit tensors; f32 sums run on the CPU.
+    let dev = Device::Emulated;
+    let mut y = ones(&[3, 8], DType::F32, &dev);
+    let e = expect_err(
+        add_assign(&mut y, &ones(&[3, 8], DType::F32, &dev)),
+        "y",
+        "f16 or bf16",
+    );
+    assert_dtype_got(&e, DType::F32);
+    assert_eq!(y.to_vec::<f32>().unwrap(), vec![1.0; 24]);
+}

@@ -149,7 +149,8 @@ pub fn accumulate(acc: &mut [&mut Tensor], grads: &[&Tensor]) -> Result<()> {
 
 /// One AdamW step with learning rate `lr` on every `params[i]` (fp32) from
 /// `grads[i] · clip` (`clip` the global-norm factor, 1 when off), updating
-/// `state`.
+/// `state`. `lr`, `clip`, `cfg.eps` and `cfg.weight_decay` must be finite
+/// and ≥ 0, the betas in [0, 1); a rejected call changes nothing.
 pub fn step(
     params: &mut [&mut Tensor],
     grads: &[&Tensor],
@@ -173,7 +174,12 @@ pub fn step(
             ),
         });
     }
-    for (arg, value) in [("lr", lr), ("clip", clip), ("eps", cfg.eps)] {
+    for (arg, value) in [
+        ("lr", lr),
+        ("clip", clip),
+        ("cfg.eps", cfg.eps),
+        ("cfg.weight_decay", cfg.weight_decay),
+    ] {
         if !value.is_finite() || value < 0.0 {
             return Err(Error::Invalid {
                 op: OP,
@@ -182,7 +188,7 @@ pub fn step(
             });
         }
     }
-    for (arg, beta) in [("beta1", cfg.beta1), ("beta2", cfg.beta2)] {
+    for (arg, beta) in [("cfg.beta1", cfg.beta1), ("cfg.beta2", cfg.beta2)] {
         if !(0.0..1.0).contains(&beta) {
             return Err(Error::Invalid {
                 op: OP,
