@@ -1,10 +1,12 @@
 //! The LM head: the fused linear cross-entropy (logits chunk by chunk, never
 //! all at once) in FLOP/s of its GEMM (2 · tokens · hidden · vocab), beside
-//! the head GEMM alone on a GPU; the row kernel alone on given fp32 logits,
-//! and greedy argmax and top-p sampling over 32,000-wide rows, in bytes/s of
-//! one read of the logits. On the CPU: 256 tokens of a 768-wide head (host
-//! code) and 64 rows; on a GPU: Llama-7B's head (4096 tokens × 4096 × 32,000
-//! bf16), and 1 and 128 rows to choose from.
+//! the head GEMM alone on a GPU; the fused head with its gradient dh (the
+//! training step's: logits, dlogits and the GEMM back through the head) in
+//! FLOP/s of both GEMMs (4 · tokens · hidden · vocab); the row kernel alone
+//! on given fp32 logits, and greedy argmax and top-p sampling over
+//! 32,000-wide rows, in bytes/s of one read of the logits. On the CPU: 256
+//! tokens of a 768-wide head (host code) and 64 rows; on a GPU: Llama-7B's
+//! head (4096 tokens × 4096 × 32,000 bf16), and 1 and 128 rows to choose from.
 
 mod common;
 
@@ -73,6 +75,15 @@ fn bench_target(c: &mut Criterion, mut target: Target, shapes: &[Shapes]) {
             target.bench(&mut group, &format!("fused_ce/{id}"), flops, || {
                 cross_entropy::linear_cross_entropy(&h, &w, &labels).unwrap()
             });
+            // Both GEMMs: logits = h Wᵀ and dh = dlogits W.
+            let grad_flops = Work::Flops((4 * tokens * hidden * VOCAB) as u64);
+            let scale = 1.0 / tokens as f32;
+            target.bench(
+                &mut group,
+                &format!("fused_ce_grad/{id}"),
+                grad_flops,
+                || cross_entropy::linear_cross_entropy_grad(&h, &w, &labels, scale).unwrap(),
+            );
             if gpu {
                 // The head GEMM alone (16-bit logits of every token): the ceiling.
                 target.bench(&mut group, &format!("head_gemm/{id}"), flops, || {
