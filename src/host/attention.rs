@@ -628,8 +628,6 @@ struct BackwardScratch {
     s: Vec<f32>,
     /// dP = dO vᵀ: [queries, keys].
     dp: Vec<f32>,
-    /// dS transposed: [keys, queries], the layout the dQ product packs fast.
-    ds_t: Vec<f32>,
 }
 
 /// The arguments every backward task reads.
@@ -668,7 +666,7 @@ impl BackwardInputs<'_> {
         let mut dk = vec![0.0f32; job.keys.len() * d];
         let mut dv = vec![0.0f32; job.keys.len() * d];
         let mut dq = vec![0.0f32; group * queries * d];
-        let BackwardScratch { s, dp, ds_t } = scratch;
+        let BackwardScratch { s, dp } = scratch;
         let scale2 = self.scale * LOG2_E;
         for j0 in job.keys.clone().step_by(BWD_K_BLOCK) {
             let cols = BWD_K_BLOCK.min(job.keys.end - j0);
@@ -693,8 +691,7 @@ impl BackwardInputs<'_> {
                     let size = rows * cols;
                     s.resize(size, 0.0);
                     dp.resize(size, 0.0);
-                    ds_t.resize(size, 0.0);
-                    let (s, dp, ds_t) = (&mut s[..size], &mut dp[..size], &mut ds_t[..size]);
+                    let (s, dp) = (&mut s[..size], &mut dp[..size]);
                     let head_t = h * d * tokens + query0;
                     let token_major = (query0 * q_heads + h) * d;
                     // S = scale · Q Kᵀ in base 2, then P = 2^(S − lse₂).
@@ -721,9 +718,8 @@ impl BackwardInputs<'_> {
                     let rows_out = s.chunks_exact_mut(cols).zip(dp.chunks_exact(cols));
                     for (i, (p, dp)) in rows_out.enumerate() {
                         let delta = self.delta[(query0 + i) * q_heads + h];
-                        for (j, (p, &dp)) in p.iter_mut().zip(dp).enumerate() {
+                        for (p, &dp) in p.iter_mut().zip(dp) {
                             *p *= dp - delta;
-                            ds_t[j * rows + i] = *p;
                         }
                     }
                     // dK += scale · dSᵀ Q, dQ += scale · dS K.
@@ -737,7 +733,7 @@ impl BackwardInputs<'_> {
                         d,
                     );
                     let dq_at = (hh * queries + i0 - first_query) * d;
-                    let ds = View::new(ds_t, rows, cols, 1, rows);
+                    let ds = View::new(s, rows, cols, cols, 1);
                     sgemm(self.scale, ds, kb, 1.0, &mut dq[dq_at..][..rows * d], d);
                 }
             }
