@@ -191,7 +191,7 @@ fn bht_to_h_bt(v: &[f32], shape: &[usize]) -> Vec<f32> {
 
 /// Runs every attention fixture through forward and backward in `dtype` on
 /// `dev` and checks o, lse, dq, dk, dv with tolerance `tol` (relative to each
-/// tensor's largest magnitude).
+/// tensor's largest magnitude; the gradients to the largest of the three).
 fn check_attention_fixtures(dev: &Device, dtype: DType, tol: f32) {
     let f = Fixture::load();
     for (case, causal) in ATTENTION_CASES {
@@ -212,6 +212,14 @@ fn check_attention_fixtures(dev: &Device, dtype: DType, tol: f32) {
         let grads = attention::backward(&q, &k, &v, &fwd, &dout, Batch::Dense, &cfg).unwrap();
         let (lse, lse_shape) = f.f32(&format!("{case}/lse"));
         let want_lse = bht_to_h_bt(&lse, &lse_shape);
+        let largest = |v: &[f32]| v.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+        // A gradient that is exactly 0 (dq of a one-token sequence: softmax
+        // over one key) is judged against its siblings' magnitude: f32 code
+        // leaves rounding residue of that size there, the f64 reference none.
+        let grad_scale = ["dq", "dk", "dv"]
+            .iter()
+            .map(|n| largest(&load(n).0))
+            .fold(0.0f32, f32::max);
         for (name, got, want) in [
             ("o", &fwd.o, load("o").0),
             ("lse", &fwd.lse, want_lse),
@@ -219,13 +227,18 @@ fn check_attention_fixtures(dev: &Device, dtype: DType, tol: f32) {
             ("dk", &grads.dk, load("dk").0),
             ("dv", &grads.dv, load("dv").0),
         ] {
-            let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            let scale = if name.starts_with('d') {
+                grad_scale
+            } else {
+                largest(&want)
+            };
             let what = format!("{case}/{name} in {dtype} on {dev}");
             assert_close(&what, &got.to_f32_vec().unwrap(), &want, tol * scale, 0.0);
         }
     }
 }
 
+/// Device::Cpu in f32: the host code (flash-style forward and backward).
 #[test]
 fn attention_reference_matches_pytorch() {
     check_attention_fixtures(&Device::Cpu, DType::F32, 1e-5);
