@@ -531,7 +531,7 @@ fn batches_are_right_padded() {
     assert_eq!(b.labels, [-100, 5, 6, 1, -100, -100]);
     assert_eq!(b.attention_mask, [1, 1, 1, 1, 0, 0]);
     assert_eq!(b.lens, [3, 1]);
-    let empty = data::batch(&[], 0);
+    let empty = data::batch::<Example>(&[], 0);
     assert_eq!((empty.batch, empty.seq, empty.input_ids.len()), (0, 0, 0));
 }
 

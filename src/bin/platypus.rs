@@ -933,9 +933,6 @@ fn bench_train(args: &BenchTrainArgs) -> platypus::Result<String> {
         .values()
         .map(|f| f.a.len() + f.b.len())
         .sum();
-    for (_, f) in model.lora_factors_mut() {
-        f.config.dropout = cfg.lora_dropout;
-    }
     let schedule = Schedule {
         lr: 4e-4,
         warmup: 0,
@@ -966,9 +963,7 @@ fn bench_train(args: &BenchTrainArgs) -> platypus::Result<String> {
             .collect();
         let refs: Vec<&Example> = rows.iter().collect();
         let mb = MicroBatch::padded(&refs, 0);
-        for (_, f) in model.lora_factors_mut() {
-            f.config.offset = (i as u64) << 42;
-        }
+        cfg.set_dropout(&mut model, i as u64);
         let t0 = std::time::Instant::now();
         let (ce, grads) = model.forward_backward(
             &mb.step(),

@@ -356,6 +356,18 @@ pub struct TensorBytes<'a> {
     pub bytes: &'a [u8],
 }
 
+impl<'a> TensorBytes<'a> {
+    /// An f32 tensor's bytes.
+    pub fn f32(name: &'a str, shape: &'a [usize], values: &'a [f32]) -> TensorBytes<'a> {
+        TensorBytes {
+            name,
+            dtype: DType::F32,
+            shape,
+            bytes: bytemuck::cast_slice(values),
+        }
+    }
+}
+
 /// Adds the safetensors file `path` holding `tensors` (in the given order)
 /// and `metadata` to `group`. The header is padded with spaces to 8 bytes,
 /// as the safetensors library writes it.

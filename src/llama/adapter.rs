@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use super::LlamaConfig;
 use crate::formats::safetensors::{self as st, SafetensorsFile, TensorBytes};
 use crate::output::Outputs;
-use crate::{DType, Error, Result};
+use crate::{Error, Result};
 
 /// The adapter config file's name.
 pub const CONFIG_NAME: &str = "adapter_config.json";
@@ -432,12 +432,7 @@ impl Adapter {
         outputs.write_dir(dir, |tmp: &Path| {
             let tensors: Vec<TensorBytes<'_>> = keys
                 .iter()
-                .map(|(name, shape, values)| TensorBytes {
-                    name,
-                    dtype: DType::F32,
-                    shape,
-                    bytes: bytemuck::cast_slice(values),
-                })
+                .map(|(name, shape, values)| TensorBytes::f32(name, shape, values))
                 .collect();
             let inner = Outputs::default();
             let mut group = inner.group();

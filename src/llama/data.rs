@@ -386,10 +386,10 @@ pub struct Batch {
 /// Pads `examples` on the right to the longest one: ids with `pad_id`
 /// (Platypus pads with 0, `<unk>`), labels with [`IGNORE_INDEX`], the mask
 /// with 0. A field shorter than its row's ids is padded the same way.
-pub fn batch(examples: &[Example], pad_id: u32) -> Batch {
+pub fn batch<E: std::borrow::Borrow<Example>>(examples: &[E], pad_id: u32) -> Batch {
     let seq = examples
         .iter()
-        .map(|e| e.input_ids.len())
+        .map(|e| e.borrow().input_ids.len())
         .max()
         .unwrap_or(0);
     let cells = examples.len() * seq;
@@ -402,6 +402,7 @@ pub fn batch(examples: &[Example], pad_id: u32) -> Batch {
         seq,
     };
     for e in examples {
+        let e = e.borrow();
         let mask_start = out.attention_mask.len();
         for t in 0..seq {
             out.input_ids

@@ -30,8 +30,7 @@ impl MicroBatch {
     /// `examples` padded on the right to the longest with `pad_id`
     /// (labels −100 there), as transformers' collator does.
     pub fn padded(examples: &[&Example], pad_id: u32) -> MicroBatch {
-        let owned: Vec<Example> = examples.iter().map(|&e| e.clone()).collect();
-        let b = data::batch(&owned, pad_id);
+        let b = data::batch(examples, pad_id);
         MicroBatch {
             positions: (0..b.batch).flat_map(|_| 0..b.seq as i32).collect(),
             targets: shift_labels(&b.labels, b.seq),

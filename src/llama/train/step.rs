@@ -170,8 +170,9 @@ impl Llama {
         residuals.push(h0);
         for (i, layer) in self.layers.iter().enumerate() {
             let next_norm = self.layers.get(i + 1).map_or(&self.norm, |l| &l.input_norm);
-            let (s, h_out, x_next) =
-                self.layer_forward(layer, &residuals[i], x, next_norm, &shared)?;
+            let (s, next) =
+                self.layer_forward(layer, &residuals[i], x, Some(next_norm), &shared)?;
+            let (h_out, x_next) = next.expect("asked for the next layer's input");
             if !recompute {
                 saved.push(s);
             }
@@ -192,7 +193,7 @@ impl Llama {
                 Some(s) => s,
                 None => {
                     let x1 = rmsnorm::forward(&h_in, &layer.input_norm, eps)?;
-                    self.layer_forward(layer, &h_in, x1, &self.norm, &shared)?.0
+                    self.layer_forward(layer, &h_in, x1, None, &shared)?.0
                 }
             };
             g = self.layer_backward(i, layer, &h_in, s, g, &shared, &mut grads)?;
@@ -201,15 +202,17 @@ impl Llama {
     }
 
     /// One layer forward from its residual input `h_in` and x1 =
-    /// input_norm(h_in): (saved activations, residual out, `next_norm` of it).
+    /// input_norm(h_in): the saved activations and, given `next_norm`, the
+    /// residual out and `next_norm` of it (a recompute in backward needs
+    /// neither).
     fn layer_forward(
         &self,
         layer: &DecoderLayer,
         h_in: &Tensor,
         x1: Tensor,
-        next_norm: &Tensor,
+        next_norm: Option<&Tensor>,
         sh: &Shared<'_>,
-    ) -> Result<(Saved, Tensor, Tensor)> {
+    ) -> Result<(Saved, Option<(Tensor, Tensor)>)> {
         let c = &self.config;
         let (b, t) = (sh.rows, sh.seq);
         let mut u: [Option<Tensor>; 7] = Default::default();
@@ -238,8 +241,14 @@ impl Llama {
         let up = proj(Module::Up, &x2)?;
         let m = swiglu::forward(&gate, &up)?;
         let delta = proj(Module::Down, &m)?;
-        let mut h_out = copy(&h_mid)?;
-        let x_next = rmsnorm::add_forward(&mut h_out, &delta, next_norm, c.rms_norm_eps)?;
+        let next = match next_norm {
+            Some(norm) => {
+                let mut h_out = copy(&h_mid)?;
+                let x_next = rmsnorm::add_forward(&mut h_out, &delta, norm, c.rms_norm_eps)?;
+                Some((h_out, x_next))
+            }
+            None => None,
+        };
         let saved = Saved {
             x1,
             q,
@@ -253,7 +262,7 @@ impl Llama {
             m,
             u,
         };
-        Ok((saved, h_out, x_next))
+        Ok((saved, next))
     }
 
     /// One layer backward: dL/d(residual in) from `g` = dL/d(residual out),

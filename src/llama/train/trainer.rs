@@ -36,7 +36,7 @@ use crate::llama::init::random_adapter;
 use crate::llama::{Adapter, AdapterConfig, Llama, Module};
 use crate::ops::adamw::AdamW;
 use crate::output::Outputs;
-use crate::{DType, Device, Error, Result, Tensor};
+use crate::{Device, Error, Result, Tensor};
 
 /// The hyper-parameters of a run, named after transformers'
 /// TrainingArguments and PEFT's LoraConfig.
@@ -128,6 +128,17 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Sets every adapter's dropout for micro-batch `index` of the run: its
+    /// own Philox counters per (micro-batch, layer, module), keyed by the
+    /// seed, so a resumed run draws the same masks.
+    pub fn set_dropout(&self, model: &mut Llama, index: u64) {
+        for ((layer, module), f) in model.lora_factors_mut() {
+            f.config.dropout = self.lora_dropout;
+            f.config.seed = self.seed;
+            f.config.offset = (index << 42) | (((layer * 7 + module as usize) as u64) << 32);
+        }
+    }
+
     /// Rows per optimizer step.
     pub fn global_batch(&self) -> usize {
         self.per_device_batch_size * self.gradient_accumulation_steps
@@ -414,9 +425,8 @@ pub fn train(run: Run<'_>, on_step: &mut dyn FnMut(&StepLog, u64)) -> Result<Sum
         let mut loss_sum = 0.0;
         let mut tokens = 0;
         for (m, batch) in micro.iter().enumerate() {
-            set_dropout(
+            cfg.set_dropout(
                 &mut model,
-                cfg,
                 step * cfg.gradient_accumulation_steps as u64 + m as u64,
             );
             let (ce, g) =
@@ -507,16 +517,6 @@ fn micro_batches(run: &Run<'_>, step: u64) -> Vec<MicroBatch> {
             }
         })
         .collect()
-}
-
-/// Sets every adapter's dropout for micro-batch `index` of the run: its own
-/// Philox counters per (micro-batch, layer, module), keyed by the seed.
-fn set_dropout(model: &mut Llama, cfg: &TrainConfig, index: u64) {
-    for ((layer, module), f) in model.lora_factors_mut() {
-        f.config.dropout = cfg.lora_dropout;
-        f.config.seed = cfg.seed;
-        f.config.offset = (index << 42) | (((layer * 7 + module as usize) as u64) << 32);
-    }
 }
 
 /// A hash of every row (FNV-1a over ids, labels and masks).
@@ -700,12 +700,7 @@ fn save_checkpoint(
         adapter.save(&tmp.join("adapter"), &Outputs::default())?;
         let tensors: Vec<TensorBytes<'_>> = moments
             .iter()
-            .map(|(name, shape, values)| TensorBytes {
-                name,
-                dtype: DType::F32,
-                shape,
-                bytes: bytemuck::cast_slice(values),
-            })
+            .map(|(name, shape, values)| TensorBytes::f32(name, shape, values))
             .collect();
         let inner = Outputs::default();
         let mut group = inner.group();
