@@ -22,6 +22,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod curate;
 mod device;
 pub mod emu;
 mod error;
