@@ -60,6 +60,57 @@ enum Command {
     InitModel(InitModelArgs),
     /// Writes a new LoRA adapter for a model, in PEFT's form.
     InitAdapter(InitAdapterArgs),
+    /// Curates an instruction dataset the Platypus way: exact dedup, greedy
+    /// near-dedup and benchmark decontamination by sentence-embedding cosine,
+    /// with a JSON and an HTML report of every removed row.
+    Curate(Box<CurateArgs>),
+}
+
+/// The arguments of `platypus curate` (defaults: the Open-Platypus dataset card's settings).
+#[derive(clap::Args)]
+struct CurateArgs {
+    /// The training rows (.jsonl, .json or .csv): instruction, input, output, data_source.
+    #[arg(long)]
+    train: PathBuf,
+    /// A benchmark file to decontaminate against; repeat for several.
+    #[arg(long = "benchmark")]
+    benchmarks: Vec<PathBuf>,
+    /// The sentence-encoder folder (all-MiniLM-L6-v2).
+    #[arg(long)]
+    model: PathBuf,
+    /// The output folder: the filtered dataset (the input's name and format), report.json, report.html.
+    #[arg(long)]
+    out: PathBuf,
+    /// The steps to run, comma-separated (always in this order).
+    #[arg(long, value_delimiter = ',', default_value = "exact,near,contamination")]
+    steps: Vec<platypus::curate::pipeline::Step>,
+    /// τ_dup: a row is removed when a kept earlier row's cosine is above it (default 0.8; 0.7 with --paper-compat).
+    #[arg(long)]
+    dup_threshold: Option<f32>,
+    /// τ_cont: a row is removed when a benchmark item's cosine reaches it (default 0.8; 0.7 with --paper-compat).
+    #[arg(long)]
+    contamination_threshold: Option<f32>,
+    /// The Platypus notebook's settings: τ 0.7, and per benchmark item only its nearest row removed.
+    #[arg(long)]
+    paper_compat: bool,
+    /// A benchmark field joined into an item's text; repeat for several (default: question).
+    #[arg(long = "benchmark-field")]
+    benchmark_fields: Vec<String>,
+    /// A training field joined into a row's text; repeat for several (default: instruction, input).
+    #[arg(long = "text-field")]
+    text_fields: Vec<String>,
+    /// A folder for the embedding cache (a second run embeds nothing again).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Where to write the flagged pairs as JSONL (for a second opinion).
+    #[arg(long)]
+    export_pairs: Option<PathBuf>,
+    /// Where to embed and search.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
 }
 
 /// The arguments of `platypus generate`.
@@ -451,6 +502,7 @@ fn main() {
         Command::BenchTrain(args) => bench_train(&args).map_err(|e| ("bench-train", e)),
         Command::InitModel(args) => init_model(&args).map_err(|e| ("init-model", e)),
         Command::InitAdapter(args) => init_adapter(&args).map_err(|e| ("init-adapter", e)),
+        Command::Curate(args) => curate(&args).map_err(|e| ("curate", e)),
     });
     let report = match run {
         Ok(Ok(report)) => report,
@@ -1434,4 +1486,48 @@ fn concat_rows(
         scores: Tensor::from_slice(&scores, &[m, kk], &Device::Cpu)?,
         indices: Tensor::from_slice(&indices, &[m, kk], &Device::Cpu)?,
     })
+}
+
+/// The sentence encoder of the model folder `_dir`, on `_device`.
+fn load_encoder(
+    _dir: &Path,
+    _device: &platypus::Device,
+) -> platypus::Result<Box<dyn platypus::curate::Embedder>> {
+    Err(platypus::Error::Invalid {
+        op: "curate",
+        arg: "model",
+        what: "the sentence encoder is not yet merged into this build".into(),
+    })
+}
+
+fn curate(args: &CurateArgs) -> platypus::Result<String> {
+    use platypus::curate::{pipeline::CurateConfig, CurateJob};
+    let mut config = if args.paper_compat {
+        CurateConfig::paper_compat()
+    } else {
+        CurateConfig::default()
+    };
+    config.steps = args.steps.clone();
+    config.dup_threshold = args.dup_threshold.unwrap_or(config.dup_threshold);
+    config.contamination_threshold = args
+        .contamination_threshold
+        .unwrap_or(config.contamination_threshold);
+    if !args.benchmark_fields.is_empty() {
+        config.benchmark_fields = args.benchmark_fields.clone();
+    }
+    if !args.text_fields.is_empty() {
+        config.text_fields = args.text_fields.clone();
+    }
+    config.device = args.device.open()?;
+    let job = CurateJob {
+        train: args.train.clone(),
+        benchmarks: args.benchmarks.clone(),
+        out: args.out.clone(),
+        cache: args.cache.clone(),
+        export_pairs: args.export_pairs.clone(),
+        config,
+        quiet: args.quiet,
+    };
+    let encoder = load_encoder(&args.model, &job.config.device)?;
+    platypus::curate::run_curate(&job, encoder.as_ref())
 }

@@ -170,10 +170,7 @@ struct RowReader<'a> {
 
 impl RowReader<'_> {
     fn parse(&self, line: &str) -> std::result::Result<Example, String> {
-        let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
-        let Value::Object(row) = value else {
-            return Err(format!("is {value}, expected a JSON object"));
-        };
+        let row = json_object(line)?;
         let example = match (
             row.contains_key("input_ids"),
             row.contains_key("instruction"),
@@ -314,6 +311,14 @@ impl RowReader<'_> {
     }
 }
 
+/// `text` as a JSON object; the error is the message after `line N: `.
+pub(crate) fn json_object(text: &str) -> std::result::Result<Map<String, Value>, String> {
+    match serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))? {
+        Value::Object(row) => Ok(row),
+        value => Err(format!("is {value}, expected a JSON object")),
+    }
+}
+
 /// The integers of the array `field`, `None` when absent or null.
 fn integers(
     row: &Map<String, Value>,
@@ -355,7 +360,7 @@ fn check_each(
 }
 
 /// The string `field`, `None` when absent or null.
-fn string<'a>(
+pub(crate) fn string<'a>(
     row: &'a Map<String, Value>,
     field: &str,
 ) -> std::result::Result<Option<&'a str>, String> {
