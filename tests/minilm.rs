@@ -124,3 +124,52 @@ fn batching_does_not_change_an_embedding() {
         );
     }
 }
+
+#[test]
+fn the_embed_command_writes_what_the_library_computes() {
+    let dir = std::env::temp_dir().join(format!("platypus-embed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let texts = sentences();
+    let input = dir.join("texts.txt");
+    // Sentence 35 is one line; none of the fixture sentences holds a newline.
+    std::fs::write(&input, texts[..5].join("\n") + "\n").unwrap();
+    let out = dir.join("emb.npy");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_platypus"))
+        .args(["embed", "--quiet", "--model"])
+        .arg(model_dir())
+        .arg("--input")
+        .arg(&input)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(String::from_utf8_lossy(&run.stdout).contains("embedded 5 texts"));
+    let (got, shape) = platypus::npy::read_f32_matrix(&out).unwrap();
+    assert_eq!(shape, [5, 384]);
+    let encoder = SentenceEncoder::load(&model_dir(), &Device::Cpu).unwrap();
+    let refs: Vec<&str> = texts[..5].iter().map(String::as_str).collect();
+    assert_eq!(
+        got,
+        encoder.embed(&refs, &Progress::bar(0, "", true)).unwrap()
+    );
+
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_platypus"))
+        .args(["embed", "--quiet", "--model"])
+        .arg(dir.join("no-such-model"))
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("no-such-model/modules.json") && err.contains("cannot read"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -42,6 +42,10 @@ enum Command {
     /// Cosine-similarity top-k of embeddings in .npy files (2-D float32):
     /// queries against a database, or a database against itself.
     CosineTopk(CosineTopkArgs),
+    /// Sentence embeddings of a text file (one text per line) with a
+    /// sentence-transformers model folder, as a float32 .npy [texts, dim];
+    /// prints texts/s and tokens/s.
+    Embed(EmbedArgs),
     /// Mean loss and perplexity of a Llama model (with an optional LoRA
     /// adapter) over a JSONL data file, as transformers computes them.
     Eval(EvalArgs),
@@ -60,6 +64,27 @@ enum Command {
     InitModel(InitModelArgs),
     /// Writes a new LoRA adapter for a model, in PEFT's form.
     InitAdapter(InitAdapterArgs),
+}
+
+/// The arguments of `platypus embed`.
+#[derive(clap::Args)]
+struct EmbedArgs {
+    /// A sentence-transformers model folder (e.g. all-MiniLM-L6-v2).
+    #[arg(long)]
+    model: PathBuf,
+    /// The texts, one per line (UTF-8; an empty line is an empty text).
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write the embeddings [texts, dim] (f32 .npy); without it,
+    /// only the timing is printed.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Worker threads, 1 to 4 × the available cores (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 /// The arguments of `platypus generate`.
@@ -444,6 +469,7 @@ fn main() {
         Command::Info { json } => Ok(info(json)),
         Command::Kernels { json } => Ok(kernels(json)),
         Command::CosineTopk(args) => cosine_topk(&args).map_err(|e| ("cosine-topk", e)),
+        Command::Embed(args) => embed(&args).map_err(|e| ("embed", e)),
         Command::Eval(args) => eval(&args).map_err(|e| ("eval", e)),
         Command::Merge(args) => merge(&args).map_err(|e| ("merge", e)),
         Command::Generate(args) => generate(&args).map_err(|e| ("generate", e)),
@@ -1293,6 +1319,46 @@ fn scores_path(out: &Path) -> platypus::Result<PathBuf> {
             ),
         }),
     }
+}
+
+fn embed(args: &EmbedArgs) -> platypus::Result<String> {
+    use platypus::curate::encoder::SentenceEncoder;
+    use platypus::curate::Embedder;
+    use platypus::output::Outputs;
+    use platypus::progress::Progress;
+    set_threads("embed", args.threads)?;
+    let outputs = Outputs::new(&[args.input.as_path(), args.model.as_path()]);
+    if let Some(out) = &args.out {
+        outputs.check(out)?;
+    }
+    let text = std::fs::read_to_string(&args.input).map_err(|e| platypus::Error::File {
+        path: args.input.clone(),
+        what: format!("cannot read as UTF-8 text: {e}"),
+    })?;
+    let texts: Vec<&str> = text.lines().collect();
+    let encoder = SentenceEncoder::load(&args.model, &platypus::Device::Cpu)?;
+    let tokens: usize = encoder.tokenize(&texts)?.iter().map(Vec::len).sum();
+    let progress = Progress::bar(texts.len() as u64, "texts", args.quiet);
+    let start = std::time::Instant::now();
+    let embeddings = encoder.embed(&texts, &progress)?;
+    let secs = start.elapsed().as_secs_f64();
+    drop(progress);
+    if let Some(out) = &args.out {
+        let mut group = outputs.group();
+        platypus::npy::add_f32_matrix(&mut group, out, &embeddings, [texts.len(), encoder.dim()])?;
+        group.commit()?;
+    }
+    let mut report = String::new();
+    say!(
+        report,
+        "embedded {} texts ({tokens} tokens, dim {}) in {secs:.3} s on {} threads: {:.1} texts/s, {:.0} tokens/s",
+        texts.len(),
+        encoder.dim(),
+        rayon::current_num_threads(),
+        texts.len() as f64 / secs,
+        tokens as f64 / secs
+    );
+    Ok(report)
 }
 
 fn cosine_topk(args: &CosineTopkArgs) -> platypus::Result<String> {
