@@ -42,6 +42,10 @@ enum Command {
     /// Cosine-similarity top-k of embeddings in .npy files (2-D float32):
     /// queries against a database, or a database against itself.
     CosineTopk(CosineTopkArgs),
+    /// Sentence embeddings of a text file (one text per line) with a
+    /// sentence-transformers model folder, as a float32 .npy [texts, dim];
+    /// prints texts/s and tokens/s.
+    Embed(EmbedArgs),
     /// Mean loss and perplexity of a Llama model (with an optional LoRA
     /// adapter) over a JSONL data file, as transformers computes them.
     Eval(EvalArgs),
@@ -82,7 +86,11 @@ struct CurateArgs {
     #[arg(long)]
     out: PathBuf,
     /// The steps to run, comma-separated (always in this order).
-    #[arg(long, value_delimiter = ',', default_value = "exact,near,contamination")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "exact,near,contamination"
+    )]
     steps: Vec<platypus::curate::pipeline::Step>,
     /// τ_dup: a row is removed when a kept earlier row's cosine is above it (default 0.8; 0.7 with --paper-compat).
     #[arg(long)]
@@ -109,6 +117,27 @@ struct CurateArgs {
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
     /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// The arguments of `platypus embed`.
+#[derive(clap::Args)]
+struct EmbedArgs {
+    /// A sentence-transformers model folder (e.g. all-MiniLM-L6-v2).
+    #[arg(long)]
+    model: PathBuf,
+    /// The texts, one per line (UTF-8; an empty line is an empty text).
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write the embeddings [texts, dim] (f32 .npy); without it,
+    /// only the timing is printed.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Worker threads, 1 to 4 × the available cores (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// No progress bar.
     #[arg(long)]
     quiet: bool,
 }
@@ -495,6 +524,7 @@ fn main() {
         Command::Info { json } => Ok(info(json)),
         Command::Kernels { json } => Ok(kernels(json)),
         Command::CosineTopk(args) => cosine_topk(&args).map_err(|e| ("cosine-topk", e)),
+        Command::Embed(args) => embed(&args).map_err(|e| ("embed", e)),
         Command::Eval(args) => eval(&args).map_err(|e| ("eval", e)),
         Command::Merge(args) => merge(&args).map_err(|e| ("merge", e)),
         Command::Generate(args) => generate(&args).map_err(|e| ("generate", e)),
@@ -1347,6 +1377,46 @@ fn scores_path(out: &Path) -> platypus::Result<PathBuf> {
     }
 }
 
+fn embed(args: &EmbedArgs) -> platypus::Result<String> {
+    use platypus::curate::encoder::SentenceEncoder;
+    use platypus::curate::Embedder;
+    use platypus::output::Outputs;
+    use platypus::progress::Progress;
+    set_threads("embed", args.threads)?;
+    let outputs = Outputs::new(&[args.input.as_path(), args.model.as_path()]);
+    if let Some(out) = &args.out {
+        outputs.check(out)?;
+    }
+    let text = std::fs::read_to_string(&args.input).map_err(|e| platypus::Error::File {
+        path: args.input.clone(),
+        what: format!("cannot read as UTF-8 text: {e}"),
+    })?;
+    let texts: Vec<&str> = text.lines().collect();
+    let encoder = SentenceEncoder::load(&args.model, &platypus::Device::Cpu)?;
+    let tokens: usize = encoder.tokenize(&texts)?.iter().map(Vec::len).sum();
+    let progress = Progress::bar(texts.len() as u64, "texts", args.quiet);
+    let start = std::time::Instant::now();
+    let embeddings = encoder.embed(&texts, &progress)?;
+    let secs = start.elapsed().as_secs_f64();
+    drop(progress);
+    if let Some(out) = &args.out {
+        let mut group = outputs.group();
+        platypus::npy::add_f32_matrix(&mut group, out, &embeddings, [texts.len(), encoder.dim()])?;
+        group.commit()?;
+    }
+    let mut report = String::new();
+    say!(
+        report,
+        "embedded {} texts ({tokens} tokens, dim {}) in {secs:.3} s on {} threads: {:.1} texts/s, {:.0} tokens/s",
+        texts.len(),
+        encoder.dim(),
+        rayon::current_num_threads(),
+        texts.len() as f64 / secs,
+        tokens as f64 / secs
+    );
+    Ok(report)
+}
+
 fn cosine_topk(args: &CosineTopkArgs) -> platypus::Result<String> {
     use platypus::ops::cosine_topk::{self, Exclude, TopK};
     use platypus::output::Outputs;
@@ -1489,17 +1559,6 @@ fn concat_rows(
 }
 
 /// The sentence encoder of the model folder `_dir`, on `_device`.
-fn load_encoder(
-    _dir: &Path,
-    _device: &platypus::Device,
-) -> platypus::Result<Box<dyn platypus::curate::Embedder>> {
-    Err(platypus::Error::Invalid {
-        op: "curate",
-        arg: "model",
-        what: "the sentence encoder is not yet merged into this build".into(),
-    })
-}
-
 fn curate(args: &CurateArgs) -> platypus::Result<String> {
     use platypus::curate::{pipeline::CurateConfig, CurateJob};
     let mut config = if args.paper_compat {
@@ -1528,6 +1587,8 @@ fn curate(args: &CurateArgs) -> platypus::Result<String> {
         config,
         quiet: args.quiet,
     };
-    let encoder = load_encoder(&args.model, &job.config.device)?;
-    platypus::curate::run_curate(&job, encoder.as_ref())
+    // The encoder runs on the host for now; --device is where the search runs.
+    let encoder =
+        platypus::curate::encoder::SentenceEncoder::load(&args.model, &platypus::Device::Cpu)?;
+    platypus::curate::run_curate(&job, &encoder)
 }

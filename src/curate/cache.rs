@@ -121,8 +121,11 @@ impl Embedder for CachedEmbedder<'_> {
             });
         }
         let mut records = self.load()?;
-        let mut known: HashMap<Key, usize> =
-            records.iter().enumerate().map(|(n, (k, _))| (*k, n)).collect();
+        let mut known: HashMap<Key, usize> = records
+            .iter()
+            .enumerate()
+            .map(|(n, (k, _))| (*k, n))
+            .collect();
         let keys: Vec<Key> = texts.iter().map(|t| key(t)).collect();
         // Each distinct missing text once, at the record index it will get.
         let mut missing: Vec<(&str, Key)> = Vec::new();
@@ -217,13 +220,22 @@ mod tests {
         assert_eq!(first, [1.0, 1.0, 2.0, 1.0, 1.0, 1.0]);
         assert_eq!(inner.0.get(), 2, "each distinct text once");
         let again = CachedEmbedder::new(&inner, &dir);
-        assert_eq!(again.embed(&["bb", "a"], &progress).unwrap(), [2.0, 1.0, 1.0, 1.0]);
+        assert_eq!(
+            again.embed(&["bb", "a"], &progress).unwrap(),
+            [2.0, 1.0, 1.0, 1.0]
+        );
         assert_eq!(inner.0.get(), 2, "the second run embeds no text");
-        assert_eq!(again.embed(&["ccc", "a"], &progress).unwrap()[..2], [3.0, 1.0]);
+        assert_eq!(
+            again.embed(&["ccc", "a"], &progress).unwrap()[..2],
+            [3.0, 1.0]
+        );
         assert_eq!(inner.0.get(), 3, "only the missing text is embedded");
         std::fs::write(again.file(), b"PLATEMB1junk").unwrap();
         let err = again.embed(&["a"], &progress).unwrap_err();
-        assert!(err.to_string().contains("is not the cache of \"counting\""), "{err}");
+        assert!(
+            err.to_string().contains("is not the cache of \"counting\""),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }

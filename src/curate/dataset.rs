@@ -235,8 +235,8 @@ fn jsonl_rows(text: &str) -> std::result::Result<Vec<Row>, String> {
 }
 
 fn json_rows(text: &str) -> std::result::Result<Vec<Row>, String> {
-    let items: Vec<&RawValue> = serde_json::from_str(text)
-        .map_err(|e| format!("not a JSON array of objects: {e}"))?;
+    let items: Vec<&RawValue> =
+        serde_json::from_str(text).map_err(|e| format!("not a JSON array of objects: {e}"))?;
     items
         .into_iter()
         .enumerate()
@@ -367,7 +367,8 @@ mod tests {
     }
 
     fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("platypus-dataset-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("platypus-dataset-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }
@@ -382,13 +383,22 @@ mod tests {
         );
         let err = read_benchmark(&path, &fields(&["question", "choices"])).unwrap_err();
         assert!(
-            err.to_string().ends_with("b.jsonl: line 3: \"choices\"[0] is 1, expected a string"),
+            err.to_string()
+                .ends_with("b.jsonl: line 3: \"choices\"[0] is 1, expected a string"),
             "{err}"
         );
         let table = Table::read(&path).unwrap();
-        assert_eq!(table.text(0, &fields(&["question", "choices"]), &[]).unwrap(), "Q? a b");
+        assert_eq!(
+            table
+                .text(0, &fields(&["question", "choices"]), &[])
+                .unwrap(),
+            "Q? a b"
+        );
         let err = read_benchmark(&path, &fields(&["prompt"])).unwrap_err();
-        assert!(err.to_string().contains("line 1: has no \"prompt\""), "{err}");
+        assert!(
+            err.to_string().contains("line 1: has no \"prompt\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -410,6 +420,9 @@ mod tests {
             assert_eq!(String::from_utf8(out).unwrap(), expected, "{name}");
         }
         let err = Table::read(&write(&dir, "t.parquet", "")).unwrap_err();
-        assert!(err.to_string().contains("expected .jsonl, .json or .csv"), "{err}");
+        assert!(
+            err.to_string().contains("expected .jsonl, .json or .csv"),
+            "{err}"
+        );
     }
 }

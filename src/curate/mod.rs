@@ -5,6 +5,14 @@
 //!
 //! The steps take embeddings from an [`Embedder`]; [`run_curate`] is the
 //! whole command: read, embed (through the cache), search, write the report.
+//! - [`encoder`]: a BERT-family sentence-transformers model folder
+//!   (all-MiniLM-L6-v2 first of all): WordPiece tokenizer, transformer,
+//!   pooling, Normalize.
+//! - [`bert`]: the BERT transformer's forward pass on the host, over packed
+//!   sequences (no padding).
+
+pub mod bert;
+pub mod encoder;
 
 /// An on-disk embedding cache around any [`Embedder`].
 pub mod cache;
@@ -100,7 +108,11 @@ pub fn run_curate(job: &CurateJob, embedder: &dyn Embedder) -> Result<String> {
     report.add_to(&mut group, &paths)?;
     group.commit()?;
     let mut summary = report.summary(SUMMARY_PAIRS);
-    let written: Vec<String> = paths.all().iter().map(|p| p.display().to_string()).collect();
+    let written: Vec<String> = paths
+        .all()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     summary.push_str(&format!("wrote {}\n", written.join(", ")));
     Ok(summary)
 }

@@ -200,7 +200,10 @@ impl CurateConfig {
             ("contamination_threshold", self.contamination_threshold),
         ] {
             if !(-1.0..=1.0).contains(&t) {
-                return Err(invalid(arg, format!("is {t}; expected a cosine in [-1, 1]")));
+                return Err(invalid(
+                    arg,
+                    format!("is {t}; expected a cosine in [-1, 1]"),
+                ));
             }
         }
         if self.bands.rephrase > self.bands.duplicate {
@@ -213,7 +216,10 @@ impl CurateConfig {
             ));
         }
         if self.max_pairs == 0 || self.top_matches == 0 {
-            return Err(invalid("max_pairs", "max_pairs and top_matches are at least 1".into()));
+            return Err(invalid(
+                "max_pairs",
+                "max_pairs and top_matches are at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -489,7 +495,13 @@ fn order(target: Target) -> (usize, usize) {
 
 /// Whether `e` is a threshold search's "more than max_pairs" refusal.
 fn too_many(e: &Error) -> bool {
-    matches!(e, Error::Invalid { arg: "max_pairs", .. })
+    matches!(
+        e,
+        Error::Invalid {
+            arg: "max_pairs",
+            ..
+        }
+    )
 }
 
 /// A threshold search of row blocks of `queries` against `items`, split
@@ -587,15 +599,17 @@ pub const NO_SOURCE: &str = "(none)";
 impl Curation {
     /// Its counts, the steps of `config` and the sources of `train`.
     pub fn counts(&self, train: &TrainSet, config: &CurateConfig) -> Counts {
-        let mut by_step: BTreeMap<Step, usize> =
-            config.steps.iter().map(|&s| (s, 0)).collect();
+        let mut by_step: BTreeMap<Step, usize> = config.steps.iter().map(|&s| (s, 0)).collect();
         let mut by_category: BTreeMap<Category, usize> =
             Category::ALL.iter().map(|&c| (c, 0)).collect();
         let mut by_source = BTreeMap::new();
         for r in &self.removed {
             *by_step.entry(r.step).or_default() += 1;
             *by_category.entry(r.category).or_default() += 1;
-            let source = train.rows[r.row].data_source.as_deref().unwrap_or(NO_SOURCE);
+            let source = train.rows[r.row]
+                .data_source
+                .as_deref()
+                .unwrap_or(NO_SOURCE);
             *by_source.entry(source.to_string()).or_default() += 1;
         }
         Counts {
@@ -711,8 +725,11 @@ mod tests {
         ];
         let out = exact_dedup(&train, &[0, 1, 2, 3, 4]);
         assert_eq!(out.kept, [1, 2, 3]);
-        let removed: Vec<(usize, Target)> =
-            out.removed.iter().map(|r| (r.row, r.matches[0].target)).collect();
+        let removed: Vec<(usize, Target)> = out
+            .removed
+            .iter()
+            .map(|r| (r.row, r.matches[0].target))
+            .collect();
         assert_eq!(removed, [(0, Target::Row(2)), (4, Target::Row(1))]);
     }
 
@@ -731,9 +748,7 @@ mod tests {
         // Every two rows have cosine exactly 0.5, in f32 too.
         let x = Embeddings {
             dim: 4,
-            data: vec![
-                1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, 0.5, -0.5, 0.5, 0.5,
-            ],
+            data: vec![1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, 0.5, -0.5, 0.5, 0.5],
         };
         let config = CurateConfig {
             dup_threshold: 0.5,

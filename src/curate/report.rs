@@ -12,7 +12,6 @@
 //! - optionally the flagged pairs as JSONL, for a second opinion.
 
 use std::fmt::Write as _;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
@@ -225,23 +224,37 @@ impl Report<'_> {
         list(
             "by step",
             "step",
-            counts.by_step.iter().map(|(s, &n)| (s.name().to_string(), n)).collect(),
+            counts
+                .by_step
+                .iter()
+                .map(|(s, &n)| (s.name().to_string(), n))
+                .collect(),
         );
         list(
             "by category",
             "category",
-            counts.by_category.iter().map(|(c, &n)| (c.name().to_string(), n)).collect(),
+            counts
+                .by_category
+                .iter()
+                .map(|(c, &n)| (c.name().to_string(), n))
+                .collect(),
         );
         list(
             "by source",
             "source",
-            counts.by_source.iter().map(|(s, &n)| (s.clone(), n)).collect(),
+            counts
+                .by_source
+                .iter()
+                .map(|(s, &n)| (s.clone(), n))
+                .collect(),
         );
         page.push_str("</section>\n<p id=\"filters\">category <select id=\"filter-category\"><option value=\"\">all</option>");
         for c in Category::ALL {
             let _ = write!(page, "<option>{}</option>", c.name());
         }
-        page.push_str("</select> source <select id=\"filter-source\"><option value=\"\">all</option>");
+        page.push_str(
+            "</select> source <select id=\"filter-source\"><option value=\"\">all</option>",
+        );
         for source in counts.by_source.keys() {
             let _ = write!(page, "<option>{}</option>", escape(source));
         }
@@ -253,7 +266,10 @@ impl Report<'_> {
         for r in self.by_score() {
             self.html_row(&mut page, r);
         }
-        let _ = write!(page, "</tbody>\n</table>\n<script>{SCRIPT}</script>\n</body>\n</html>\n");
+        let _ = write!(
+            page,
+            "</tbody>\n</table>\n<script>{SCRIPT}</script>\n</body>\n</html>\n"
+        );
         page
     }
 
@@ -303,8 +319,12 @@ impl Report<'_> {
             counts.rows_out
         );
         for step in Step::ALL.into_iter().filter(|&s| self.config.runs(s)) {
-            let of_step: Vec<&Removal> =
-                self.curation.removed.iter().filter(|r| r.step == step).collect();
+            let of_step: Vec<&Removal> = self
+                .curation
+                .removed
+                .iter()
+                .filter(|r| r.step == step)
+                .collect();
             let kinds: Vec<String> = Category::ALL
                 .iter()
                 .map(|&c| {
@@ -467,7 +487,13 @@ mod tests {
         use Diff::*;
         assert_eq!(
             word_diff("the cat sat down", "the dog sat"),
-            [Same("the"), Removed("cat"), Added("dog"), Same("sat"), Removed("down")]
+            [
+                Same("the"),
+                Removed("cat"),
+                Added("dog"),
+                Same("sat"),
+                Removed("down")
+            ]
         );
         assert_eq!(word_diff("", "a"), [Added("a")]);
         let (left, right) = marked("a <b>", "a <c>");
@@ -477,6 +503,9 @@ mod tests {
 
     #[test]
     fn escape_covers_quotes() {
-        assert_eq!(escape("<a href=\"x\">'&'</a>"), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+        assert_eq!(
+            escape("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
     }
 }
