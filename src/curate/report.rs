@@ -470,12 +470,16 @@ del{background:#fdd;text-decoration:none}ins{background:#dfd;text-decoration:non
 .id{color:#666;font-size:12px}.more{margin-top:.4em;color:#555;font-size:12px}\
 .count{margin-right:1em}#counts b{font-size:16px}";
 
+/// The page's filters: by category and source, preset from the address
+/// (`report.html#category=rephrase&source=scienceqa`); "N shown" counts the rows shown.
 const SCRIPT: &str = "(function(){\
 var cat=document.getElementById('filter-category'),src=document.getElementById('filter-source');\
 function apply(){var n=0;document.querySelectorAll('tr.pair').forEach(function(r){\
 var show=(!cat.value||r.dataset.category===cat.value)&&(!src.value||r.dataset.source===src.value);\
 r.style.display=show?'':'none';if(show)n++;});\
 document.getElementById('shown').textContent=n+' shown';}\
+var h=new URLSearchParams(location.hash.slice(1));\
+if(h.has('category'))cat.value=h.get('category');if(h.has('source'))src.value=h.get('source');\
 cat.addEventListener('change',apply);src.addEventListener('change',apply);apply();})();";
 
 #[cfg(test)]

