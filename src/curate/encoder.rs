@@ -157,21 +157,23 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
-/// FNV-1a over the bytes of several files: a stable digest of what the
-/// model computes with, for the cache key (not a cryptographic hash).
-fn digest(paths: &[&Path]) -> Result<u64> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+/// SHA-256 over the bytes of several files (the hash of the embedding
+/// cache's texts too): what the model computes with, for the cache key.
+fn digest(paths: &[&Path]) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
     for path in paths {
         let file =
             std::fs::File::open(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
         // SAFETY: a read-only mapping of a file this process only reads.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|e| file_error(path, format!("cannot map: {e}")))?;
-        for &b in map.iter() {
-            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        h.update(&map[..]);
     }
-    Ok(h)
+    Ok(h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 impl SentenceEncoder {
@@ -264,7 +266,7 @@ impl SentenceEncoder {
         let weights = transformer.join("model.safetensors");
         let hidden = config.hidden_size;
         let fingerprint = format!(
-            "bert:{}:hidden={hidden}:max_seq_length={max_seq_length}:lower={}:pooling={}{}{}{}:normalize={normalize}:digest={:016x}",
+            "bert:{}:hidden={hidden}:max_seq_length={max_seq_length}:lower={}:pooling={}{}{}{}:normalize={normalize}:sha256={}",
             dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
             st.do_lower_case,
             u8::from(pooling.pooling_mode_cls_token),
@@ -357,10 +359,16 @@ impl Embedder for SentenceEncoder {
     }
 
     fn embed(&self, texts: &[&str], progress: &Progress) -> Result<Vec<f32>> {
-        let ids = self.tokenize(texts)?;
+        Ok(self.embed_ids(&self.tokenize(texts)?, progress))
+    }
+}
+
+impl SentenceEncoder {
+    /// [`Embedder::embed`] of texts already tokenized ([`SentenceEncoder::tokenize`]).
+    pub fn embed_ids(&self, ids: &[Vec<u32>], progress: &Progress) -> Vec<f32> {
         let hidden = self.model.config().hidden_size;
         let dim = self.dim();
-        let mut out = vec![0.0f32; texts.len() * dim];
+        let mut out = vec![0.0f32; ids.len() * dim];
         // Longest first, so a batch holds sequences of about one length.
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
@@ -394,6 +402,6 @@ impl Embedder for SentenceEncoder {
             progress.inc((end - start) as u64);
             start = end;
         }
-        Ok(out)
+        out
     }
 }
