@@ -1,5 +1,6 @@
 //! The memory-bound row ops of the Llama forward (and SwiGLU's backward):
-//! embedding gather, SwiGLU, residual add + RMSNorm. Achieved memory
+//! embedding gather, SwiGLU, residual add + RMSNorm, and the sentence
+//! encoder's residual LayerNorm (at the same row width). Achieved memory
 //! bandwidth on the CPU path and, when there is a GPU, on Llama 2 7B shapes
 //! on it (16k tokens, hidden 4096, MLP width 11008).
 
@@ -77,6 +78,15 @@ fn bench_target(c: &mut Criterion, mut target: Target, shapes: &[Shape]) {
         target.bench(&mut group, &format!("add_rmsnorm/{id}"), add_norm, || {
             ops::rmsnorm::add_forward_into(&mut h, &delta, &w, &mut rows, EPS).unwrap()
         });
+        // Residual LayerNorm in place: read h and delta (and w, b), write h.
+        let b = tensor(5, &[hidden]);
+        let residual_norm = bytes(dtype, 3 * tokens * hidden + 2 * hidden, 0);
+        target.bench(
+            &mut group,
+            &format!("residual_layernorm/{id}"),
+            residual_norm,
+            || ops::layernorm::residual_forward(&mut h, &delta, &w, &b, 1e-12).unwrap(),
+        );
         drop((h, delta, rows));
 
         // SwiGLU over [tokens, intermediate]: forward 3 n E, backward 5 n E.

@@ -20,6 +20,22 @@ typedef struct RmsNormForwardParams {
     int32_t vectorized; ///< 1 if every row of x, w and y is 16-byte aligned: use 128-bit accesses
 } RmsNormForwardParams;
 
+/// LayerNorm as BERT computes it (biased variance, torch's nn.LayerNorm):
+/// v = x[r, :] (+ delta[r, :], rounded to the storage type, when delta is
+/// not null), y[r, :] = w * (v - mean(v)) * rsqrt(var(v) + eps) + b. y may
+/// be x: the post-norm residual sublayer h = LayerNorm(h + delta) in place.
+typedef struct LayerNormForwardParams {
+    const void* x;      ///< [rows, hidden]
+    const void* delta;  ///< [rows, hidden] or null
+    const void* w;      ///< [hidden]
+    const void* b;      ///< [hidden]
+    void* y;            ///< [rows, hidden], may equal x
+    int32_t rows;
+    int32_t hidden;
+    float eps;
+    int32_t vectorized; ///< 1 if every row of x, delta, w, b and y is 16-byte aligned: use 128-bit accesses
+} LayerNormForwardParams;
+
 /// Residual add fused with RMSNorm: h[r, :] += delta[r, :] in place (rounded
 /// to the storage type), then y[r, :] = rmsnorm(h[r, :]) of the rounded h.
 typedef struct RmsNormAddForwardParams {

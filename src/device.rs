@@ -112,6 +112,16 @@ impl DType {
         matches!(self, DType::F32 | DType::F16 | DType::BF16)
     }
 
+    /// `v` rounded to the nearest value a tensor of this dtype holds (float
+    /// dtypes; the integer dtypes return `v` as it is).
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            DType::F16 => half::f16::from_f32(v).to_f32(),
+            DType::BF16 => half::bf16::from_f32(v).to_f32(),
+            _ => v,
+        }
+    }
+
     /// Suffix of the kernel names for this element type (`rmsnorm_forward_bf16`).
     pub(crate) fn kernel_suffix(self) -> &'static str {
         match self {

@@ -14,9 +14,9 @@ use common::{assert_close, round_to, tolerance, Rng, FLOAT_DTYPES};
 use platypus::cpu;
 use platypus::ops::attention;
 use platypus::ops::lora::LoraConfig;
-use platypus::ops::rmsnorm;
 use platypus::ops::rope::{self, RopeConfig, RopeStyle};
 use platypus::ops::{embedding, swiglu};
+use platypus::ops::{layernorm, rmsnorm};
 use platypus::{DType, Device, Tensor};
 use proptest::prelude::*;
 
@@ -695,6 +695,38 @@ proptest! {
             let g = swiglu::backward(&t(&gate), &t(&up), &t(&dm)).unwrap();
             assert_close(&format!("dgate on {device}"), &g.dgate.to_f32_vec().unwrap(), &want_dgate, atol, rtol);
             assert_close(&format!("dup on {device}"), &g.dup.to_f32_vec().unwrap(), &want_dup, atol, rtol);
+        }
+    }
+
+    /// LayerNorm and its residual form in place, on rows with a large mean
+    /// (3 ± 1: where E[x²] − mean² would cancel), against the f64 reference;
+    /// on the emulator the residual form equals forward of the rounded sum
+    /// bit for bit.
+    #[test]
+    fn layernorm_forward_matches_cpu(rows in 1usize..=6, hidden in hidden_size(), dtype in dtype(), seed in any::<u64>()) {
+        let mut rng = Rng::new(seed);
+        let n = rows * hidden;
+        let x = round_to(&rng.normal_vec(n, 1.0).iter().map(|v| v + 3.0).collect::<Vec<_>>(), dtype);
+        let delta = round_to(&rng.normal_vec(n, 1.0), dtype);
+        let w = round_to(&rng.normal_vec(hidden, 0.5).iter().map(|v| v + 1.0).collect::<Vec<_>>(), dtype);
+        let b = round_to(&rng.normal_vec(hidden, 0.5), dtype);
+        let want_y = cpu::layernorm::forward(&x, None, &w, &b, hidden, 1e-12, dtype);
+        let want_h = cpu::layernorm::forward(&x, Some(&delta), &w, &b, hidden, 1e-12, dtype);
+        let (atol, rtol) = tolerance(dtype);
+        for device in [Device::Emulated, Device::Cpu] {
+            let t = |v: &[f32], shape: &[usize]| Tensor::from_f32(v, shape, dtype, &device).unwrap();
+            let (xt, dt, wt, bt) = (t(&x, &[rows, hidden]), t(&delta, &[rows, hidden]), t(&w, &[hidden]), t(&b, &[hidden]));
+            let y = layernorm::forward(&xt, &wt, &bt, 1e-12).unwrap();
+            prop_assert_eq!(y.dtype(), dtype);
+            assert_close(&format!("y on {device}"), &y.to_f32_vec().unwrap(), &want_y, atol, rtol);
+            let mut h = t(&x, &[rows, hidden]);
+            layernorm::residual_forward(&mut h, &dt, &wt, &bt, 1e-12).unwrap();
+            assert_close(&format!("h on {device}"), &h.to_f32_vec().unwrap(), &want_h, atol, rtol);
+            if let Device::Emulated = device {
+                let sum: Vec<f32> = x.iter().zip(&delta).map(|(a, d)| dtype.round(a + d)).collect();
+                let norm = layernorm::forward(&t(&sum, &[rows, hidden]), &wt, &bt, 1e-12).unwrap();
+                prop_assert_eq!(bits(&h.to_f32_vec().unwrap()), bits(&norm.to_f32_vec().unwrap()));
+            }
         }
     }
 

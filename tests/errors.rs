@@ -543,6 +543,52 @@ fn embedding_rejects_bad_input() {
 }
 
 #[test]
+fn layernorm_rejects_bad_input() {
+    use platypus::ops::layernorm;
+    for dev in [Device::Cpu, Device::Emulated] {
+        let x = ones(&[3, 8], DType::BF16, &dev);
+        let w = ones(&[8], DType::BF16, &dev);
+        expect_err(
+            layernorm::forward(&x, &w, &ones(&[9], DType::BF16, &dev), 1e-12),
+            "b",
+            "[9]",
+        );
+        let e = expect_err(
+            layernorm::forward(&x, &ones(&[8], DType::F32, &dev), &w, 1e-12),
+            "w",
+            "expected bf16",
+        );
+        assert_dtype_got(&e, DType::F32);
+        expect_err(
+            layernorm::forward(&x, &w, &w, f32::NAN),
+            "eps",
+            "not a finite value",
+        );
+        expect_err(
+            layernorm::forward(&zeros(&[3, 8], DType::I32, &dev), &w, &w, 1e-12),
+            "x",
+            "expected f32, f16 or bf16",
+        );
+        let other = other_device(&dev);
+        let e = expect_err(
+            layernorm::forward(&x, &w, &ones(&[8], DType::BF16, &other), 1e-12),
+            "b",
+            "expected",
+        );
+        assert!(matches!(e, Error::Device { .. }), "{e:?}");
+
+        // A failed residual call leaves h as it was.
+        let mut h = ones(&[3, 8], DType::BF16, &dev);
+        expect_err(
+            layernorm::residual_forward(&mut h, &ones(&[8, 3], DType::BF16, &dev), &w, &w, 1e-12),
+            "delta",
+            "[8, 3]",
+        );
+        assert_eq!(h.to_f32_vec().unwrap(), vec![1.0; 24]);
+    }
+}
+
+#[test]
 fn swiglu_rejects_bad_input() {
     use platypus::ops::swiglu;
     for dev in [Device::Cpu, Device::Emulated] {

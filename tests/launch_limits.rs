@@ -16,9 +16,9 @@ use platypus::kernels;
 use platypus::ops::attention::{self, AttentionConfig, Batch};
 use platypus::ops::cosine_topk::{self, Exclude};
 use platypus::ops::lora::{self, LoraConfig, LoraWeights};
-use platypus::ops::rmsnorm;
 use platypus::ops::rope::{self, RopeConfig, RopeStyle};
 use platypus::ops::{embedding, swiglu};
+use platypus::ops::{layernorm, rmsnorm};
 use platypus::{DType, Device, Error, Result, Tensor};
 
 /// A zeroed emulated tensor (host pages stay untouched: planning reads nothing).
@@ -40,7 +40,9 @@ fn rmsnorm_plans(hidden: usize, rows: usize, dtype: DType) -> Result<()> {
 
 /// The embedding gather from a `dtype` table into every float dtype, and
 /// SwiGLU forward and backward, at small odd shapes and Llama 2 7B/13B ones
-/// at 4096 tokens (hidden 4096 and 5120, MLP widths 11008 and 13824).
+/// at 4096 tokens (hidden 4096 and 5120, MLP widths 11008 and 13824), and
+/// LayerNorm with and without the residual at the sentence encoders' widths
+/// (MiniLM 384, BERT-base 768, BERT-large 1024).
 fn elementwise_plans(dtype: DType) -> Result<()> {
     for (tokens, hidden) in [(5, 8), (3, 37), (4096, 4096), (4096, 5120), (7, 8192)] {
         // A small vocabulary: planning never reads the ids.
@@ -54,6 +56,13 @@ fn elementwise_plans(dtype: DType) -> Result<()> {
         let gate = zeros(&[rows, width], dtype);
         swiglu::forward(&gate, &gate)?;
         swiglu::backward(&gate, &gate, &gate)?;
+    }
+    for (rows, hidden) in [(1, 1), (3, 37), (5, 8), (4096, 384), (4096, 768), (7, 1024)] {
+        let mut h = zeros(&[rows, hidden], dtype);
+        let w = zeros(&[hidden], dtype);
+        layernorm::forward(&h, &w, &w, 1e-12)?;
+        let delta = zeros(&[rows, hidden], dtype);
+        layernorm::residual_forward(&mut h, &delta, &w, &w, 1e-12)?;
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod cosine_topk;
 pub mod cross_entropy;
 pub mod embedding;
+pub mod layernorm;
 pub mod lora;
 pub mod philox;
 pub mod rmsnorm;

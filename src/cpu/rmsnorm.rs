@@ -27,13 +27,11 @@ pub fn add_forward(
     dtype: DType,
 ) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(h.len(), delta.len(), "h and delta have one shape");
-    let round = |v: f32| match dtype {
-        DType::F32 => v,
-        DType::F16 => half::f16::from_f32(v).to_f32(),
-        DType::BF16 => half::bf16::from_f32(v).to_f32(),
-        other => panic!("no float rounding for {other}"),
-    };
-    let sum: Vec<f32> = h.iter().zip(delta).map(|(&a, &b)| round(a + b)).collect();
+    let sum: Vec<f32> = h
+        .iter()
+        .zip(delta)
+        .map(|(&a, &b)| dtype.round(a + b))
+        .collect();
     let y = forward(&sum, w, hidden, eps);
     (sum, y)
 }

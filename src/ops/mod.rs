@@ -9,6 +9,7 @@ pub mod attention;
 pub mod cosine_topk;
 pub mod cross_entropy;
 pub mod embedding;
+pub mod layernorm;
 pub mod lora;
 pub mod rmsnorm;
 pub mod rope;
@@ -17,6 +18,7 @@ pub mod swiglu;
 
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
+use crate::launch::LaunchConfig;
 use crate::tensor::Tensor;
 
 /// Checks that `t` holds a float type.
@@ -119,6 +121,22 @@ fn to_i32(op: &'static str, arg: &'static str, v: usize) -> Result<i32> {
 /// every row so: the kernels may then use 128-bit accesses.
 fn vectorizable(tensors: &[&Tensor], row_bytes: usize) -> bool {
     row_bytes % 16 == 0 && tensors.iter().all(|t| t.device_address() % 16 == 0)
+}
+
+/// A one-block-per-row launch over `rows` rows of `hidden` elements of
+/// `dtype`: whether every tensor allows 128-bit accesses, and the launch
+/// (threads for one access each across the row, up to `max_threads`).
+fn row_launch(
+    tensors: &[&Tensor],
+    dtype: DType,
+    rows: usize,
+    hidden: usize,
+    max_threads: u32,
+) -> (bool, LaunchConfig) {
+    let vectorized = vectorizable(tensors, hidden * dtype.size());
+    let per_access = if vectorized { 16 / dtype.size() } else { 1 };
+    let threads = threads_for_row(hidden, per_access, max_threads);
+    (vectorized, LaunchConfig::linear(rows as u32, threads, 0))
 }
 
 /// Threads per block for a row of `elems` elements read `per_access` at a time:

@@ -7,7 +7,7 @@
 //! [`crate::host::elementwise`]. CPU reference: [`crate::cpu::rmsnorm`].
 
 use super::{
-    check_aligned, check_device, check_dtype, check_float, check_nonempty, check_shape,
+    check_aligned, check_device, check_dtype, check_float, check_nonempty, check_shape, row_launch,
     threads_for_row, to_i32, vectorizable,
 };
 use crate::cpu;
@@ -86,8 +86,7 @@ pub fn forward_into(x: &Tensor, w: &Tensor, y: &mut Tensor, eps: f32) -> Result<
         *y = Tensor::from_f32(&out, x.shape(), x.dtype(), x.device())?;
         return Ok(());
     }
-    let vectorized = vectorizable(&[x, w, y], hidden * x.dtype().size());
-    let per_access = if vectorized { 16 / x.dtype().size() } else { 1 };
+    let (vectorized, cfg) = row_launch(&[x, w, y], x.dtype(), rows, hidden, THREADS);
     let mut params = RmsNormForwardParams {
         x: x.device_address() as *const _,
         w: w.device_address() as *const _,
@@ -97,7 +96,6 @@ pub fn forward_into(x: &Tensor, w: &Tensor, y: &mut Tensor, eps: f32) -> Result<
         eps,
         vectorized: vectorized as i32,
     };
-    let cfg = LaunchConfig::linear(rows as u32, threads_for_row(hidden, per_access, THREADS), 0);
     x.device().launch(
         &format!("rmsnorm_forward_{}", x.dtype().kernel_suffix()),
         cfg,
@@ -155,8 +153,7 @@ pub fn add_forward_into(
         *y = Tensor::from_f32(&out, h.shape(), h.dtype(), h.device())?;
         return Ok(());
     }
-    let vectorized = vectorizable(&[h, delta, w, y], hidden * h.dtype().size());
-    let per_access = if vectorized { 16 / h.dtype().size() } else { 1 };
+    let (vectorized, cfg) = row_launch(&[h, delta, w, y], h.dtype(), rows, hidden, THREADS);
     let mut params = RmsNormAddForwardParams {
         h: h.device_address() as *mut _,
         delta: delta.device_address() as *const _,
@@ -167,7 +164,6 @@ pub fn add_forward_into(
         eps,
         vectorized: vectorized as i32,
     };
-    let cfg = LaunchConfig::linear(rows as u32, threads_for_row(hidden, per_access, THREADS), 0);
     h.device().launch(
         &format!("rmsnorm_add_forward_{}", h.dtype().kernel_suffix()),
         cfg,
