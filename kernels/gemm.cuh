@@ -1,4 +1,4 @@
-// The tensor-core GEMM mainloop the kernels share (lora.cu, cosine.cu):
+// The tensor-core GEMM mainloop the kernels share (lora.cu, linear.cu, cosine.cu):
 // acc += A B for one block's BM x BN tile of C, K in 32-deep tiles through a
 // 3-stage cp.async pipeline into swizzled shared memory, ldmatrix fragments
 // and mma.sync m16n8k16 with fp32 accumulators. A is stored [M][K] (A_K) or
@@ -113,6 +113,41 @@ struct Gemm {
         // no tile is loaded past `tiles`), but other warps may still read
         // the last tile.
         __syncthreads();  // the shared tiles are free for the next segment
+    }
+
+    /// Element (mw, nw, e) of a warp's acc is C[row_of(mw, e)][col_of(nw, e)]
+    /// of the block's tile at (m0, n0).
+    __device__ static int row_of(int m0, int wm0, int mw, int e) { return m0 + wm0 + 16 * mw + threadIdx.x % 32 / 4 + 8 * (e / 2); }
+    __device__ static int col_of(int n0, int wn0, int nw, int e) { return n0 + wn0 + 8 * nw + 2 * (threadIdx.x % 4) + e % 2; }
+
+    /// C[row][col] = OutT(f(acc, col)) for this warp's elements inside the
+    /// m x n matrix C (leading dimension ldc). An element pair (columns 2t,
+    /// 2t + 1 of one row) goes out as one 4- or 8-byte store when both are
+    /// inside and aligned.
+    template <typename OutT, typename F>
+    __device__ static void store(const float (&acc)[MW][NW][4], OutT* c, int64_t ldc, int m, int n, int m0, int n0, int wm0, int wn0, F f) {
+#pragma unroll
+        for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+            for (int nw = 0; nw < NW; ++nw)
+#pragma unroll
+                for (int e = 0; e < 4; e += 2) {
+                    const int row = row_of(m0, wm0, mw, e), col = col_of(n0, wn0, nw, e);
+                    if (row >= m || col >= n) continue;
+                    OutT* out = c + static_cast<size_t>(row) * ldc + col;
+                    const float v0 = f(acc[mw][nw][e], col);
+                    if (col + 1 < n && ldc % 2 == 0) {  // both columns, one aligned store
+                        const float v1 = f(acc[mw][nw][e + 1], col + 1);
+                        if constexpr (sizeof(OutT) == 4) {
+                            *vector_at<Vec<float, 2>>(out) = Vec<float, 2>{{v0, v1}};
+                        } else {
+                            *vector_at<uint32_t>(out) = pack2<OutT>(v0, v1);
+                        }
+                    } else {
+                        out[0] = from_float<OutT>(v0);
+                        if (col + 1 < n) out[1] = from_float<OutT>(f(acc[mw][nw][e + 1], col + 1));
+                    }
+                }
     }
 };
 

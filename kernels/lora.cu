@@ -77,13 +77,9 @@ __device__ __forceinline__ void gemm(const LoraGemmParams& p) {
     using G = gemm::Gemm<T, A_K, B_K, BM, BN, WM, WN>;
     PLATYPUS_DYNAMIC_SMEM(T, smem);
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
     const int wm0 = warp / WN * (BM / WM), wn0 = warp % WN * (BN / WN);
     float acc[G::MW][G::NW][4] = {};
-
-    // Element (mw, nw, e) of acc is C[m0 + wm0 + 16 mw + lane/4 + 8 (e/2)][n0 + wn0 + 8 nw + 2 (lane%4) + e%2].
-    auto row_of = [&](int mw, int e) { return m0 + wm0 + 16 * mw + lane / 4 + 8 * (e / 2); };
-    auto col_of = [&](int nw, int e) { return n0 + wn0 + 8 * nw + 2 * (lane % 4) + e % 2; };
 
     if (p.k2 > 0) {
         G::run(acc, smem, static_cast<const T*>(p.a2), p.lda2, static_cast<const T*>(p.b2), p.ldb2, p.m, p.n, 0, p.k2, m0, n0, wm0, wn0,
@@ -97,7 +93,7 @@ __device__ __forceinline__ void gemm(const LoraGemmParams& p) {
 #pragma unroll
                 for (int e = 0; e < 4; e += 2) {
                     // Elements e, e+1 are columns 2t, 2t+1: one Philox word pair of the x-shaped mask.
-                    const uint64_t at = static_cast<uint64_t>(row_of(mw, e)) * p.mask_cols + col_of(nw, e);
+                    const uint64_t at = static_cast<uint64_t>(G::row_of(m0, wm0, mw, e)) * p.mask_cols + G::col_of(n0, wn0, nw, e);
                     const unsigned keep = masked ? dropout_keep2(p.seed, p.offset, at, p.dropout_p) : 3u;
                     acc[mw][nw][e] *= (keep & 1u) ? keep_scale : 0.0f;
                     acc[mw][nw][e + 1] *= (keep & 2u) ? keep_scale : 0.0f;
@@ -110,27 +106,7 @@ __device__ __forceinline__ void gemm(const LoraGemmParams& p) {
            MaskStage<G, A_K, B_K>{p, m0, n0});
 
     OutT* c = static_cast<OutT*>(p.c) + static_cast<size_t>(blockIdx.z) * p.m * p.ldc;
-#pragma unroll
-    for (int mw = 0; mw < G::MW; ++mw)
-#pragma unroll
-        for (int nw = 0; nw < G::NW; ++nw)
-#pragma unroll
-            for (int e = 0; e < 4; e += 2) {
-                const int row = row_of(mw, e), col = col_of(nw, e);
-                if (row >= p.m || col >= p.n) continue;
-                OutT* out = c + static_cast<size_t>(row) * p.ldc + col;
-                const float v0 = acc[mw][nw][e] * p.out_scale, v1 = acc[mw][nw][e + 1] * p.out_scale;
-                if (col + 1 < p.n && p.ldc % 2 == 0) {  // both columns, one aligned store
-                    if constexpr (sizeof(OutT) == 4) {
-                        *vector_at<Vec<float, 2>>(out) = Vec<float, 2>{{v0, v1}};
-                    } else {
-                        *vector_at<uint32_t>(out) = pack2<OutT>(v0, v1);
-                    }
-                } else {
-                    out[0] = from_float<OutT>(v0);
-                    if (col + 1 < p.n) out[1] = from_float<OutT>(v1);
-                }
-            }
+    G::store(acc, c, p.ldc, p.m, p.n, m0, n0, wm0, wn0, [&](float v, int) { return v * p.out_scale; });
 }
 
 /// W[o][i] = T(float(W[o][i]) + sign * scale * sum_j B[o][j] A[j][i]): merge

@@ -200,6 +200,19 @@ typedef struct LoraGemmParams {
     int64_t mask_cols;   ///< columns of the masked x: element (row, col) is e = row * mask_cols + col
 } LoraGemmParams;
 
+/// Linear layer y = act(x W^T + b) (linear_forward_*: act = identity,
+/// linear_gelu_forward_*: GELU, erf form).
+typedef struct LinearParams {
+    const void* x;        ///< [tokens, in_features]
+    const void* w;        ///< [out_features, in_features]
+    const void* bias;     ///< [out_features] or null
+    void* y;              ///< [tokens, out_features]
+    int32_t tokens;
+    int32_t in_features;  ///< a multiple of 8 (16-byte rows)
+    int32_t out_features;
+    int32_t pad0;
+} LinearParams;
+
 /// Fixed-order sum of split-K partial results: out[i] = sum_z partial[z * n + i].
 typedef struct LoraReduceParams {
     const float* partial;

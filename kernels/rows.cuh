@@ -61,7 +61,10 @@ struct SumOp {
 
 /// Exclusive prefix sum of `v` over the threads of the block in thread
 /// order, and the block's `total`; the same fixed order on every run.
-/// `scratch` is 32 floats of shared memory. Ends with a barrier.
+/// `scratch` is 32 floats of shared memory. It does not end with a barrier:
+/// the caller must pass one before `scratch` is written again (sampling's
+/// next block_reduce, on other scratch, has two; the barrier mutation check
+/// showed a trailing one here was redundant).
 __device__ __forceinline__ float block_exclusive_sum(float v, float* scratch, float& total) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     float inclusive = v;
@@ -88,7 +91,6 @@ __device__ __forceinline__ float block_exclusive_sum(float v, float* scratch, fl
     __syncthreads();
     const float before = warp > 0 ? scratch[warp - 1] : 0.0f;
     total = scratch[warps - 1];
-    __syncthreads();
     return before + exclusive;
 }
 

@@ -195,6 +195,7 @@ impl KernelParams for params::RmsNormAddForwardParams {}
 impl KernelParams for params::EmbeddingParams {}
 impl KernelParams for params::SwigluParams {}
 impl KernelParams for params::LayerNormForwardParams {}
+impl KernelParams for params::LinearParams {}
 impl KernelParams for params::RopeParams {}
 impl KernelParams for params::AttentionParams {}
 impl KernelParams for params::CacheWriteParams {}

@@ -16,7 +16,7 @@ use platypus::ops::attention;
 use platypus::ops::lora::LoraConfig;
 use platypus::ops::rope::{self, RopeConfig, RopeStyle};
 use platypus::ops::{embedding, swiglu};
-use platypus::ops::{layernorm, rmsnorm};
+use platypus::ops::{layernorm, linear, rmsnorm};
 use platypus::{DType, Device, Tensor};
 use proptest::prelude::*;
 
@@ -625,6 +625,47 @@ fn lora_base_layer_and_unfused_sequence_match_cpu() {
         let names = ["linear", "linear_backward", "forward_unfused"];
         if let Err(e) = common::check_results(&names, &got, &want, |_| 4.0 * unit) {
             panic!("{dtype}: {e}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(common::proptest_config(24))]
+
+    /// y = act(x Wᵀ + b) on the emulated kernel (f16, bf16) and on the CPU
+    /// (the host GEMM for f32, the reference for the rest) against the f64
+    /// reference: within one rounding of the output on the kernel (fp32
+    /// accumulation, bias and GELU on the accumulators, one rounding), over
+    /// token counts and widths that cross the 128 x 128 tiles, any out, with
+    /// and without a bias.
+    #[test]
+    fn linear_matches_cpu(
+        tokens in prop_oneof![1usize..=20, 120usize..=140],
+        in8 in 1usize..=40,
+        out in prop_oneof![1usize..=40, 120usize..=260],
+        has_bias in any::<bool>(),
+        gelu in any::<bool>(),
+        dtype in dtype(),
+        seed in any::<u64>(),
+    ) {
+        let d_in = in8 * 8;
+        let mut rng = Rng::new(seed);
+        let x = round_to(&rng.normal_vec(tokens * d_in, 1.0), dtype);
+        let w = round_to(&rng.normal_vec(out * d_in, 1.0 / (d_in as f32).sqrt()), dtype);
+        let b = round_to(&rng.normal_vec(out, 1.0), dtype);
+        let act = if gelu { linear::Activation::Gelu } else { linear::Activation::Identity };
+        let bias = has_bias.then_some(b.as_slice());
+        let want = cpu::linear::forward(&x, &w, bias, d_in, act);
+        let devices = if dtype == DType::F32 { vec![Device::Cpu] } else { vec![Device::Emulated, Device::Cpu] };
+        for device in devices {
+            let t = |v: &[f32], shape: &[usize]| Tensor::from_f32(v, shape, dtype, &device).unwrap();
+            let bt = t(&b, &[out]);
+            let y = linear::forward(&t(&x, &[tokens, d_in]), &t(&w, &[out, d_in]), has_bias.then_some(&bt), act).unwrap();
+            prop_assert_eq!(y.shape(), &[tokens, out][..]);
+            prop_assert_eq!(y.dtype(), dtype);
+            let allowed = if dtype == DType::F32 { 1e-5 } else { common::rounding_unit(dtype) };
+            let err = common::relative_max_error(&y.to_f32_vec().unwrap(), &want);
+            prop_assert!(err <= allowed, "{} on {}: max error {} of the scale, allowed {}", dtype, device, err, allowed);
         }
     }
 }

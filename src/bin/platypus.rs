@@ -699,6 +699,7 @@ fn kernels(json: bool) -> String {
     let mut out = String::new();
     let mut shapes = platypus::ops::attention::kernel_launch_shapes();
     shapes.extend(platypus::ops::lora::kernel_launch_shapes());
+    shapes.extend(platypus::ops::linear::kernel_launch_shapes());
     shapes.extend(platypus::ops::cosine_topk::kernel_launch_shapes());
     let rows: Vec<Row> = platypus::kernels::PTXAS
         .iter()

@@ -9,6 +9,7 @@ pub mod cosine_topk;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod layernorm;
+pub mod linear;
 pub mod lora;
 pub mod philox;
 pub mod rmsnorm;

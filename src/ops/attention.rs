@@ -21,7 +21,8 @@
 //! Kernels: `kernels/attention.cu`. CPU reference: [`crate::cpu::attention`].
 
 use super::{
-    check_aligned, check_device, check_dtype, check_float, check_nonempty, check_shape, to_i32,
+    check_aligned, check_aligned16, check_device, check_dtype, check_float, check_nonempty,
+    check_shape, to_i32,
 };
 use crate::cpu;
 use crate::cpu::attention::{AttentionDims, SeqSpan};
@@ -241,9 +242,7 @@ pub fn forward_cached(
         }
         _ => {}
     }
-    for (arg, t) in [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)] {
-        check_aligned16(OP, arg, t)?;
-    }
+    check_aligned16(OP, &[("q", q), ("k_cache", k_cache), ("v_cache", v_cache)])?;
     // Every index the kernel forms stays in i32.
     to_i32(OP, "q", b * t * q_heads * d)?;
     to_i32(OP, "k_cache", b * capacity * kv_heads * d)?;
@@ -445,7 +444,7 @@ pub fn backward(
         check_shape(OP, arg, t, q.shape())?;
         check_dtype(OP, arg, t, q.dtype())?;
         check_device(OP, arg, t, q.device())?;
-        check_aligned16(OP, arg, t)?;
+        check_aligned16(OP, &[(arg, t)])?;
     }
     check_shape(OP, "fwd.lse", &fwd.lse, &pb.lse_shape())?;
     check_dtype(OP, "fwd.lse", &fwd.lse, DType::F32)?;
@@ -621,9 +620,7 @@ impl Problem {
             });
         }
         if !matches!(device, Device::Cpu) {
-            for (arg, t) in [("q", q), ("k", k), ("v", v)] {
-                check_aligned16(op, arg, t)?;
-            }
+            check_aligned16(op, &[("q", q), ("k", k), ("v", v)])?;
         }
         let scale = check_scale(op, cfg, head_dim)?;
         let tokens = lead.iter().product::<usize>();
@@ -865,18 +862,4 @@ fn to_u32(op: &'static str, arg: &'static str, n: usize) -> Result<u32> {
         arg,
         what: format!("{n} exceeds a launch dimension"),
     })
-}
-
-/// Checks that `t`'s address is 16-byte aligned (the kernels move 16-byte rows
-/// pieces with cp.async).
-fn check_aligned16(op: &'static str, arg: &'static str, t: &Tensor) -> Result<()> {
-    if t.device_address() % 16 == 0 {
-        Ok(())
-    } else {
-        Err(Error::Invalid {
-            op,
-            arg,
-            what: format!("address 0x{:x} is not 16-byte aligned", t.device_address()),
-        })
-    }
 }

@@ -15,7 +15,10 @@
 //!
 //! Kernels: `kernels/lora.cu`. CPU reference: [`crate::cpu::lora`].
 
-use super::{check_device, check_dtype, check_float, check_nonempty, check_shape, to_i32};
+use super::{
+    check_aligned16, check_device, check_dtype, check_float, check_kernel_dtype, check_nonempty,
+    check_shape, grid_dim, to_i32, weight_dims,
+};
 use crate::cpu;
 use crate::cpu::lora::LoraDims;
 use crate::cpu::philox::Dropout;
@@ -226,45 +229,11 @@ pub fn backward(
     Ok(LoraGrads { dx, da, db })
 }
 
-/// The base layer alone, y = x Wᵀ, on the fused layer's GEMM kernel: for
-/// frozen layers without an adapter, and the baseline of the benchmarks.
+/// The base layer alone, y = x Wᵀ (frozen layers without an adapter, and
+/// the baseline of the benchmarks): [`super::linear::forward`] without bias
+/// or activation.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    const OP: &str = "lora::linear";
-    let l = Layer::check_base(OP, x, w)?;
-    let mut y_shape = x.shape().to_vec();
-    *y_shape.last_mut().expect("checked rank") = l.dims.out_features;
-    if host_path(x) {
-        let mut y = Tensor::zeros(&y_shape, DType::F32, &l.device)?;
-        let (tokens, d_in, d_out) = (l.dims.tokens, l.dims.in_features, l.dims.out_features);
-        host::gemm::matmul_nt(
-            host::view::f32s(OP, "x", x)?,
-            host::view::weights(OP, "w", w)?,
-            tokens,
-            d_in,
-            d_out,
-            1.0,
-            0.0,
-            host::view::f32s_mut(OP, "y", &mut y)?,
-        );
-        return Ok(y);
-    }
-    if let Device::Cpu = l.device {
-        let (y, _) = cpu::lora::forward(
-            &x.to_f32_vec()?,
-            &w.to_f32_vec()?,
-            &[],
-            &[],
-            &l.dims,
-            1.0,
-            None,
-        );
-        return Tensor::from_f32(&y, &y_shape, x.dtype(), &l.device);
-    }
-    let y = Tensor::zeros(&y_shape, x.dtype(), &l.device)?;
-    let (tokens, d_in, d_out) = (l.dims.tokens, l.dims.in_features, l.dims.out_features);
-    let mut p = l.gemm(OP, x, d_in, w, d_in, d_in, &y, d_out, tokens, d_out)?;
-    l.run(OP, "lora_gemm_nt_wide", Tile::WIDE, &mut p, 1)?;
-    Ok(y)
+    super::linear::forward(x, w, None, super::linear::Activation::Identity)
 }
 
 /// True when an op on activation `x` runs the fast host code: f32 on the CPU
@@ -956,19 +925,6 @@ impl Layer {
     }
 }
 
-/// (out, in) of a weight that must be [out, in].
-fn weight_dims(op: &'static str, arg: &'static str, w: &Tensor) -> Result<(usize, usize)> {
-    match *w.shape() {
-        [d_out, d_in] => Ok((d_out, d_in)),
-        _ => Err(Error::Shape {
-            op,
-            arg,
-            expected: "[out, in]".into(),
-            got: w.shape().to_vec(),
-        }),
-    }
-}
-
 /// Checks A [r, in] and B [out, r] (fp32, on `device`); returns r.
 fn check_adapter(
     op: &'static str,
@@ -995,46 +951,4 @@ fn check_adapter(
         check_device(op, arg, t, device)?;
     }
     Ok(rank)
-}
-
-/// Checks that every named tensor starts 16-byte aligned (cp.async moves 16-byte chunks).
-fn check_aligned16(op: &'static str, tensors: &[(&'static str, &Tensor)]) -> Result<()> {
-    for &(arg, t) in tensors {
-        if t.device_address() % 16 != 0 {
-            return Err(Error::Invalid {
-                op,
-                arg,
-                what: format!("address 0x{:x} is not 16-byte aligned", t.device_address()),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// The tensor-core kernels take f16 or bf16.
-fn check_kernel_dtype(op: &'static str, arg: &'static str, t: &Tensor) -> Result<()> {
-    if matches!(t.dtype(), DType::F16 | DType::BF16) {
-        Ok(())
-    } else {
-        Err(Error::DType {
-            op,
-            arg,
-            expected: "f16 or bf16 (the kernels run on tensor cores; f32 runs on Device::Cpu)"
-                .into(),
-            got: t.dtype(),
-        })
-    }
-}
-
-/// A grid's y or z extent.
-fn grid_dim(op: &'static str, arg: &'static str, n: usize) -> Result<u32> {
-    if n <= 65535 {
-        Ok(n.max(1) as u32)
-    } else {
-        Err(Error::Invalid {
-            op,
-            arg,
-            what: format!("{n} blocks along a grid dimension that holds 65535"),
-        })
-    }
 }

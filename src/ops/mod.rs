@@ -10,6 +10,7 @@ pub mod cosine_topk;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod layernorm;
+pub mod linear;
 pub mod lora;
 pub mod rmsnorm;
 pub mod rope;
@@ -144,4 +145,59 @@ fn row_launch(
 fn threads_for_row(elems: usize, per_access: usize, max: u32) -> u32 {
     let accesses = elems.div_ceil(per_access);
     (accesses.div_ceil(32) * 32).clamp(32, max as usize) as u32
+}
+
+/// (out, in) of a weight that must be [out, in].
+fn weight_dims(op: &'static str, arg: &'static str, w: &Tensor) -> Result<(usize, usize)> {
+    match *w.shape() {
+        [d_out, d_in] => Ok((d_out, d_in)),
+        _ => Err(Error::Shape {
+            op,
+            arg,
+            expected: "[out, in]".into(),
+            got: w.shape().to_vec(),
+        }),
+    }
+}
+
+/// Checks that every named tensor starts 16-byte aligned (cp.async moves 16-byte chunks).
+fn check_aligned16(op: &'static str, tensors: &[(&'static str, &Tensor)]) -> Result<()> {
+    for &(arg, t) in tensors {
+        if t.device_address() % 16 != 0 {
+            return Err(Error::Invalid {
+                op,
+                arg,
+                what: format!("address 0x{:x} is not 16-byte aligned", t.device_address()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The tensor-core kernels take f16 or bf16.
+fn check_kernel_dtype(op: &'static str, arg: &'static str, t: &Tensor) -> Result<()> {
+    if matches!(t.dtype(), DType::F16 | DType::BF16) {
+        Ok(())
+    } else {
+        Err(Error::DType {
+            op,
+            arg,
+            expected: "f16 or bf16 (the kernels run on tensor cores; f32 runs on Device::Cpu)"
+                .into(),
+            got: t.dtype(),
+        })
+    }
+}
+
+/// A grid's y or z extent.
+fn grid_dim(op: &'static str, arg: &'static str, n: usize) -> Result<u32> {
+    if n <= 65535 {
+        Ok(n.max(1) as u32)
+    } else {
+        Err(Error::Invalid {
+            op,
+            arg,
+            what: format!("{n} blocks along a grid dimension that holds 65535"),
+        })
+    }
 }
