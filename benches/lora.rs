@@ -5,11 +5,13 @@
 //! FLOPs count the base GEMM (2·tokens·in·out) plus the adapter's
 //! (2·tokens·r·(in + out) forward; backward also dA and dB), so TFLOP/s
 //! compare directly. On the CPU the reference path runs a 16-token slice
-//! of the 7B q projection.
+//! of the 7B q projection. Also the sentence encoder's bias + GELU layer
+//! (`ops::linear`) at all-MiniLM-L6-v2's 384 -> 1536, 8192 tokens on a GPU.
 
 mod common;
 
 use criterion::Criterion;
+use platypus::ops::linear::{self, Activation};
 use platypus::ops::lora::{self, LoraConfig, LoraWeights};
 use platypus::{DType, Tensor};
 
@@ -105,6 +107,20 @@ fn bench_target(c: &mut Criterion, mut target: Target, shapes: &[Shape]) {
             || lora::backward(&x, &dy, weights, &out.u, &cfg).unwrap(),
         );
     }
+    // The sentence encoder's feed-forward up projection (all-MiniLM-L6-v2,
+    // 384 -> 1536) with its bias and GELU in the epilogue.
+    let dev = target.device().clone();
+    let (dtype, t) = (shapes[0].dtype, shapes[0].tokens * 2);
+    let (i, o) = (384, 1536);
+    let x = Tensor::from_f32(&random_f32(t * i, 6), &[t, i], dtype, &dev).unwrap();
+    let w = Tensor::from_f32(&random_f32(o * i, 7), &[o, i], dtype, &dev).unwrap();
+    let bias = Tensor::from_f32(&random_f32(o, 8), &[o], dtype, &dev).unwrap();
+    target.bench(
+        &mut group,
+        &format!("bias_gelu_forward/{dtype}/minilm_up_t{t}_in{i}_out{o}"),
+        Work::Flops((2 * t * i * o) as u64),
+        || linear::forward(&x, &w, Some(&bias), Activation::Gelu).unwrap(),
+    );
     group.finish();
     target.report(&name);
 }

@@ -589,6 +589,75 @@ fn layernorm_rejects_bad_input() {
 }
 
 #[test]
+fn linear_rejects_bad_input() {
+    use platypus::ops::linear::{self, Activation};
+    let gelu = Activation::Gelu;
+    for dev in [Device::Cpu, Device::Emulated] {
+        let x = ones(&[3, 16], DType::BF16, &dev);
+        let w = ones(&[5, 16], DType::BF16, &dev);
+        expect_err(
+            linear::forward(&x, &ones(&[5, 8], DType::BF16, &dev), None, gelu),
+            "w",
+            "[out, 16]",
+        );
+        expect_err(
+            linear::forward(&x, &ones(&[5], DType::BF16, &dev), None, gelu),
+            "w",
+            "[out, in]",
+        );
+        expect_err(
+            linear::forward(&x, &w, Some(&ones(&[4], DType::BF16, &dev)), gelu),
+            "b",
+            "[5]",
+        );
+        let e = expect_err(
+            linear::forward(&x, &w, Some(&ones(&[5], DType::F16, &dev)), gelu),
+            "b",
+            "expected bf16",
+        );
+        assert_dtype_got(&e, DType::F16);
+        expect_err(
+            linear::forward(&zeros(&[3, 16], DType::I32, &dev), &w, None, gelu),
+            "x",
+            "expected f32, f16 or bf16",
+        );
+        let e = expect_err(
+            linear::forward(
+                &x,
+                &ones(&[5, 16], DType::BF16, &other_device(&dev)),
+                None,
+                gelu,
+            ),
+            "w",
+            "expected",
+        );
+        assert!(matches!(e, Error::Device { .. }), "{e:?}");
+    }
+    // The kernels need 16-byte rows and 16-bit types.
+    let dev = Device::Emulated;
+    expect_err(
+        linear::forward(
+            &ones(&[3, 12], DType::F16, &dev),
+            &ones(&[5, 12], DType::F16, &dev),
+            None,
+            gelu,
+        ),
+        "x",
+        "multiple of 8",
+    );
+    expect_err(
+        linear::forward(
+            &ones(&[3, 16], DType::F32, &dev),
+            &ones(&[5, 16], DType::F32, &dev),
+            None,
+            gelu,
+        ),
+        "x",
+        "f16 or bf16",
+    );
+}
+
+#[test]
 fn swiglu_rejects_bad_input() {
     use platypus::ops::swiglu;
     for dev in [Device::Cpu, Device::Emulated] {

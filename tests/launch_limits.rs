@@ -15,6 +15,7 @@ use platypus::emu::{self, PlannedLaunch};
 use platypus::kernels;
 use platypus::ops::attention::{self, AttentionConfig, Batch};
 use platypus::ops::cosine_topk::{self, Exclude};
+use platypus::ops::linear::{self, Activation};
 use platypus::ops::lora::{self, LoraConfig, LoraWeights};
 use platypus::ops::rope::{self, RopeConfig, RopeStyle};
 use platypus::ops::{embedding, swiglu};
@@ -207,6 +208,7 @@ fn lora_plans(dtype: DType) -> Result<()> {
             lora::forward_unfused(&x, weights, &cfg)?;
         }
         lora::linear(&x, &w)?;
+        linear::forward(&x, &w, Some(&zeros(&[d_out], dtype)), Activation::Gelu)?;
         lora::linear_backward(&zeros(&[tokens, d_out], dtype), &w)?;
         lora::merge(&mut w, &a, &b, 1.0)?;
         lora::unmerge(&mut w, &a, &b, 1.0)?;

@@ -40,6 +40,8 @@ fn every_kernel_is_built_for_sm80_and_sm90_and_the_emulator() {
         "swiglu_backward_f32",
         "layernorm_forward_f32",
         "layernorm_forward_bf16",
+        "linear_forward_f16",
+        "linear_gelu_forward_bf16",
         "rope_bf16",
         "rope_f32",
         "attention_forward_bf16_d128_causal",

@@ -163,6 +163,9 @@ struct EmbedArgs {
     /// Worker threads, 1 to 4 × the available cores (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where to run the encoder (f32 on the CPU, f16 on the kernels elsewhere).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -1420,12 +1423,13 @@ fn embed(args: &EmbedArgs) -> platypus::Result<String> {
         what: format!("cannot read as UTF-8 text: {e}"),
     })?;
     let texts: Vec<&str> = text.lines().collect();
-    let encoder = SentenceEncoder::load(&args.model, &platypus::Device::Cpu)?;
+    let device = args.device.open()?;
+    let encoder = SentenceEncoder::load(&args.model, &device)?;
     let progress = Progress::bar(texts.len() as u64, "texts", args.quiet);
     // Timed as sentence-transformers' encode: tokenizing included.
     let start = std::time::Instant::now();
     let ids = encoder.tokenize(&texts)?;
-    let embeddings = encoder.embed_ids(&ids, &progress);
+    let embeddings = encoder.embed_ids(&ids, &progress)?;
     let tokens: usize = ids.iter().map(Vec::len).sum();
     let secs = start.elapsed().as_secs_f64();
     drop(progress);
@@ -1437,10 +1441,10 @@ fn embed(args: &EmbedArgs) -> platypus::Result<String> {
     let mut report = String::new();
     say!(
         report,
-        "embedded {} texts ({tokens} tokens, dim {}) in {secs:.3} s on {} threads: {:.1} texts/s, {:.0} tokens/s",
+        "embedded {} texts ({tokens} tokens, dim {}) in {secs:.3} s on {}: {:.1} texts/s, {:.0} tokens/s",
         texts.len(),
         encoder.dim(),
-        rayon::current_num_threads(),
+        device_name(&device),
         texts.len() as f64 / secs,
         tokens as f64 / secs
     );
@@ -1608,6 +1612,7 @@ fn curate(args: &CurateArgs) -> platypus::Result<String> {
         config.text_fields = args.text_fields.clone();
     }
     config.device = args.device.open()?;
+    let config_device = config.device.clone();
     let job = CurateJob {
         train: args.train.clone(),
         benchmarks: args.benchmarks.clone(),
@@ -1617,9 +1622,7 @@ fn curate(args: &CurateArgs) -> platypus::Result<String> {
         config,
         quiet: args.quiet,
     };
-    // The encoder runs on the host for now; --device is where the search runs.
-    let encoder =
-        platypus::curate::encoder::SentenceEncoder::load(&args.model, &platypus::Device::Cpu)?;
+    let encoder = platypus::curate::encoder::SentenceEncoder::load(&args.model, &config_device)?;
     platypus::curate::run_curate(&job, &encoder)
 }
 

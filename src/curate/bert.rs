@@ -1,14 +1,17 @@
 //! A BERT encoder (the transformer of a sentence-transformers model such as
-//! all-MiniLM-L6-v2) on the host: `config.json` and `model.safetensors` as
-//! Hugging Face's `BertModel` saves them, and its forward pass over packed
-//! sequences.
+//! all-MiniLM-L6-v2): `config.json` and `model.safetensors` as Hugging
+//! Face's `BertModel` saves them, and its forward pass over packed
+//! sequences on the crate's ops, so on any [`Device`].
 //!
 //! Sequences are packed token after token, no padding at all: every
 //! per-token step (embeddings, the Linear layers, LayerNorm, GELU) runs on
-//! the batch's real tokens only, and attention ([`crate::host::attention`],
-//! non-causal) is limited to each sequence's own span. The Linear layers are
-//! [`crate::host::gemm::matmul_nt`] with the bias as the accumulator's start
-//! (beta 1), so a bias costs no extra pass.
+//! the batch's real tokens only, and attention ([`ops::attention`] with
+//! [`Batch::Packed`], non-causal) is limited to each sequence's own span.
+//! Each Linear layer is one [`ops::linear`] call with its bias (and the
+//! feed-forward's GELU) fused in; each sublayer ends in
+//! [`ops::layernorm::residual_forward`], the residual add and the norm in one
+//! pass. Weights are f32 on [`Device::Cpu`] (the host GEMM, multi-threaded)
+//! and f16 on the GPU and the emulator (tensor cores, fp32 accumulation).
 //!
 //! Per token and layer the forward does 2·(4·h² + 2·h·i) FLOPs in the GEMMs
 //! (h hidden, i intermediate; 21 MFLOP per token over the 6 layers of
@@ -18,12 +21,11 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::cpu::attention::SeqSpan;
 use crate::formats::safetensors::SafetensorsFile;
-use crate::host::attention::{attention_forward, KvDims};
-use crate::host::elementwise::{gelu_erf, layernorm, residual_layernorm};
-use crate::host::gemm::{matmul_nt, Weights};
-use crate::{Error, Result};
+use crate::ops;
+use crate::ops::attention::{AttentionConfig, Batch};
+use crate::ops::linear::Activation;
+use crate::{DType, Device, Error, Result, Tensor};
 
 /// The fields of a BERT `config.json` the forward pass needs.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -134,18 +136,25 @@ impl BertConfig {
     }
 }
 
-/// A Linear layer: weight [out, in] and bias [out], in f32.
+/// A Linear layer: weight [out, in] and bias [out].
 #[derive(Debug)]
 struct Linear {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// act(x Wᵀ + b).
+    fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        ops::linear::forward(x, &self.weight, Some(&self.bias), act)
+    }
 }
 
 /// A LayerNorm's scale and shift.
 #[derive(Debug)]
 struct Norm {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
+    weight: Tensor,
+    bias: Tensor,
 }
 
 /// One encoder layer's weights.
@@ -161,14 +170,14 @@ struct Layer {
     output_norm: Norm,
 }
 
-/// A BERT encoder's weights in f32, ready for [`BertModel::forward`].
+/// A BERT encoder's weights on one device, ready for [`BertModel::forward`].
 #[derive(Debug)]
 pub struct BertModel {
     config: BertConfig,
-    word_embeddings: Vec<f32>,
-    position_embeddings: Vec<f32>,
-    /// Row 0 of the token-type table: every token is segment A.
-    type_embedding: Vec<f32>,
+    word_embeddings: Tensor,
+    /// The position table plus row 0 of the token-type table (every token
+    /// is segment A): one gather gives both.
+    position_type_embeddings: Tensor,
     embedding_norm: Norm,
     layers: Vec<Layer>,
 }
@@ -179,10 +188,13 @@ pub struct BertModel {
 struct Loader<'a> {
     file: &'a SafetensorsFile,
     prefix: &'static str,
+    device: &'a Device,
+    dtype: DType,
 }
 
 impl Loader<'_> {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    /// The f32 values of tensor `name`, which must have `shape`.
+    fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let full = format!("{}{name}", self.prefix);
         let info = self.file.info(&full)?;
         if info.shape != shape {
@@ -195,6 +207,11 @@ impl Loader<'_> {
             });
         }
         self.file.load_f32(&full)
+    }
+
+    /// Tensor `name` on the model's device in its dtype.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Tensor::from_f32(&self.values(name, shape)?, shape, self.dtype, self.device)
     }
 
     fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
@@ -214,9 +231,9 @@ impl Loader<'_> {
 
 impl BertModel {
     /// Loads the weights for `config` from `model.safetensors` at `path`
-    /// (f32, f16 or bf16, widened to f32): every tensor must be there in the
-    /// shape the config gives.
-    pub fn load(config: BertConfig, path: &Path) -> Result<BertModel> {
+    /// (f32, f16 or bf16) onto `device`: f32 on the CPU, f16 elsewhere.
+    /// Every tensor must be there in the shape the config gives.
+    pub fn load(config: BertConfig, path: &Path, device: &Device) -> Result<BertModel> {
         let file = SafetensorsFile::open(path)?;
         let probe = "embeddings.word_embeddings.weight";
         let prefix = if file.tensors().contains_key(probe) {
@@ -232,12 +249,23 @@ impl BertModel {
         let load = Loader {
             file: &file,
             prefix,
+            device,
+            dtype: match device {
+                Device::Cpu => DType::F32,
+                _ => DType::F16,
+            },
         };
         let (h, i) = (config.hidden_size, config.intermediate_size);
-        let types = load.tensor(
+        let types = load.values(
             "embeddings.token_type_embeddings.weight",
             &[config.type_vocab_size, h],
         )?;
+        let positions = config.max_position_embeddings;
+        let mut position_type =
+            load.values("embeddings.position_embeddings.weight", &[positions, h])?;
+        for row in position_type.chunks_exact_mut(h) {
+            row.iter_mut().zip(&types[..h]).for_each(|(p, &t)| *p += t);
+        }
         let layers = (0..config.num_hidden_layers)
             .map(|l| {
                 let p = format!("encoder.layer.{l}");
@@ -256,11 +284,12 @@ impl BertModel {
         Ok(BertModel {
             word_embeddings: load
                 .tensor("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
-            position_embeddings: load.tensor(
-                "embeddings.position_embeddings.weight",
-                &[config.max_position_embeddings, h],
+            position_type_embeddings: Tensor::from_f32(
+                &position_type,
+                &[positions, h],
+                load.dtype,
+                device,
             )?,
-            type_embedding: types[..h].to_vec(),
             embedding_norm: load.norm("embeddings.LayerNorm", h)?,
             layers,
             config,
@@ -273,132 +302,64 @@ impl BertModel {
     }
 
     /// The last hidden state [Σ lens, hidden] of the sequences `ids`, packed
-    /// one after another (sequence b's tokens are rows spans[b]). Every id
-    /// must be below vocab_size and every sequence no longer than
-    /// max_position_embeddings (the encoder checks both).
-    pub fn forward(&self, ids: &[&[u32]]) -> Vec<f32> {
+    /// one after another (sequence b's tokens follow sequence b − 1's), in
+    /// f32 on the host. Every id must be below vocab_size and every sequence
+    /// no longer than max_position_embeddings (the encoder checks both).
+    pub fn forward(&self, ids: &[&[u32]]) -> Result<Vec<f32>> {
         let c = &self.config;
-        let h = c.hidden_size;
-        let mut spans = Vec::with_capacity(ids.len());
-        let mut tokens = 0;
+        let (h, heads) = (c.hidden_size, c.num_attention_heads);
+        let mut cu_seqlens = vec![0u32];
+        let mut flat = Vec::new();
+        let mut positions = Vec::new();
         for seq in ids {
-            spans.push(SeqSpan {
-                start: tokens,
-                len: seq.len(),
-            });
-            tokens += seq.len();
+            flat.extend_from_slice(seq);
+            positions.extend(0..seq.len() as u32);
+            cu_seqlens.push(flat.len() as u32);
         }
-        let mut hidden = vec![0.0f32; tokens * h];
-        for (seq, span) in ids.iter().zip(&spans) {
-            let rows = &mut hidden[span.start * h..(span.start + span.len) * h];
-            for (pos, (row, &id)) in rows.chunks_exact_mut(h).zip(seq.iter()).enumerate() {
-                let word = &self.word_embeddings[id as usize * h..][..h];
-                let position = &self.position_embeddings[pos * h..][..h];
-                for (((r, &w), &p), &t) in row
-                    .iter_mut()
-                    .zip(word)
-                    .zip(position)
-                    .zip(&self.type_embedding)
-                {
-                    *r = w + p + t;
-                }
-            }
+        let tokens = flat.len();
+        if tokens == 0 {
+            return Ok(Vec::new());
         }
-        let mut normed = vec![0.0f32; tokens * h];
+        let dtype = self.word_embeddings.dtype();
+        let eps = c.layer_norm_eps;
+        let mut hidden = ops::embedding::forward(&self.word_embeddings, &flat, dtype)?;
+        let position_type =
+            ops::embedding::forward(&self.position_type_embeddings, &positions, dtype)?;
         let norm = &self.embedding_norm;
-        layernorm(
-            &hidden,
+        ops::layernorm::residual_forward(
+            &mut hidden,
+            &position_type,
             &norm.weight,
             &norm.bias,
-            h,
-            c.layer_norm_eps,
-            &mut normed,
-        );
-        let mut hidden = normed;
+            eps,
+        )?;
 
-        let dims = KvDims {
-            q_tokens: tokens,
-            kv_tokens: tokens,
-            q_heads: c.num_attention_heads,
-            kv_heads: c.num_attention_heads,
-            head_dim: c.head_dim(),
+        let by_head = [tokens, heads, c.head_dim()];
+        let attention = AttentionConfig {
+            causal: false,
+            scale: None,
         };
-        let scale = 1.0 / (c.head_dim() as f32).sqrt();
-        let mut buffers = Buffers::new(tokens, h, c.intermediate_size, c.num_attention_heads);
         for layer in &self.layers {
-            let b = &mut buffers;
-            linear(&hidden, &layer.query, tokens, h, &mut b.q);
-            linear(&hidden, &layer.key, tokens, h, &mut b.k);
-            linear(&hidden, &layer.value, tokens, h, &mut b.v);
-            attention_forward(
-                &b.q,
-                &b.k,
-                &b.v,
-                &dims,
-                &spans,
-                &spans,
-                scale,
-                false,
-                &mut b.context,
-                &mut b.lse,
+            let project = |l: &Linear| l.forward(&hidden, Activation::Identity)?.reshape(&by_head);
+            let (q, k, v) = (
+                project(&layer.query)?,
+                project(&layer.key)?,
+                project(&layer.value)?,
             );
-            linear(&b.context, &layer.attention_out, tokens, h, &mut b.q);
+            let context =
+                ops::attention::forward(&q, &k, &v, Batch::Packed(&cu_seqlens), &attention)?
+                    .o
+                    .reshape(&[tokens, h])?;
+            let out = layer
+                .attention_out
+                .forward(&context, Activation::Identity)?;
             let n = &layer.attention_norm;
-            residual_layernorm(&mut hidden, &b.q, &n.weight, &n.bias, h, c.layer_norm_eps);
-            linear(&hidden, &layer.intermediate, tokens, h, &mut b.intermediate);
-            gelu_erf(&mut b.intermediate);
-            linear(
-                &b.intermediate,
-                &layer.output,
-                tokens,
-                c.intermediate_size,
-                &mut b.q,
-            );
+            ops::layernorm::residual_forward(&mut hidden, &out, &n.weight, &n.bias, eps)?;
+            let inner = layer.intermediate.forward(&hidden, Activation::Gelu)?;
+            let out = layer.output.forward(&inner, Activation::Identity)?;
             let n = &layer.output_norm;
-            residual_layernorm(&mut hidden, &b.q, &n.weight, &n.bias, h, c.layer_norm_eps);
+            ops::layernorm::residual_forward(&mut hidden, &out, &n.weight, &n.bias, eps)?;
         }
-        hidden
+        hidden.to_f32_vec()
     }
-}
-
-/// The activations one layer writes, reused by every layer.
-struct Buffers {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    context: Vec<f32>,
-    lse: Vec<f32>,
-    intermediate: Vec<f32>,
-}
-
-impl Buffers {
-    fn new(tokens: usize, hidden: usize, intermediate: usize, heads: usize) -> Buffers {
-        let activation = || vec![0.0f32; tokens * hidden];
-        Buffers {
-            q: activation(),
-            k: activation(),
-            v: activation(),
-            context: activation(),
-            lse: vec![0.0; heads * tokens],
-            intermediate: vec![0.0; tokens * intermediate],
-        }
-    }
-}
-
-/// y [tokens, out] = x [tokens, inp] · Wᵀ + bias.
-fn linear(x: &[f32], layer: &Linear, tokens: usize, inp: usize, y: &mut [f32]) {
-    let out = layer.bias.len();
-    for row in y.chunks_exact_mut(out) {
-        row.copy_from_slice(&layer.bias);
-    }
-    matmul_nt(
-        x,
-        Weights::F32(&layer.weight),
-        tokens,
-        inp,
-        out,
-        1.0,
-        1.0,
-        y,
-    );
 }
