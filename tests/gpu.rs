@@ -517,6 +517,62 @@ fn elementwise_matches_cpu_on_the_gpu() {
     }
 }
 
+/// The sentence encoder's ops: Linear with bias (and fused GELU), LayerNorm
+/// and its residual form, at odd sizes and at all-MiniLM-L6-v2 (384 → 1152
+/// QKV, 384 → 1536 GELU, 1536 → 384) and BERT-base (768 → 3072) shapes,
+/// against the CPU path on the same rounded inputs.
+#[test]
+fn encoder_ops_match_cpu_on_the_gpu() {
+    use platypus::ops::layernorm;
+    use platypus::ops::linear::{self, Activation};
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(23);
+    // (tokens, in, out, activation)
+    let all = [
+        (3, 40, 24, Activation::Gelu),
+        (2048, 384, 1152, Activation::Identity),
+        (2048, 384, 1536, Activation::Gelu),
+        (2048, 1536, 384, Activation::Identity),
+        (4096, 768, 3072, Activation::Gelu),
+    ];
+    for dtype in [DType::BF16, DType::F16] {
+        let tol = tolerance(dtype);
+        for (tokens, d_in, d_out, act) in shapes(&all, 1) {
+            let case = format!("{dtype} tokens {tokens} in {d_in} out {d_out} {act:?}");
+            let vec =
+                |n: usize, scale: f32, rng: &mut Rng| round_to(&rng.normal_vec(n, scale), dtype);
+            let x = vec(tokens * d_in, 1.0, &mut rng);
+            let w = vec(d_out * d_in, 1.0 / (d_in as f32).sqrt(), &mut rng);
+            let b = vec(d_out, 1.0, &mut rng);
+            let delta = vec(tokens * d_in, 1.0, &mut rng);
+            let (gamma, beta) = (vec(d_in, 1.0, &mut rng), vec(d_in, 1.0, &mut rng));
+            let run = |dev: &Device| {
+                let t = |v: &[f32], s: &[usize]| Tensor::from_f32(v, s, dtype, dev).unwrap();
+                let (xt, gt, bt) = (
+                    t(&x, &[tokens, d_in]),
+                    t(&gamma, &[d_in]),
+                    t(&beta, &[d_in]),
+                );
+                let y = linear::forward(&xt, &t(&w, &[d_out, d_in]), Some(&t(&b, &[d_out])), act)
+                    .unwrap();
+                let normed = layernorm::forward(&xt, &gt, &bt, 1e-12).unwrap();
+                let mut h = xt;
+                layernorm::residual_forward(&mut h, &t(&delta, &[tokens, d_in]), &gt, &bt, 1e-12)
+                    .unwrap();
+                [y, normed, h].map(|v| v.to_f32_vec().unwrap())
+            };
+            let got = run(&gpu);
+            let want = run(&Device::Cpu);
+            for (i, what) in ["linear", "layernorm", "residual layernorm"]
+                .iter()
+                .enumerate()
+            {
+                check_close("encoder", &case, what, &got[i], &want[i], tol);
+            }
+        }
+    }
+}
+
 /// The LM head fused with cross-entropy (fp32 logits in chunks), the head
 /// GEMM alone and argmax over its logits, at a 7B head (hidden 4096, vocab 32000) and odd sizes,
 /// against the CPU path on the same rounded h and W.
