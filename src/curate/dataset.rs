@@ -1,16 +1,28 @@
-//! Training rows and benchmark items from JSONL, JSON (an array of objects)
-//! or CSV files, the format told by the extension (`.jsonl`, `.json`,
-//! `.csv`). Parquet is not read: convert it to JSONL first.
+//! Training rows and benchmark items from JSONL, JSON (an array of objects),
+//! CSV or Parquet files, the format told by the extension (`.jsonl`,
+//! `.json`, `.csv`, `.parquet`).
 //!
-//! A [`Table`] keeps every row as it was read (its JSONL line, JSON element
-//! or CSV record), so a subset of it is written back in the same format,
-//! fields and order ([`Table::write_rows`]). Errors are [`Error::File`]s
-//! naming the file, the row ("line N" in JSONL, "element N" in JSON, "row N"
-//! in CSV, counted from 1 after the header) and the field.
+//! A [`Table`] keeps every row as it was read (its JSONL line, JSON element,
+//! CSV record or Parquet row), so a subset of it is written back in the same
+//! format, fields and order ([`Table::write_rows`]). Errors are
+//! [`Error::File`]s naming the file, the row ("line N" in JSONL, "element N"
+//! in JSON, "row N" in CSV, counted from 1 after the header, and in Parquet)
+//! and the field.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use arrow_array::cast::AsArray;
+use arrow_array::types::{
+    Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type, UInt32Type,
+    UInt64Type, UInt8Type,
+};
+use arrow_array::{Array, RecordBatch, UInt64Array};
+use arrow_schema::DataType;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -27,6 +39,9 @@ pub enum Format {
     Json,
     /// A header row, then one record per row; every field is a string.
     Csv,
+    /// Apache Parquet: string columns (plain or dictionary-encoded) and
+    /// lists of strings are text; numbers and booleans are read as such.
+    Parquet,
 }
 
 impl Format {
@@ -37,9 +52,10 @@ impl Format {
             "jsonl" => Ok(Format::Jsonl),
             "json" => Ok(Format::Json),
             "csv" => Ok(Format::Csv),
+            "parquet" => Ok(Format::Parquet),
             _ => Err(file_error(
                 path,
-                format!("has extension {ext:?}; expected .jsonl, .json or .csv (convert Parquet to JSONL)"),
+                format!("has extension {ext:?}; expected .jsonl, .json, .csv or .parquet"),
             )),
         }
     }
@@ -60,6 +76,8 @@ enum Raw {
     Json(String),
     /// A CSV record.
     Csv(csv::StringRecord),
+    /// A row of [`Table::parquet`], the same index as in the table.
+    Parquet,
 }
 
 /// The rows of one file, as read.
@@ -69,6 +87,8 @@ pub struct Table {
     format: Format,
     /// The CSV header.
     header: Option<csv::StringRecord>,
+    /// Every row of a Parquet file, its schema and metadata as read.
+    parquet: Option<RecordBatch>,
     rows: Vec<Row>,
 }
 
@@ -77,13 +97,20 @@ impl Table {
     pub fn read(path: &Path) -> Result<Table> {
         let format = Format::of(path)?;
         let fail = |what: String| file_error(path, what);
-        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-        let (header, rows) = match format {
-            Format::Jsonl => (None, jsonl_rows(&text).map_err(fail)?),
-            Format::Json => (None, json_rows(&text).map_err(fail)?),
+        let text = || std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")));
+        let (mut header, mut parquet) = (None, None);
+        let rows = match format {
+            Format::Jsonl => jsonl_rows(&text()?).map_err(fail)?,
+            Format::Json => json_rows(&text()?).map_err(fail)?,
             Format::Csv => {
-                let (header, rows) = csv_rows(&text).map_err(fail)?;
-                (Some(header), rows)
+                let (head, rows) = csv_rows(&text()?).map_err(fail)?;
+                header = Some(head);
+                rows
+            }
+            Format::Parquet => {
+                let (batch, rows) = parquet_rows(path).map_err(fail)?;
+                parquet = Some(batch);
+                rows
             }
         };
         if rows.is_empty() {
@@ -93,6 +120,7 @@ impl Table {
             path: path.to_path_buf(),
             format,
             header,
+            parquet,
             rows,
         })
     }
@@ -175,9 +203,13 @@ impl Table {
 
     /// Writes the rows `rows` (indices, in the order given) in the table's
     /// format: JSONL lines and JSON elements as read, CSV records under the
-    /// header.
+    /// header, Parquet rows with the file's schema and metadata (Snappy
+    /// compressed).
     pub fn write_rows(&self, rows: &[usize], out: &mut dyn Write) -> io::Result<()> {
         let raw = |i: usize| &self.rows[i].raw;
+        if let Some(batch) = &self.parquet {
+            return write_parquet(batch, rows, out);
+        }
         match (self.format, &self.header) {
             (Format::Csv, Some(header)) => {
                 let mut w = csv::Writer::from_writer(out);
@@ -277,6 +309,114 @@ fn csv_rows(text: &str) -> std::result::Result<(csv::StringRecord, Vec<Row>), St
         })
         .collect::<std::result::Result<_, String>>()?;
     Ok((header, rows))
+}
+
+/// Reads every row of a Parquet file as one batch, and each row's fields as
+/// JSON values.
+fn parquet_rows(path: &Path) -> std::result::Result<(RecordBatch, Vec<Row>), String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let not_parquet =
+        |e: parquet::errors::ParquetError| format!("not a readable Parquet file: {e}");
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(not_parquet)?;
+    let schema = reader.schema().clone();
+    let batches = reader
+        .build()
+        .map_err(not_parquet)?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a readable Parquet file: {e}"))?;
+    let batch = arrow_select::concat::concat_batches(&schema, &batches)
+        .map_err(|e| format!("cannot join its row groups: {e}"))?;
+    let columns: Vec<(String, Vec<Value>)> = schema
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .map(|(field, column)| (field.name().clone(), values(column.as_ref())))
+        .collect();
+    let rows = (0..batch.num_rows())
+        .map(|i| Row {
+            place: format!("row {}", i + 1),
+            fields: columns
+                .iter()
+                .map(|(name, values)| (name.clone(), values[i].clone()))
+                .collect(),
+            raw: Raw::Parquet,
+        })
+        .collect();
+    Ok((batch, rows))
+}
+
+/// The values of an Arrow column as JSON: strings, lists, numbers,
+/// booleans and nulls; any other type as `{"parquet type": "…"}`, which
+/// [`Table::text`] refuses by name.
+fn values(column: &dyn Array) -> Vec<Value> {
+    fn each<T: Into<Value>>(column: &dyn Array, value: impl Fn(usize) -> T) -> Vec<Value> {
+        (0..column.len())
+            .map(|i| match column.is_null(i) {
+                true => Value::Null,
+                false => value(i).into(),
+            })
+            .collect()
+    }
+    fn float(x: f64) -> Value {
+        serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+    }
+    fn lists<O: arrow_array::OffsetSizeTrait>(column: &dyn Array) -> Vec<Value> {
+        let list = column.as_list::<O>();
+        each(column, |i| values(list.value(i).as_ref()))
+    }
+    macro_rules! ints {
+        ($($dtype:ident => $ty:ty),*) => {
+            match column.data_type() {
+                $(DataType::$dtype => return each(column, |i| column.as_primitive::<$ty>().value(i)),)*
+                _ => {}
+            }
+        };
+    }
+    ints!(Int8 => Int8Type, Int16 => Int16Type, Int32 => Int32Type, Int64 => Int64Type,
+          UInt8 => UInt8Type, UInt16 => UInt16Type, UInt32 => UInt32Type, UInt64 => UInt64Type);
+    match column.data_type() {
+        DataType::Null => vec![Value::Null; column.len()],
+        DataType::Utf8 => each(column, |i| column.as_string::<i32>().value(i)),
+        DataType::LargeUtf8 => each(column, |i| column.as_string::<i64>().value(i)),
+        DataType::Utf8View => each(column, |i| column.as_string_view().value(i)),
+        DataType::Boolean => each(column, |i| column.as_boolean().value(i)),
+        DataType::Float32 => each(column, |i| {
+            float(column.as_primitive::<Float32Type>().value(i) as f64)
+        }),
+        DataType::Float64 => each(column, |i| {
+            float(column.as_primitive::<Float64Type>().value(i))
+        }),
+        DataType::List(_) => lists::<i32>(column),
+        DataType::LargeList(_) => lists::<i64>(column),
+        DataType::Dictionary(..) => {
+            let dictionary = column.as_any_dictionary();
+            let words = values(dictionary.values().as_ref());
+            let keys = dictionary.normalized_keys();
+            each(column, |i| words[keys[i]].clone())
+        }
+        other => {
+            let kind = Value::Object(Map::from_iter([(
+                "parquet type".to_string(),
+                Value::String(other.to_string()),
+            )]));
+            vec![kind; column.len()]
+        }
+    }
+}
+
+/// Writes the rows `rows` of `batch` as a Parquet file with its schema.
+fn write_parquet(batch: &RecordBatch, rows: &[usize], out: &mut dyn Write) -> io::Result<()> {
+    let indices = UInt64Array::from_iter_values(rows.iter().map(|&i| i as u64));
+    let kept = arrow_select::take::take_record_batch(batch, &indices).map_err(io::Error::other)?;
+    let properties = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .build();
+    let mut bytes = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut bytes, batch.schema(), Some(properties))
+        .map_err(io::Error::other)?;
+    writer.write(&kept).map_err(io::Error::other)?;
+    writer.close().map_err(io::Error::other)?;
+    out.write_all(&bytes)
 }
 
 /// One training row (Open-Platypus' fields).
@@ -416,13 +556,98 @@ mod tests {
                 Format::Jsonl => "{\"a\": \"y\"}\n{\"b\": 1,  \"a\": \"x\"}\n",
                 Format::Json => "[\n{\"a\": \"y\"},\n{\"b\": 1,  \"a\": \"x\"}\n]\n",
                 Format::Csv => "b,a\n2,\"y, z\"\n1,x\n",
+                Format::Parquet => unreachable!("no Parquet file in this list"),
             };
             assert_eq!(String::from_utf8(out).unwrap(), expected, "{name}");
         }
-        let err = Table::read(&write(&dir, "t.parquet", "")).unwrap_err();
+        let err = Table::read(&write(&dir, "t.txt", "")).unwrap_err();
         assert!(
-            err.to_string().contains("expected .jsonl, .json or .csv"),
+            err.to_string()
+                .contains("has extension \"txt\"; expected .jsonl, .json, .csv or .parquet"),
             "{err}"
         );
+        let err = Table::read(&write(&dir, "t.parquet", "PAR1 not really")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("t.parquet: not a readable Parquet file"),
+            "{err}"
+        );
+    }
+
+    /// A Parquet file as pandas or `datasets` write one: large strings, a
+    /// list of strings, a dictionary-encoded column, an integer, a null,
+    /// two row groups.
+    fn parquet_file(path: &Path) -> RecordBatch {
+        use arrow_array::builder::{ListBuilder, StringBuilder};
+        use arrow_array::{ArrayRef, DictionaryArray, Int64Array, LargeStringArray};
+        use std::sync::Arc;
+        let mut choices = ListBuilder::new(StringBuilder::new());
+        for list in [vec!["a", "b"], vec![], vec!["c"]] {
+            for c in list {
+                choices.values().append_value(c);
+            }
+            choices.append(true);
+        }
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            (
+                "question",
+                Arc::new(LargeStringArray::from(vec![Some("Q?"), Some("R"), None])),
+            ),
+            ("choices", Arc::new(choices.finish())),
+            (
+                "data_source",
+                Arc::new(DictionaryArray::<Int32Type>::from_iter(["x", "y", "x"])),
+            ),
+            ("id", Arc::new(Int64Array::from(vec![7, 8, 9]))),
+        ];
+        let batch = RecordBatch::try_from_iter(columns).unwrap();
+        let properties = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(2))
+            .build();
+        let file = std::fs::File::create(path).unwrap();
+        let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(properties)).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        batch
+    }
+
+    #[test]
+    fn parquet_rows_are_read_as_json_values_and_written_back_with_their_schema() {
+        let dir = temp_dir("parquet");
+        let path = dir.join("b.parquet");
+        let batch = parquet_file(&path);
+        let table = Table::read(&path).unwrap();
+        assert_eq!((table.format(), table.len()), (Format::Parquet, 3));
+        let text = |i, names: &[&str]| table.text(i, &fields(names), &["question"]);
+        assert_eq!(text(0, &["question", "choices"]).unwrap(), "Q? a b");
+        assert_eq!(text(1, &["question", "choices"]).unwrap(), "R");
+        assert_eq!(
+            text(2, &["question", "choices", "data_source"]).unwrap(),
+            "c x"
+        );
+        assert_eq!(table.string(1, "data_source").unwrap(), Some("y"));
+        let err = text(1, &["id"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("b.parquet: row 2: \"id\" is 8, expected a string or a list of strings"),
+            "{err}"
+        );
+        let err = read_benchmark(&path, &fields(&["question"])).unwrap_err();
+        assert!(
+            err.to_string().contains("row 3: has no \"question\""),
+            "{err}"
+        );
+
+        let mut out = Vec::new();
+        table.write_rows(&[2, 0], &mut out).unwrap();
+        let back_path = dir.join("back.parquet");
+        std::fs::write(&back_path, out).unwrap();
+        let back = Table::read(&back_path).unwrap();
+        let back_batch = back.parquet.as_ref().unwrap();
+        assert_eq!(back_batch.schema(), batch.schema());
+        let indices = UInt64Array::from(vec![2, 0]);
+        let want = arrow_select::take::take_record_batch(&batch, &indices).unwrap();
+        assert_eq!(back_batch, &want);
+        assert_eq!(back.fields(0), table.fields(2));
     }
 }
