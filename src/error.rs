@@ -76,6 +76,23 @@ pub enum Error {
     /// socket); nothing was left half-written ([`crate::output`]).
     #[error("cannot write {}: {what}", path.display())]
     Output { path: PathBuf, what: String },
+    /// Training rows too similar to benchmark items (the training guard,
+    /// [`crate::curate::guard_training`]): how many, the threshold, the
+    /// report written, and its summary.
+    #[error(
+        "{}: {rows} of {rows_in} rows reach cosine {threshold} to a benchmark item; \
+         see {} (drop them with --drop-contaminated)\n{summary}",
+        path.display(),
+        report.display()
+    )]
+    Contaminated {
+        path: PathBuf,
+        rows: usize,
+        rows_in: usize,
+        threshold: f32,
+        report: PathBuf,
+        summary: String,
+    },
     /// The CUDA driver reported an error.
     #[error("CUDA driver error: {0}")]
     Driver(#[from] cudarc::driver::DriverError),

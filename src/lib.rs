@@ -37,6 +37,7 @@ pub mod npy;
 pub mod ops;
 pub mod output;
 pub mod progress;
+pub mod recipe;
 mod tensor;
 
 pub use device::{DType, Device, Element};

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
-use common::Scratch;
+use common::{platypus, Scratch};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -140,5 +140,109 @@ fn decontamination_removes_every_row_above_the_threshold_not_only_the_nearest() 
         removed_by(&report, "contamination"),
         set(&[2]),
         "the nearest row, ties to the lower index"
+    );
+}
+
+#[test]
+fn train_refuses_contaminated_data_and_drops_it_on_request() {
+    let scratch = Scratch::new("train-guard");
+    let dir = scratch.0.as_path();
+    let model = dir.join("mini");
+    let init = platypus(&[
+        &"init-model",
+        &"--out",
+        &model,
+        &"--tokenizer-corpus",
+        &root().join("examples/stem.jsonl"),
+    ]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let data = root().join("examples/curate/train.jsonl");
+    let bench = root().join("examples/curate/benchmark.jsonl");
+    let encoder = common::minilm_dir();
+    let train = |out: &Path, extra: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &"train",
+            &"--model",
+            &model,
+            &"--data",
+            &data,
+            &"--out",
+            &out,
+            &"--max-steps",
+            &"1",
+            &"--gradient-accumulation-steps",
+            &"1",
+            &"--cutoff-len",
+            &"64",
+            &"--quiet",
+            &"--decontaminate-against",
+            &bench,
+            &"--encoder",
+            &encoder,
+        ];
+        args.extend_from_slice(extra);
+        platypus(&args)
+    };
+    // What the guard must find: curate's contamination step alone.
+    let (want, _) = curate(&dir.join("curated"), &bench, &["--steps", "contamination"]);
+    let want = removed_by(&want, "contamination");
+    assert!(!want.is_empty(), "the example has reworded test questions");
+
+    let refused = dir.join("refused");
+    let run = train(&refused, &[]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(6), "{stderr}");
+    let reason = format!(
+        "{} of 16 rows reach cosine 0.8 to a benchmark item; see {}",
+        want.len(),
+        refused.join("decontamination/report.html").display()
+    );
+    assert!(stderr.contains(&reason), "expected {reason:?} in {stderr}");
+    assert!(!refused.join("adapter").exists(), "nothing is trained");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(refused.join("decontamination/report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(removed_by(&report, "contamination"), want);
+
+    // Dropped: trained on the other rows, in the same folder the refusal left.
+    let run = train(&refused, &[&"--drop-contaminated"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let rows = format!("({} rows)", 16 - want.len());
+    assert!(stdout.contains(&rows), "expected {rows:?} in {stdout}");
+    assert!(refused.join("adapter/adapter_model.safetensors").exists());
+    let kept = std::fs::read_to_string(refused.join("decontamination/train.jsonl")).unwrap();
+    let all = std::fs::read_to_string(&data).unwrap();
+    let expected: Vec<&str> = all
+        .lines()
+        .enumerate()
+        .filter(|(i, _)| !want.contains(&(*i as u64)))
+        .map(|(_, l)| l)
+        .collect();
+    assert_eq!(kept.lines().collect::<Vec<_>>(), expected);
+
+    let run = platypus(&[
+        &"train",
+        &"--model",
+        &model,
+        &"--data",
+        &data,
+        &"--out",
+        &dir.join("x"),
+        &"--drop-contaminated",
+    ]);
+    assert_eq!(
+        run.status.code(),
+        Some(2),
+        "--drop-contaminated alone is a usage error"
     );
 }

@@ -5,18 +5,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::Scratch;
+use common::{platypus, Scratch};
 use platypus::formats::safetensors::SafetensorsFile;
-
-fn platypus(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_platypus"));
-    for a in args {
-        cmd.arg(a);
-    }
-    cmd.output().unwrap()
-}
 
 fn ok_json(out: Output) -> serde_json::Value {
     assert!(

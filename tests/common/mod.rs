@@ -25,6 +25,15 @@ pub fn minilm_dir() -> PathBuf {
     dir
 }
 
+/// Runs the `platypus` binary with `args` and waits for it.
+pub fn platypus(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_platypus"));
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.output().unwrap()
+}
+
 /// False (with the reason printed) when this build has no GPU kernels and so
 /// no ptxas report; a failure when PLATYPUS_REQUIRE_CUDA=1 said it must have them.
 pub fn built_with_nvcc() -> bool {

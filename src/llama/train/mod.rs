@@ -12,4 +12,4 @@ pub mod step;
 pub mod trainer;
 
 pub use step::{Layout, LoraGrads, StepBatch};
-pub use trainer::{train, Resume, Run, StepLog, Summary, TrainConfig};
+pub use trainer::{check_new_out, train, Resume, Run, StepLog, Summary, TrainConfig, GUARD_DIR};

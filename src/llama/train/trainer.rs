@@ -561,20 +561,33 @@ fn checkpoints(out: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
+/// The folder of a run's output that the training guard fills before
+/// training (`platypus train --decontaminate-against`: the report and the
+/// filtered data of [`crate::curate::guard_training`]): not a sign of an
+/// earlier run.
+pub const GUARD_DIR: &str = "decontamination";
+
+/// Checks that `out` can take a new run: missing, empty, or holding only
+/// [`GUARD_DIR`].
+pub fn check_new_out(out: &Path) -> Result<()> {
+    let used = fs::read_dir(out)
+        .map(|d| d.flatten().any(|e| e.file_name() != GUARD_DIR))
+        .unwrap_or(false);
+    if used {
+        return Err(Error::Output {
+            path: out.to_path_buf(),
+            what: "exists and is not empty; pass --resume to continue the run there, or choose a new folder".into(),
+        });
+    }
+    Ok(())
+}
+
 /// Checks the output folder for the run; returns the checkpoint to resume from.
 fn prepare_out(run: &Run<'_>) -> Result<Option<PathBuf>> {
     let out = run.out;
     match &run.resume {
         None => {
-            let used = fs::read_dir(out)
-                .map(|mut d| d.next().is_some())
-                .unwrap_or(false);
-            if used {
-                return Err(Error::Output {
-                    path: out.to_path_buf(),
-                    what: "exists and is not empty; pass --resume to continue the run there, or choose a new folder".into(),
-                });
-            }
+            check_new_out(out)?;
             Ok(None)
         }
         Some(Resume::From(dir)) => {
