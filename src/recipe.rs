@@ -83,17 +83,17 @@ pub struct Answer {
 pub struct QuickstartReport {
     /// The curation's counts.
     pub curation: Counts,
-    /// Rows trained on and held back.
+    /// Rows trained on.
     pub train_rows: usize,
     /// Rows held back for the evaluations and prompts.
     pub held_back_rows: usize,
-    /// Held-back loss of the base model, with the adapter, and merged.
+    /// Held-back loss of the base model.
     pub loss_before: f64,
     /// Held-back loss with the adapter attached.
     pub loss_after: f64,
     /// Held-back loss of the merged model.
     pub loss_merged: f64,
-    /// Optimizer steps and the training throughput.
+    /// Optimizer steps of the training run.
     pub steps: u64,
     /// Tokens per second of the training run.
     pub tokens_per_s: f64,
@@ -167,9 +167,36 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartReport> {
     let train_rows = data::read_jsonl(&train_path, Some(&tok), &config, cutoff)?;
     let held = data::read_jsonl(&held_path, Some(&tok), &config, cutoff)?;
     let pad = config.pad_token_id.unwrap_or(0);
-    let base = Llama::load(&model_dir, &cfg.device)?;
-    let before = eval::evaluate(&base, &held, 8, pad)?;
-    lap(&mut stages, "model + eval");
+    // One model in memory at a time: the base answers its prompts before
+    // training and takes the adapter after it; the merged model comes last.
+    let answer = |model: &Llama, ids: &[u32]| -> Result<String> {
+        let g = generate::generate(
+            model,
+            ids,
+            &generate::GenerateConfig {
+                max_new_tokens: cfg.max_new_tokens,
+                sampling: None,
+                stop: config.eos_token_ids.clone(),
+                keep_logits: false,
+            },
+        )?;
+        tok.decode(&g.ids)
+    };
+    let prompts = held_rows
+        .iter()
+        .take(cfg.prompts)
+        .map(|(instruction, input, _)| {
+            let input = (!input.is_empty()).then_some(input.as_str());
+            tok.encode(&data::alpaca_prompt(instruction, input), true)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut model = Llama::load(&model_dir, &cfg.device)?;
+    let before = eval::evaluate(&model, &held, 8, pad)?;
+    let base_answers = prompts
+        .iter()
+        .map(|ids| answer(&model, ids))
+        .collect::<Result<Vec<_>>>()?;
+    lap(&mut stages, "model + eval + base answers");
 
     let run_dir = staging.join("run");
     let train_config = TrainConfig {
@@ -196,6 +223,14 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartReport> {
             out: &run_dir,
             config: train_config,
             adapter_init: None,
+            // The model's folder once the staging folder has its final name.
+            base_model_name: Some(
+                cfg.model
+                    .clone()
+                    .unwrap_or_else(|| cfg.out.join("model"))
+                    .display()
+                    .to_string(),
+            ),
             resume: None,
             device: cfg.device.clone(),
         },
@@ -205,42 +240,20 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartReport> {
         },
     )?;
     drop(bar);
-    let final_model = cfg.model.clone().unwrap_or_else(|| cfg.out.join("model"));
-    name_base_model(&trained.adapter, &final_model)?;
     lap(&mut stages, "train");
 
     let adapter = Adapter::load(&trained.adapter, &config)?;
-    let mut tuned = Llama::load(&model_dir, &cfg.device)?;
-    tuned.attach(&adapter)?;
-    let after = eval::evaluate(&tuned, &held, 8, pad)?;
-    drop(tuned);
+    model.attach(&adapter)?;
+    let after = eval::evaluate(&model, &held, 8, pad)?;
+    drop(model);
     let merged_dir = staging.join("merged");
     merge::merge(&model_dir, &[(adapter, 1.0)], &merged_dir)?;
     let merged = Llama::load(&merged_dir, &cfg.device)?;
     let merged_eval = eval::evaluate(&merged, &held, 8, pad)?;
-    lap(&mut stages, "eval + merge");
-
-    let answer = |model: &Llama, ids: &[u32]| -> Result<String> {
-        let g = generate::generate(
-            model,
-            ids,
-            &generate::GenerateConfig {
-                max_new_tokens: cfg.max_new_tokens,
-                sampling: None,
-                stop: config.eos_token_ids.clone(),
-                keep_logits: false,
-            },
-        )?;
-        tok.decode(&g.ids)
-    };
     let answers = held_rows
         .iter()
-        .take(cfg.prompts)
-        .map(|(instruction, input, output)| {
-            let ids = tok.encode(
-                &data::alpaca_prompt(instruction, (!input.is_empty()).then_some(input.as_str())),
-                true,
-            )?;
+        .zip(prompts.iter().zip(base_answers))
+        .map(|((instruction, input, output), (ids, base))| {
             Ok(Answer {
                 prompt: [instruction.as_str(), input.as_str()]
                     .iter()
@@ -249,12 +262,12 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartReport> {
                     .collect::<Vec<_>>()
                     .join(" "),
                 reference: output.clone(),
-                base: answer(&base, &ids)?,
-                merged: answer(&merged, &ids)?,
+                base,
+                merged: answer(&merged, ids)?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    lap(&mut stages, "generate");
+    lap(&mut stages, "eval + merge + merged answers");
 
     let mut report = QuickstartReport {
         curation: curated.counts,
@@ -280,24 +293,6 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartReport> {
     })?;
     finish(&staging, &cfg.out)?;
     Ok(report)
-}
-
-/// Sets `base_model_name_or_path` of the adapter in `adapter` to `base`:
-/// the model's folder once the staging folder has its final name.
-fn name_base_model(adapter: &Path, base: &Path) -> Result<()> {
-    let path = adapter.join("adapter_config.json");
-    let fail = |what: String| Error::File {
-        path: path.clone(),
-        what,
-    };
-    let text = fs::read_to_string(&path).map_err(|e| fail(format!("cannot read: {e}")))?;
-    let mut config: Value =
-        serde_json::from_str(&text).map_err(|e| fail(format!("not JSON: {e}")))?;
-    config["base_model_name_or_path"] = Value::String(base.display().to_string());
-    Outputs::default().write_file(&path, |out| {
-        serde_json::to_writer_pretty(&mut *out, &config)?;
-        out.write_all(b"\n")
-    })
 }
 
 /// A folder beside `out` with a name of its own (`.NAME.suffix`).

@@ -1011,6 +1011,7 @@ fn train(args: &TrainArgs) -> platypus::Result<String> {
         out: &args.out,
         config: cfg,
         adapter_init: args.adapter_init.as_deref(),
+        base_model_name: None,
         resume,
         device: device.clone(),
     };

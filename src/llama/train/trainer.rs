@@ -253,6 +253,8 @@ pub struct Run<'a> {
     pub config: TrainConfig,
     /// Start from this adapter instead of PEFT's init.
     pub adapter_init: Option<&'a Path>,
+    /// The adapter's `base_model_name_or_path` (default: `model_dir`).
+    pub base_model_name: Option<String>,
     /// Continue an interrupted run.
     pub resume: Option<Resume>,
     /// Where to train.
@@ -334,8 +336,11 @@ pub fn train(run: Run<'_>, on_step: &mut dyn FnMut(&StepLog, u64)) -> Result<Sum
     let fingerprint = fingerprint(run.data);
     let resume_from = prepare_out(&run)?;
     let mut model = Llama::load(run.model_dir, &run.device)?;
-    let base_name = Some(run.model_dir.display().to_string());
-    let adapter_config = cfg.adapter_config(base_name);
+    let base_name = run
+        .base_model_name
+        .clone()
+        .unwrap_or_else(|| run.model_dir.display().to_string());
+    let adapter_config = cfg.adapter_config(Some(base_name));
     let longest = run
         .data
         .iter()
