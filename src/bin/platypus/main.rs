@@ -5,7 +5,9 @@ use std::io::Write as _;
 
 use std::path::{Path, PathBuf};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+
+mod reference;
 
 /// Appends a line to a report string (writing to a String cannot fail).
 macro_rules! say {
@@ -77,6 +79,8 @@ enum Command {
     /// planted near-duplicates and contaminated rows: near-dedup of --rows,
     /// decontamination against --benchmark-rows; rows/s, what was found, peak RSS.
     BenchCurate(BenchCurateArgs),
+    /// Prints every subcommand and flag as Markdown: README's "Command line reference".
+    Reference,
 }
 
 /// Where scripts/minilm-model.sh and `quickstart` put all-MiniLM-L6-v2.
@@ -234,6 +238,7 @@ struct EmbedArgs {
 
 /// The arguments of `platypus generate`.
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("prompt_source").required(true)))]
 struct GenerateArgs {
     /// The model folder.
     #[arg(long)]
@@ -242,7 +247,7 @@ struct GenerateArgs {
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The prompt text (tokenized with the model's tokenizer.json, BOS first).
-    #[arg(long, group = "prompt_source", required = true)]
+    #[arg(long, group = "prompt_source")]
     prompt: Option<String>,
     /// A file holding the prompt text.
     #[arg(long, group = "prompt_source")]
@@ -649,6 +654,11 @@ fn main() {
         Command::InitAdapter(args) => init_adapter(&args).map_err(|e| ("init-adapter", e)),
         Command::Curate(args) => curate(&args).map_err(|e| ("curate", e)),
         Command::BenchCurate(args) => bench_curate(&args).map_err(|e| ("bench-curate", e)),
+        Command::Reference => {
+            let mut cli = Cli::command();
+            cli.build(); // resolves group membership
+            Ok(reference::markdown(&cli))
+        }
     });
     let report = match run {
         Ok(Ok(report)) => report,
