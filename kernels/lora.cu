@@ -4,7 +4,7 @@
 //
 // Every product is one tensor-core GEMM kernel (mma.sync m16n8k16, ldmatrix,
 // 3-stage cp.async pipeline, swizzled shared tiles) in three operand layouts
-// and four tile shapes:
+// and three tile shapes (128x128, 128x32, 32x128 of C):
 //   forward   u  = dropout(x) A16^T            [tokens, r16]  skinny N, mask on the x tile
 //             y  = x W^T + s * u B16^T          [tokens, out]  one GEMM over K = in + r16:
 //                                                             the LoRA segment first, then W
