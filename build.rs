@@ -6,8 +6,10 @@
 //! 2. for the host emulator with the system C++ compiler and
 //!    `kernels/emu/cuda_emu.h`, linked into the library as `platypus_emu`.
 //!
-//! It also turns `kernels/params.h` into Rust with bindgen. Generated files
-//! land in `OUT_DIR` and are `include!`d by `src/kernels.rs` and `src/emu`.
+//! Generated files land in `OUT_DIR` and are `include!`d by `src/kernels.rs`
+//! and `src/emu`. The Rust form of `kernels/params.h` is committed
+//! (`src/kernel_params.rs`; `tests/bindings.rs` regenerates it with bindgen
+//! and fails when it is stale), so a build needs no libclang.
 
 use std::env;
 use std::fmt::Write as _;
@@ -51,11 +53,26 @@ fn main() {
     let kernels = root.join("kernels");
     let sources = cu_files(&kernels);
 
-    let nvcc = find_nvcc();
+    // The `cuda` feature (on by default) asks for the GPU kernels; without it
+    // nvcc is not looked for and nothing is said about it.
+    let want_kernels = env::var_os("CARGO_FEATURE_CUDA").is_some();
+    let (nvcc, nvcc_note) = if want_kernels {
+        find_nvcc()
+    } else {
+        (None, String::new())
+    };
+    if let (Some(found), false) = (&nvcc, nvcc_note.is_empty()) {
+        println!(
+            "cargo:warning=platypus: {nvcc_note}; using {}",
+            found.display()
+        );
+    }
     let include = find_cuda_include(nvcc.as_deref());
     let require_cuda = env::var("PLATYPUS_REQUIRE_CUDA").is_ok_and(|v| v == "1");
-
-    bindgen_params(&kernels, &out);
+    assert!(
+        want_kernels || !require_cuda,
+        "PLATYPUS_REQUIRE_CUDA=1 but the `cuda` feature is off: no kernels are built"
+    );
 
     let archs = cuda_archs();
     let gpu = match &nvcc {
@@ -64,9 +81,12 @@ fn main() {
             "PLATYPUS_REQUIRE_CUDA=1 but nvcc was not found (looked at $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin and PATH); \
              install it with `pip install nvidia-cuda-nvcc nvidia-cuda-cccl` or run scripts/test.sh"
         ),
+        None if !want_kernels => None,
         None => {
+            // The one warning of a build without kernels.
+            let nvcc_note = if nvcc_note.is_empty() { nvcc_note } else { format!("; {nvcc_note}") };
             println!(
-                "cargo:warning=platypus: nvcc not found ($NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH): \
+                "cargo:warning=platypus: nvcc not found ($NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH{nvcc_note}): \
                  building without GPU kernels (CPU and emulated devices only); Device::cuda will return an error"
             );
             None
@@ -91,16 +111,15 @@ fn cu_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn find_nvcc() -> Option<PathBuf> {
+/// nvcc, and a note for the warning when `NVCC` names no file.
+fn find_nvcc() -> (Option<PathBuf>, String) {
+    let mut note = String::new();
     if let Ok(p) = env::var("NVCC") {
         let p = PathBuf::from(p);
         if p.is_file() {
-            return Some(p);
+            return (Some(p), note);
         }
-        println!(
-            "cargo:warning=platypus: NVCC={} is not a file; looking elsewhere",
-            p.display()
-        );
+        note = format!("NVCC={} is not a file", p.display());
     }
     let mut candidates: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
         .iter()
@@ -110,7 +129,7 @@ fn find_nvcc() -> Option<PathBuf> {
     if let Some(path) = env::var_os("PATH") {
         candidates.extend(env::split_paths(&path).map(|d| d.join("nvcc")));
     }
-    candidates.into_iter().find(|p| p.is_file())
+    (candidates.into_iter().find(|p| p.is_file()), note)
 }
 
 /// The directory holding `cuda_bf16.h`: next to nvcc, else under $CUDA_HOME / $CUDA_PATH.
@@ -145,22 +164,6 @@ fn cuda_archs() -> Vec<u32> {
     archs.dedup();
     assert!(!archs.is_empty(), "PLATYPUS_CUDA_ARCHS names no arch");
     archs
-}
-
-fn bindgen_params(kernels: &Path, out: &Path) {
-    let header = kernels.join("params.h");
-    bindgen::Builder::default()
-        .header(header.to_str().unwrap())
-        .allowlist_type(".*Params|PlatypusEmuLaunch")
-        .allowlist_var("PLATYPUS_EMU_.*")
-        .derive_default(true)
-        .derive_debug(true)
-        .layout_tests(true)
-        .use_core()
-        .generate()
-        .expect("bindgen could not read kernels/params.h (it needs libclang: apt-get install libclang1-14)")
-        .write_to_file(out.join("params.rs"))
-        .expect("writing params.rs");
 }
 
 struct GpuBuild {

@@ -1,6 +1,7 @@
 //! The `platypus` command line as a user meets it: where outputs go, what
 //! is refused, and the exit statuses (2 usage, 3 bad input, 4 output, 5
 //! device). Every file lives in the test's own temporary folder.
+#![cfg(feature = "cli")] // runs the `platypus` binary
 
 use std::os::unix::fs::{symlink, FileTypeExt};
 use std::process::{Command, Output};

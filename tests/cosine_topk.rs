@@ -435,6 +435,7 @@ fn kernel_threshold_overflow_takes_a_second_pass_or_errors() {
 }
 
 #[test]
+#[cfg(feature = "cli")]
 fn cli_searches_on_the_cpu_and_the_emulated_kernels_alike() {
     // `platypus cosine-topk` on .npy files: the database streamed through
     // the emulated kernels in 7-row chunks gives the CPU's lists.

@@ -4,6 +4,7 @@
 //! rephrasing, two similar-but-different pairs (cosine 0.70 and 0.75), and a
 //! benchmark with a rephrased and a reworded test question plus two that
 //! match nothing above 0.7. Each step must remove exactly its planted rows.
+#![cfg(feature = "cli")] // runs the `platypus` binary
 
 mod common;
 

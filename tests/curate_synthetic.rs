@@ -748,6 +748,7 @@ fn the_html_report_renders_in_chromium_with_the_json_counts_and_working_filters(
 }
 
 #[test]
+#[cfg(feature = "cli")]
 fn bench_curate_finds_exactly_the_planted_rows_and_refuses_bad_sizes() {
     let bench = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_platypus"))

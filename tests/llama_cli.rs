@@ -1,6 +1,7 @@
 //! `platypus init-model`, `init-adapter`, `eval`, `generate` and `merge` as
 //! a user runs them: the README walkthrough on a model the crate makes, the
 //! fixture's loss through `eval`, and the exit statuses of bad input.
+#![cfg(feature = "cli")] // runs the `platypus` binary
 
 mod common;
 

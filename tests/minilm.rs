@@ -136,6 +136,7 @@ fn batching_does_not_change_an_embedding() {
 }
 
 #[test]
+#[cfg(feature = "cli")]
 fn the_embed_command_writes_what_the_library_computes() {
     let dir = std::env::temp_dir().join(format!("platypus-embed-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -3,6 +3,7 @@
 //! report's, the sample data makes every curation step and every category
 //! remove something, and a second run into the same folder (with the
 //! embedding cache) replaces it with the same adapter, bit for bit.
+#![cfg(feature = "cli")] // runs the `platypus` binary
 
 mod common;
 

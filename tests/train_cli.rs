@@ -2,6 +2,7 @@
 //! its outputs (adapter loadable by eval and merge, log, loss curve); exact
 //! resume of runs killed with SIGKILL at several moments, one of them inside
 //! a checkpoint write; and the errors of bad input.
+#![cfg(feature = "cli")] // runs the `platypus` binary
 
 mod common;
 

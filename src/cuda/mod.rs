@@ -29,9 +29,13 @@ pub fn driver_present() -> bool {
 fn check_available() -> Result<()> {
     if MODULES.is_empty() {
         return Err(Error::CudaUnavailable(
-            "this build of platypus has no GPU kernels (nvcc was not found at build time); \
-             rebuild with NVCC=/path/to/nvcc, or `pip install nvidia-cuda-nvcc nvidia-cuda-cccl` and set NVCC"
-                .into(),
+            if cfg!(feature = "cuda") {
+                "this build of platypus has no GPU kernels (nvcc was not found at build time); \
+                 rebuild with NVCC=/path/to/nvcc, or `pip install nvidia-cuda-nvcc nvidia-cuda-cccl` and set NVCC"
+            } else {
+                "this build of platypus has no GPU kernels: it was built without the `cuda` feature"
+            }
+            .into(),
         ));
     }
     if !driver_present() {

@@ -17,7 +17,8 @@ use crate::output::Outputs;
 use crate::{DType, Device, Result, Tensor};
 
 /// Model shapes with a name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Preset {
     /// The dev fixture's shape (vocab 256, hidden 64, 2 layers, 4 heads, 2 kv
     /// heads) with 2048 positions, as the peers' `tiny`.

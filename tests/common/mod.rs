@@ -26,6 +26,7 @@ pub fn minilm_dir() -> PathBuf {
 }
 
 /// Runs the `platypus` binary with `args` and waits for it.
+#[cfg(feature = "cli")]
 pub fn platypus(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_platypus"));
     for a in args {

@@ -11,9 +11,8 @@ use crate::ops::adamw::{self, AdamW, State};
 use crate::{Error, Result, Tensor};
 
 /// How the learning rate moves over the run (transformers' `SchedulerType`).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Scheduler {
     /// Linear warmup, then half a cosine down to 0 at the last step
