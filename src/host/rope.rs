@@ -33,7 +33,11 @@ pub fn apply(
                 *cs = (c as f32, if inverse { -s as f32 } else { s as f32 });
             }
         });
-    for (x, heads) in [(q, q_heads), (k, k_heads)] {
+    // A tensor of no heads (rotating q alone) has nothing to rotate.
+    for (x, heads) in [(q, q_heads), (k, k_heads)]
+        .into_iter()
+        .filter(|&(_, h)| h > 0)
+    {
         x.par_chunks_mut(heads * head_dim)
             .zip(table.par_chunks(half.max(1)))
             .for_each(|(token, cs)| {
