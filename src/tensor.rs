@@ -14,10 +14,13 @@ use crate::error::{Error, Result};
 const HOST_ALIGN: usize = 256;
 
 /// Exactly `bytes` of host memory aligned to [`HOST_ALIGN`] (exact, so that
-/// AddressSanitizer sees an emulated kernel that runs past the end).
+/// AddressSanitizer sees an emulated kernel that runs past the end), or
+/// memory the caller lent for one call ([`Tensor::with_borrowed`]).
 pub(crate) struct HostBuffer {
     ptr: NonNull<u8>,
     bytes: usize,
+    /// False for lent memory: never freed here.
+    owned: bool,
 }
 
 // SAFETY: a HostBuffer owns its allocation like a Vec<u8> does.
@@ -30,7 +33,11 @@ impl HostBuffer {
         if bytes == 0 {
             // An aligned dangling pointer: never read, written or freed.
             let ptr = NonNull::new(HOST_ALIGN as *mut u8).unwrap();
-            return Ok(HostBuffer { ptr, bytes });
+            return Ok(HostBuffer {
+                ptr,
+                bytes,
+                owned: true,
+            });
         }
         let refused = || Error::Invalid {
             op: "Tensor::zeros",
@@ -41,7 +48,11 @@ impl HostBuffer {
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).ok_or_else(refused)?;
-        Ok(HostBuffer { ptr, bytes })
+        Ok(HostBuffer {
+            ptr,
+            bytes,
+            owned: true,
+        })
     }
 
     fn as_bytes(&self) -> &[u8] {
@@ -57,7 +68,7 @@ impl HostBuffer {
 
 impl Drop for HostBuffer {
     fn drop(&mut self) {
-        if self.bytes != 0 {
+        if self.owned && self.bytes != 0 {
             // SAFETY: allocated in `zeroed` with this layout.
             unsafe {
                 alloc::dealloc(
@@ -298,24 +309,13 @@ impl Tensor {
         device: &Device,
     ) -> Result<Tensor> {
         use cudarc::driver::DevicePtr;
-        let backend = cuda_backend(device, "Tensor::from_cuda_slice")?;
-        checked_bytes("Tensor::from_cuda_slice", shape, T::DTYPE)?;
-        if slice.len() != elem_count(shape) {
-            return Err(Error::Invalid {
-                op: "Tensor::from_cuda_slice",
-                arg: "slice",
-                what: format!(
-                    "has {} elements, shape {shape:?} needs {}",
-                    slice.len(),
-                    elem_count(shape)
-                ),
-            });
-        }
+        const OP: &str = "Tensor::from_cuda_slice";
+        let backend = cuda_backend(device, OP)?;
+        let bytes = cuda_slice_bytes(OP, slice.len(), shape, T::DTYPE)?;
         let ptr = {
             let (ptr, _sync) = slice.device_ptr(backend.stream());
             ptr
         };
-        let bytes = slice.len() * T::DTYPE.size();
         let owner: Box<dyn Any + Send + Sync> = Box::new(slice);
         let storage = Storage::Cuda(CudaBuffer::foreign(
             backend.clone(),
@@ -329,6 +329,67 @@ impl Tensor {
             dtype: T::DTYPE,
             device: device.clone(),
         })
+    }
+
+    /// Runs `f` on `slice` (device memory another crate owns through
+    /// cudarc) seen as a tensor of `shape` on `device`, without copying it
+    /// or taking it: the tensor borrows the slice for the call. cudarc's
+    /// stream ordering is kept: the slice's pending writes are waited for
+    /// on `device`'s stream before `f`, and the owner's later use waits for
+    /// what `f` queued.
+    pub fn with_cuda_slice<T: Element + cudarc::driver::DeviceRepr, R>(
+        slice: &cudarc::driver::CudaSlice<T>,
+        shape: &[usize],
+        device: &Device,
+        f: impl FnOnce(&Tensor) -> Result<R>,
+    ) -> Result<R> {
+        use cudarc::driver::DevicePtr;
+        const OP: &str = "Tensor::with_cuda_slice";
+        let backend = cuda_backend(device, OP)?;
+        let bytes = cuda_slice_bytes(OP, slice.len(), shape, T::DTYPE)?;
+        let (ptr, _sync) = slice.device_ptr(backend.stream());
+        let t = Tensor::foreign_cuda(backend, ptr, bytes, shape, T::DTYPE, device);
+        f(&t)
+    }
+
+    /// As [`Tensor::with_cuda_slice`], writable. `f` must leave the tensor
+    /// in place: replacing it aborts the process, because the borrowed
+    /// tensor could then outlive the slice.
+    pub fn with_cuda_slice_mut<T: Element + cudarc::driver::DeviceRepr, R>(
+        slice: &mut cudarc::driver::CudaSlice<T>,
+        shape: &[usize],
+        device: &Device,
+        f: impl FnOnce(&mut Tensor) -> Result<R>,
+    ) -> Result<R> {
+        use cudarc::driver::DevicePtrMut;
+        const OP: &str = "Tensor::with_cuda_slice_mut";
+        let backend = cuda_backend(device, OP)?;
+        let bytes = cuda_slice_bytes(OP, slice.len(), shape, T::DTYPE)?;
+        let (ptr, _sync) = slice.device_ptr_mut(backend.stream());
+        let mut t = Tensor::foreign_cuda(backend, ptr, bytes, shape, T::DTYPE, device);
+        let result = f(&mut t);
+        if !matches!(&t.storage, Storage::Cuda(c) if c.ptr() == ptr) {
+            eprintln!("platypus: {OP}: the closure replaced the borrowed tensor; aborting");
+            std::process::abort();
+        }
+        result
+    }
+
+    /// A tensor over device memory it does not own.
+    fn foreign_cuda(
+        backend: &Arc<CudaBackend>,
+        ptr: u64,
+        bytes: usize,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Tensor {
+        Tensor {
+            storage: Storage::Cuda(CudaBuffer::foreign(backend.clone(), ptr, bytes, None)),
+            shape: shape.to_vec(),
+            dtype,
+            device: device.clone(),
+        }
     }
 
     /// Wraps device memory another crate owns, without copying or taking ownership.
@@ -355,11 +416,133 @@ impl Tensor {
         }
         let backend = cuda_backend(device, "Tensor::from_raw_cuda")?;
         let bytes = checked_bytes("Tensor::from_raw_cuda", shape, dtype)?;
-        let storage = Storage::Cuda(CudaBuffer::foreign(backend.clone(), ptr, bytes, None));
+        Ok(Tensor::foreign_cuda(
+            backend, ptr, bytes, shape, dtype, device,
+        ))
+    }
+
+    /// A copy on the same device (device to device on CUDA). `Clone` does
+    /// the same and panics where this returns an error.
+    pub fn try_clone(&self) -> Result<Tensor> {
+        self.to_device(&self.device)
+    }
+
+    /// The values as another float dtype (f32, f16, bf16): exact when
+    /// widening, rounded to nearest even when narrowing; a copy when the
+    /// dtype is the same. On CUDA the values pass through host memory (there
+    /// is no cast kernel yet).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype {
+            return self.try_clone();
+        }
+        if !self.dtype.is_float() || !dtype.is_float() {
+            return Err(Error::DType {
+                op: "Tensor::to_dtype",
+                arg: if self.dtype.is_float() {
+                    "dtype"
+                } else {
+                    "self"
+                },
+                expected: "f32, f16 or bf16".into(),
+                got: if self.dtype.is_float() {
+                    dtype
+                } else {
+                    self.dtype
+                },
+            });
+        }
+        Tensor::from_f32(&self.to_f32_vec()?, &self.shape, dtype, &self.device)
+    }
+
+    /// Runs `f` on `data` seen as a tensor of `shape` on `device` (`Cpu` or
+    /// `Emulated`) without copying it: the tensor borrows `data` for the
+    /// call. Ops check its alignment as for any tensor (kernels on the
+    /// emulator want 16-byte rows for their vector paths).
+    pub fn with_borrowed<T: Element, R>(
+        data: &[T],
+        shape: &[usize],
+        device: &Device,
+        f: impl FnOnce(&Tensor) -> Result<R>,
+    ) -> Result<R> {
+        // SAFETY: the tensor is only lent to `f` by shared reference, so it
+        // cannot outlive the borrow of `data`, and nothing writes through it.
+        let t = unsafe {
+            Tensor::lent(
+                "Tensor::with_borrowed",
+                data.as_ptr(),
+                data.len(),
+                shape,
+                device,
+            )?
+        };
+        f(&t)
+    }
+
+    /// As [`Tensor::with_borrowed`], writable: what `f` writes into the
+    /// tensor lands in `data`. `f` must leave that tensor in place: replacing
+    /// it (`std::mem::swap`, an assignment) aborts the process, because the
+    /// borrowed tensor could then outlive `data`.
+    pub fn with_borrowed_mut<T: Element, R>(
+        data: &mut [T],
+        shape: &[usize],
+        device: &Device,
+        f: impl FnOnce(&mut Tensor) -> Result<R>,
+    ) -> Result<R> {
+        let ptr = data.as_mut_ptr();
+        // SAFETY: `data` is borrowed mutably for this whole call; the check
+        // below stops a tensor that escaped `f` from outliving it.
+        let mut t =
+            unsafe { Tensor::lent("Tensor::with_borrowed_mut", ptr, data.len(), shape, device)? };
+        let result = f(&mut t);
+        let in_place =
+            matches!(&t.storage, Storage::Host(h) if !h.owned && h.ptr.as_ptr() == ptr.cast());
+        if !in_place {
+            eprintln!("platypus: Tensor::with_borrowed_mut: the closure replaced the borrowed tensor; aborting");
+            std::process::abort();
+        }
+        result
+    }
+
+    /// A tensor over `len` elements at `ptr` that it does not own.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for `len` elements for as long as the tensor lives.
+    unsafe fn lent<T: Element>(
+        op: &'static str,
+        ptr: *const T,
+        len: usize,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Tensor> {
+        let bytes = checked_bytes(op, shape, T::DTYPE)?;
+        if len != elem_count(shape) {
+            return Err(Error::Invalid {
+                op,
+                arg: "data",
+                what: format!(
+                    "has {len} elements, shape {shape:?} needs {}",
+                    elem_count(shape)
+                ),
+            });
+        }
+        if let Device::Cuda(_) = device {
+            return Err(Error::Invalid {
+                op,
+                arg: "device",
+                what:
+                    "host memory cannot be lent to a CUDA device: copy it with Tensor::from_slice"
+                        .into(),
+            });
+        }
+        let ptr = NonNull::new(ptr as *mut u8).expect("a slice's pointer is never null");
         Ok(Tensor {
-            storage,
+            storage: Storage::Host(HostBuffer {
+                ptr,
+                bytes,
+                owned: false,
+            }),
             shape: shape.to_vec(),
-            dtype,
+            dtype: T::DTYPE,
             device: device.clone(),
         })
     }
@@ -410,6 +593,15 @@ impl Tensor {
     }
 }
 
+impl Clone for Tensor {
+    /// A copy on the same device ([`Tensor::try_clone`]); panics when the
+    /// memory for it cannot be had or the device fails, as `Vec` does.
+    fn clone(&self) -> Tensor {
+        self.try_clone()
+            .unwrap_or_else(|e| panic!("Tensor::clone: {e}"))
+    }
+}
+
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -424,6 +616,23 @@ fn convert<T: Element>(data: &[f32]) -> Vec<T> {
     data.iter().map(|&v| T::from_f32(v)).collect()
 }
 
+/// The bytes of a `len`-element slice of `dtype` taken as `shape`, or the
+/// error naming the mismatch.
+fn cuda_slice_bytes(op: &'static str, len: usize, shape: &[usize], dtype: DType) -> Result<usize> {
+    let bytes = checked_bytes(op, shape, dtype)?;
+    if len != elem_count(shape) {
+        return Err(Error::Invalid {
+            op,
+            arg: "slice",
+            what: format!(
+                "has {len} elements, shape {shape:?} needs {}",
+                elem_count(shape)
+            ),
+        });
+    }
+    Ok(bytes)
+}
+
 fn cuda_backend<'a>(device: &'a Device, op: &'static str) -> Result<&'a Arc<CudaBackend>> {
     match device {
         Device::Cuda(c) => Ok(c),
@@ -433,5 +642,71 @@ fn cuda_backend<'a>(device: &'a Device, op: &'static str) -> Result<&'a Arc<Cuda
             expected: "a CUDA device".into(),
             got: other.to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::rmsnorm;
+
+    #[test]
+    fn borrowed_host_memory_is_read_and_written_in_place() {
+        for dev in [Device::Cpu, Device::Emulated] {
+            let x: Vec<f32> = (0..2 * 64).map(|i| (i % 7) as f32 - 3.0).collect();
+            let w = Tensor::from_slice(&vec![1.5f32; 64], &[64], &dev).unwrap();
+            let copied =
+                rmsnorm::forward(&Tensor::from_slice(&x, &[2, 64], &dev).unwrap(), &w, 1e-5)
+                    .unwrap()
+                    .to_vec::<f32>()
+                    .unwrap();
+            let lent = Tensor::with_borrowed(&x, &[2, 64], &dev, |t| {
+                assert_eq!(t.device_address(), x.as_ptr() as u64, "no copy");
+                rmsnorm::forward(t, &w, 1e-5)?.to_vec::<f32>()
+            })
+            .unwrap();
+            assert_eq!(lent, copied);
+            // Written through: the op's output lands in the caller's slice.
+            let mut y = vec![0f32; 2 * 64];
+            let xt = Tensor::from_slice(&x, &[2, 64], &dev).unwrap();
+            Tensor::with_borrowed_mut(&mut y, &[2, 64], &dev, |t| {
+                rmsnorm::forward_into(&xt, &w, t, 1e-5)
+            })
+            .unwrap();
+            assert_eq!(y, copied);
+        }
+    }
+
+    #[test]
+    fn borrowing_checks_its_input() {
+        let x = [1f32; 6];
+        let e = Tensor::with_borrowed(&x, &[4, 2], &Device::Cpu, |_| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("has 6 elements"), "{e}");
+    }
+
+    #[test]
+    fn clone_copies_and_to_dtype_rounds_once() {
+        let dev = Device::Emulated;
+        let a =
+            Tensor::from_f32(&[1.0, 1.0 + 1.0 / 1024.0, -3.25], &[3], DType::F32, &dev).unwrap();
+        let b = a.clone();
+        assert_ne!(a.device_address(), b.device_address());
+        assert_eq!(b.to_vec::<f32>().unwrap(), a.to_vec::<f32>().unwrap());
+        let h = a.to_dtype(DType::BF16).unwrap();
+        // 1 + 2^-10 is not a bf16: it rounds to 1 (nearest even).
+        assert_eq!(h.to_f32_vec().unwrap(), [1.0, 1.0, -3.25]);
+        assert_eq!(
+            h.to_dtype(DType::F16).unwrap().to_f32_vec().unwrap(),
+            [1.0, 1.0, -3.25]
+        );
+        let i = Tensor::from_slice(&[1u32, 2], &[2], &dev).unwrap();
+        assert!(matches!(
+            i.to_dtype(DType::F32),
+            Err(Error::DType { arg: "self", .. })
+        ));
+        assert!(matches!(
+            a.to_dtype(DType::U32),
+            Err(Error::DType { arg: "dtype", .. })
+        ));
     }
 }

@@ -648,6 +648,43 @@ fn tensor_copies_stay_exact_on_the_gpu() {
 }
 
 #[test]
+fn borrowed_cuda_slices_are_read_and_written_in_place() {
+    // cudarc's own buffers: a real device only.
+    if env_is("PLATYPUS_GPU_TEST_DEVICE", "emulated") || gpu().is_none() {
+        return;
+    }
+    let ctx = cudarc::driver::CudaContext::new(0).unwrap();
+    let stream = ctx.default_stream();
+    let dev = Device::from_cuda_stream(stream.clone()).unwrap();
+    let (rows, hidden) = (8, 256);
+    let x: Vec<f32> = (0..rows * hidden).map(|i| (i % 13) as f32 - 6.0).collect();
+    let w = vec![0.5f32; hidden];
+    let x_buf = stream.clone_htod(&x).unwrap();
+    let mut y_buf = stream.alloc_zeros::<f32>(x.len()).unwrap();
+    let wt = Tensor::from_slice(&w, &[hidden], &dev).unwrap();
+    Tensor::with_cuda_slice(&x_buf, &[rows, hidden], &dev, |xt| {
+        Tensor::with_cuda_slice_mut(&mut y_buf, &[rows, hidden], &dev, |yt| {
+            rmsnorm::forward_into(xt, &wt, yt, 1e-5)
+        })
+    })
+    .unwrap();
+    let got = stream.clone_dtoh(&y_buf).unwrap();
+    let cpu = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, &Device::Cpu).unwrap();
+    let want = rmsnorm::forward(&cpu(&x, &[rows, hidden]), &cpu(&w, &[hidden]), 1e-5)
+        .unwrap()
+        .to_vec::<f32>()
+        .unwrap();
+    check_close(
+        "rmsnorm",
+        "borrowed cudarc slices",
+        "y",
+        &got,
+        &want,
+        (1e-5, 1e-5),
+    );
+}
+
+#[test]
 fn model_shape_checks_hold_on_the_emulator() {
     // The row-sampled LoRA check, the row-by-row attention reference and the
     // cosine comparison with the CPU path, at small shapes on the emulator,
